@@ -1,0 +1,22 @@
+"""qlora_np — QLoRA without a deep-learning framework.
+
+Packed 4-bit weights (NF4 / FP4 / INT4, bit-exact with bitsandbytes) in NumPy
+arrays, Numba kernels to quantize and decode them, and a plain-NumPy reference of
+every step to read.
+"""
+
+from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
+from .dtypes import bfloat16_from_bits
+from .errors import (BlocksizeError, DTypeError, InvalidValueError, QLoraError, ShapeError,
+                     StateDictError, UnknownFormatError)
+from .ops import dequantize, quantize
+from .tensor import BNB_BLOCKSIZES, QuantizedTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "dequantize", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
+    "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
+    "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
+    "UnknownFormatError", "StateDictError",
+]

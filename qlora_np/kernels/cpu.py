@@ -1,0 +1,331 @@
+"""Numba CPU kernels: the same functions as :mod:`qlora_np.reference`, same bytes out, fast.
+
+Each public function is a thin Python wrapper (allocate, pick the variant) over a
+``prange`` driver that splits the work across threads, which calls a serial
+``@njit`` worker for one block. No ``fastmath`` anywhere: every result here must be
+bit-identical to the reference, so float32 operations keep their written order.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ..codebooks import NESTED_BLOCKSIZE, get_format, nested_code_lut
+
+TINY_SCALE = np.float32(1e-38)
+ONE = np.float32(1)
+
+
+# ---------------------------------------------------------------------------
+# 4-bit quantization
+# ---------------------------------------------------------------------------
+
+def quantize_4bit(flat, blocksize, quant_type):
+    """Same contract as :func:`qlora_np.reference.quantize_4bit`: (packed, absmax, zero_point)."""
+    fmt = get_format(quant_type)
+    n = flat.size
+    nblocks = -(-n // blocksize)
+    packed = np.empty((n + 1) // 2, np.uint8)
+    absmax = np.empty(nblocks, np.float32)
+    if fmt.asymmetric:
+        zero_point = np.empty(nblocks, np.uint8)
+        codes = np.empty(n + n % 2, np.uint8)
+        _quantize_asymmetric_blocks(flat, blocksize, codes, absmax, zero_point)
+        if n % 2:
+            codes[n] = zero_point[-1]
+        _pack_pairs(codes, packed)
+        return packed, absmax, zero_point
+    identity_order = bool((fmt.sort_order == np.arange(16)).all())
+    if blocksize % 2 == 0:
+        _quantize_codebook_blocks_even(flat, blocksize, fmt.midpoints, fmt.sort_order,
+                                       identity_order, fmt.zero_code, packed, absmax)
+    else:
+        codes = np.empty(n + n % 2, np.uint8)
+        _quantize_codebook_blocks_any(flat, blocksize, fmt.midpoints, fmt.sort_order,
+                                      identity_order, codes, absmax)
+        if n % 2:
+            codes[n] = fmt.zero_code
+        _pack_pairs(codes, packed)
+    return packed, absmax, None
+
+
+@njit(cache=True, inline="always")
+def _nearest_code(scaled, midpoints, sort_order, identity_order):
+    """Code of the codebook entry nearest to ``scaled``: rank = #midpoints strictly below.
+
+    No clamp to [-1, 1] is needed first: every midpoint lies inside (-1, 1), so a
+    value past ±1 gets the same rank as ±1.
+    """
+    rank = 0
+    for k in range(15):
+        rank += scaled > midpoints[k]
+    if identity_order:
+        return np.uint8(rank)
+    return sort_order[rank]
+
+
+@njit(cache=True)
+def _block_absmax(flat, start, stop):
+    """max |x| over flat[start:stop]; NaN if any element is NaN (so callers can reject it)."""
+    absmax = np.float32(0)
+    poison = np.float32(0)
+    for i in range(start, stop):
+        value = abs(flat[i])
+        absmax = max(absmax, value)
+        poison += flat[i] * np.float32(0)          # NaN for any NaN or inf element
+    return absmax + poison
+
+
+@njit(cache=True)
+def _quantize_codebook_block_even(flat, start, stop, is_tail, midpoints, sort_order,
+                                  identity_order, zero_code, packed):
+    """Quantize flat[start:stop] (start even) and write its bytes; returns its stored absmax."""
+    absmax = _block_absmax(flat, start, stop)
+    if is_tail:
+        absmax = max(absmax, TINY_SCALE)           # bnb floors only the partial last block
+    safe = max(absmax, TINY_SCALE)
+    reciprocal = ONE / safe
+    pairs_end = start + (stop - start) // 2 * 2
+    for i in range(start, pairs_end, 2):
+        if is_tail:                                # partial last block: true division
+            first, second = flat[i] / safe, flat[i + 1] / safe
+        else:                                      # full blocks: one reciprocal, multiply
+            first, second = flat[i] * reciprocal, flat[i + 1] * reciprocal
+        high = _nearest_code(first, midpoints, sort_order, identity_order)
+        low = _nearest_code(second, midpoints, sort_order, identity_order)
+        packed[i >> 1] = (high << 4) | low
+    if pairs_end < stop:                           # odd tail: pad with the code of 0.0
+        high = _nearest_code(flat[pairs_end] / safe, midpoints, sort_order, identity_order)
+        packed[pairs_end >> 1] = (high << 4) | zero_code
+    return absmax
+
+
+@njit(parallel=True, cache=True)
+def _quantize_codebook_blocks_even(flat, blocksize, midpoints, sort_order, identity_order,
+                                   zero_code, packed, absmax):
+    n = flat.size
+    nblocks = absmax.size
+    for block in prange(nblocks):
+        start = block * blocksize
+        stop = min(start + blocksize, n)
+        absmax[block] = _quantize_codebook_block_even(
+            flat, start, stop, stop - start < blocksize, midpoints, sort_order,
+            identity_order, np.uint8(zero_code), packed)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_codebook_blocks_any(flat, blocksize, midpoints, sort_order, identity_order,
+                                  codes, absmax):
+    """Odd block sizes: blocks share bytes, so write one code per element, pack afterwards."""
+    n = flat.size
+    for block in prange(absmax.size):
+        start = block * blocksize
+        stop = min(start + blocksize, n)
+        is_tail = stop - start < blocksize
+        block_absmax = _block_absmax(flat, start, stop)
+        if is_tail:
+            block_absmax = max(block_absmax, TINY_SCALE)
+        absmax[block] = block_absmax
+        safe = max(block_absmax, TINY_SCALE)
+        reciprocal = ONE / safe
+        for i in range(start, stop):
+            scaled = flat[i] / safe if is_tail else flat[i] * reciprocal
+            codes[i] = _nearest_code(scaled, midpoints, sort_order, identity_order)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_asymmetric_blocks(flat, blocksize, codes, scale, zero_point):
+    """int4_asym: per block, 15 equal steps over [min(x, 0), max(x, 0)] and a zero point."""
+    n = flat.size
+    for block in prange(scale.size):
+        start = block * blocksize
+        stop = min(start + blocksize, n)
+        low = np.float32(0)
+        high = np.float32(0)
+        poison = np.float32(0)
+        for i in range(start, stop):
+            low = min(low, flat[i])
+            high = max(high, flat[i])
+            poison += flat[i] * np.float32(0)
+        step = (high - low) / np.float32(15) + poison
+        scale[block] = step
+        inverse = ONE / step if step > 0 else np.float32(0)
+        zero = min(max(np.rint(-low * inverse), np.float32(0)), np.float32(15))
+        zero_point[block] = np.uint8(zero)
+        for i in range(start, stop):
+            code = min(max(np.rint(flat[i] * inverse) + zero, np.float32(0)), np.float32(15))
+            codes[i] = np.uint8(code)
+
+
+@njit(parallel=True, cache=True)
+def _pack_pairs(codes, packed):
+    for j in prange(packed.size):
+        packed[j] = (codes[2 * j] << 4) | codes[2 * j + 1]
+
+
+# ---------------------------------------------------------------------------
+# 4-bit dequantization
+# ---------------------------------------------------------------------------
+
+def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook):
+    """Same contract as :func:`qlora_np.reference.dequantize_4bit`: (n,) float32."""
+    out = np.empty(n, np.float32)
+    if zero_point is None:
+        shift = np.zeros(absmax.size, np.float32)
+    else:                                          # (code - zp) · scale == codebook[code] - zp, times scale
+        shift = zero_point.astype(np.float32)
+    if blocksize % 2 == 0:
+        _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, out)
+    else:
+        _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, out)
+    return out
+
+
+@njit(cache=True)
+def _dequantize_block_even(packed, start, stop, scale, shift, codebook, out):
+    """Decode flat[start:stop] (start even): two values per byte, one multiply each."""
+    pairs_end = start + (stop - start) // 2 * 2
+    for i in range(start, pairs_end, 2):
+        byte = packed[i >> 1]
+        out[i] = (codebook[byte >> 4] - shift) * scale
+        out[i + 1] = (codebook[byte & 15] - shift) * scale
+    if pairs_end < stop:
+        out[pairs_end] = (codebook[packed[pairs_end >> 1] >> 4] - shift) * scale
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, out):
+    n = out.size
+    for block in prange(absmax.size):
+        start = block * blocksize
+        _dequantize_block_even(packed, start, min(start + blocksize, n), absmax[block],
+                               shift[block], codebook, out)
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, out):
+    n = out.size
+    for block in prange(absmax.size):
+        start = block * blocksize
+        for i in range(start, min(start + blocksize, n)):
+            byte = packed[i >> 1]
+            code = byte & 15 if i & 1 else byte >> 4
+            out[i] = (codebook[code] - shift[block]) * absmax[block]
+
+
+# ---------------------------------------------------------------------------
+# Double quantization
+# ---------------------------------------------------------------------------
+
+def double_quantize(absmax):
+    """Same contract as :func:`qlora_np.reference.double_quantize`: (codes, nested_absmax, offset)."""
+    offset = torch_mean_float32(absmax)
+    nchunks = -(-absmax.size // NESTED_BLOCKSIZE)
+    codes = np.empty(absmax.size, np.uint8)
+    nested_absmax = np.empty(nchunks, np.float32)
+    _quantize_8bit_chunks(absmax, offset, NESTED_BLOCKSIZE, nested_code_lut(), codes, nested_absmax)
+    return codes, nested_absmax, offset
+
+
+@njit(parallel=True, cache=True)
+def _quantize_8bit_chunks(absmax, offset, chunk_size, lut, codes, nested_absmax):
+    """Centre the scales on ``offset`` and 8-bit quantize them chunk by chunk (LUT rounding)."""
+    n = absmax.size
+    for chunk in prange(nested_absmax.size):
+        start = chunk * chunk_size
+        stop = min(start + chunk_size, n)
+        chunk_max = np.float32(0)
+        for i in range(start, stop):
+            chunk_max = max(chunk_max, abs(absmax[i] - offset))
+        nested_absmax[chunk] = chunk_max
+        if chunk_max == 0:
+            codes[start:stop] = 0
+            continue
+        inverse = ONE / chunk_max
+        for i in range(start, stop):
+            scaled = min(max((absmax[i] - offset) * inverse, -ONE), ONE)
+            grid = (scaled + ONE) * np.float32(0.5) * np.float32(65535) + np.float32(0.5)
+            codes[i] = lut[np.uint16(grid)]
+
+
+def dequantize_absmax(codes, nested_absmax, offset, nested_code, nested_blocksize):
+    """Same contract as :func:`qlora_np.reference.dequantize_absmax`: (nblocks,) float32."""
+    out = np.empty(codes.size, np.float32)
+    _dequantize_8bit_chunks(codes, nested_absmax, np.float32(offset), nested_code,
+                            nested_blocksize, out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_8bit_chunks(codes, nested_absmax, offset, nested_code, chunk_size, out):
+    n = codes.size
+    for chunk in prange(nested_absmax.size):
+        start = chunk * chunk_size
+        for i in range(start, min(start + chunk_size, n)):
+            out[i] = nested_code[codes[i]] * nested_absmax[chunk] + offset
+
+
+def torch_mean_float32(values):
+    """Same contract as :func:`qlora_np.reference.torch_mean_float32` (torch's float32 mean)."""
+    return _torch_mean_float32(np.ascontiguousarray(values, dtype=np.float32))
+
+
+@njit(cache=True)
+def _torch_mean_float32(values):
+    n = values.size
+    lanes = 8 if n >= 8 else 1
+    n_vectors = n // lanes
+    lane_sums = _cascade_row_sum(values[:n_vectors * lanes].reshape(n_vectors, lanes))
+    total = np.float32(0)
+    if lanes == 1:
+        total = lane_sums[0]
+    else:
+        for i in range(n_vectors * lanes, n):
+            total += values[i]
+        for lane in range(lanes):
+            total += lane_sums[lane]
+    return total / np.float32(n)
+
+
+@njit(cache=True)
+def _cascade_row_sum(items):
+    """(m, lanes) → (lanes,): groups of 4 rows through the cascade, then the leftover rows."""
+    m, lanes = items.shape
+    groups = m // 4
+    partial = _cascade_levels(items[:groups * 4].reshape(groups, 4, lanes))
+    for row in range(groups * 4, m):
+        for lane in range(lanes):
+            partial[0, lane] += items[row, lane]
+    for k in range(1, 4):
+        for lane in range(lanes):
+            partial[0, lane] += partial[k, lane]
+    return partial[0]
+
+
+@njit(cache=True)
+def _cascade_levels(rows):
+    """torch's multi-row cascade sum with 4 accumulator levels: (size, 4, lanes) → (4, lanes)."""
+    size, nrows, lanes = rows.shape
+    ceil_log2 = 1
+    if size > 2:
+        ceil_log2 = 0
+        while (1 << ceil_log2) < size:
+            ceil_log2 += 1
+    level_power = max(4, ceil_log2 // 4)
+    step = 1 << level_power
+    acc = np.zeros((4, nrows, lanes), np.float32)
+    i = 0
+    while i + step <= size:
+        for _ in range(step):
+            acc[0] += rows[i]
+            i += 1
+        for level in range(1, 4):
+            acc[level] += acc[level - 1]
+            acc[level - 1] = 0
+            if i & ((step - 1) << (level * level_power)):
+                break
+    while i < size:
+        acc[0] += rows[i]
+        i += 1
+    for level in range(1, 4):
+        acc[0] += acc[level]
+    return acc[0]
