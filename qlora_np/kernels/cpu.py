@@ -34,88 +34,95 @@ def quantize_4bit(flat, blocksize, quant_type):
             codes[n] = zero_point[-1]
         _pack_pairs(codes, packed)
         return packed, absmax, zero_point
-    identity_order = bool((fmt.sort_order == np.arange(16)).all())
+    reorder = not (fmt.sort_order == np.arange(16)).all()     # only FP4 maps rank → code
+    n_full = n // blocksize
     if blocksize % 2 == 0:
-        _quantize_codebook_blocks_even(flat, blocksize, fmt.midpoints, fmt.sort_order,
-                                       identity_order, fmt.zero_code, packed, absmax)
+        # full blocks in parallel straight into bytes, then the partial last block alone
+        _quantize_full_blocks_even(flat, blocksize, n_full, fmt.midpoints, fmt.sort_order,
+                                   reorder, packed, absmax)
+        if n_full < nblocks:
+            codes = np.empty(n - n_full * blocksize + n % 2, np.int32)
+            absmax[-1] = _quantize_tail_block(flat, n_full * blocksize, fmt.midpoints,
+                                              fmt.sort_order, reorder, fmt.zero_code, codes)
+            _pack_codes(codes, packed, n_full * blocksize // 2)
     else:
-        codes = np.empty(n + n % 2, np.uint8)
-        _quantize_codebook_blocks_any(flat, blocksize, fmt.midpoints, fmt.sort_order,
-                                      identity_order, codes, absmax)
+        # odd block sizes: blocks share bytes, so code every element first, pack after
+        codes = np.empty(n + n % 2, np.int32)
+        _quantize_blocks_any(flat, blocksize, fmt.midpoints, fmt.sort_order, reorder, codes, absmax)
         if n % 2:
             codes[n] = fmt.zero_code
-        _pack_pairs(codes, packed)
+        _pack_codes(codes, packed, 0)
     return packed, absmax, None
 
 
 @njit(cache=True, inline="always")
-def _nearest_code(scaled, midpoints, sort_order, identity_order):
-    """Code of the codebook entry nearest to ``scaled``: rank = #midpoints strictly below.
-
-    No clamp to [-1, 1] is needed first: every midpoint lies inside (-1, 1), so a
-    value past ±1 gets the same rank as ±1.
-    """
-    rank = 0
-    for k in range(15):
-        rank += scaled > midpoints[k]
-    if identity_order:
-        return np.uint8(rank)
-    return sort_order[rank]
-
-
-@njit(cache=True)
 def _block_absmax(flat, start, stop):
-    """max |x| over flat[start:stop]; NaN if any element is NaN (so callers can reject it)."""
+    """max |x| over flat[start:stop], or NaN if any element is NaN or inf (callers reject those)."""
     absmax = np.float32(0)
     poison = np.float32(0)
     for i in range(start, stop):
-        value = abs(flat[i])
-        absmax = max(absmax, value)
-        poison += flat[i] * np.float32(0)          # NaN for any NaN or inf element
+        absmax = max(absmax, abs(flat[i]))
+        poison += flat[i] * np.float32(0)         # stays 0 unless an element is NaN or inf
     return absmax + poison
 
 
+@njit(cache=True, inline="always")
+def _code_ranks(flat, start, stop, inverse, divide, midpoints, sort_order, reorder, codes):
+    """codes[k] = code of flat[start + k] scaled by ``inverse`` (multiply) or 1/``inverse`` (divide).
+
+    The rank of a value is the number of midpoints strictly below it; no clamp to
+    [-1, 1] is needed first since every midpoint lies inside (-1, 1). Counting with
+    15 compares (instead of a search) lets LLVM vectorise the loop.
+    """
+    for k in range(stop - start):
+        scaled = flat[start + k] / inverse if divide else flat[start + k] * inverse
+        rank = np.int32(0)
+        for m in range(15):
+            rank += np.int32(scaled > midpoints[m])
+        codes[k] = rank
+    if reorder:
+        for k in range(stop - start):
+            codes[k] = sort_order[codes[k]]
+
+
+@njit(cache=True, inline="always")
+def _pack_codes(codes, packed, first_byte):
+    """packed[first_byte + j] = codes[2j] << 4 | codes[2j + 1] (the first code in the high nibble)."""
+    for j in range(codes.size // 2):
+        packed[first_byte + j] = (codes[2 * j] << 4) | codes[2 * j + 1]
+
+
+@njit(parallel=True, cache=True)
+def _quantize_full_blocks_even(flat, blocksize, n_full, midpoints, sort_order, reorder, packed, absmax):
+    """Full blocks of an even size, in parallel groups of 64 blocks (one scratch buffer per group)."""
+    group = 64
+    for first in prange(-(-n_full // group)):
+        codes = np.empty(blocksize, np.int32)
+        for block in range(first * group, min(n_full, (first + 1) * group)):
+            start = block * blocksize
+            block_absmax = _block_absmax(flat, start, start + blocksize)
+            absmax[block] = block_absmax
+            # full blocks: one float32 reciprocal per block, then a multiply per element
+            reciprocal = ONE / max(block_absmax, TINY_SCALE)
+            _code_ranks(flat, start, start + blocksize, reciprocal, False, midpoints,
+                        sort_order, reorder, codes)
+            _pack_codes(codes, packed, start // 2)
+
+
 @njit(cache=True)
-def _quantize_codebook_block_even(flat, start, stop, is_tail, midpoints, sort_order,
-                                  identity_order, zero_code, packed):
-    """Quantize flat[start:stop] (start even) and write its bytes; returns its stored absmax."""
-    absmax = _block_absmax(flat, start, stop)
-    if is_tail:
-        absmax = max(absmax, TINY_SCALE)           # bnb floors only the partial last block
-    safe = max(absmax, TINY_SCALE)
-    reciprocal = ONE / safe
-    pairs_end = start + (stop - start) // 2 * 2
-    for i in range(start, pairs_end, 2):
-        if is_tail:                                # partial last block: true division
-            first, second = flat[i] / safe, flat[i + 1] / safe
-        else:                                      # full blocks: one reciprocal, multiply
-            first, second = flat[i] * reciprocal, flat[i + 1] * reciprocal
-        high = _nearest_code(first, midpoints, sort_order, identity_order)
-        low = _nearest_code(second, midpoints, sort_order, identity_order)
-        packed[i >> 1] = (high << 4) | low
-    if pairs_end < stop:                           # odd tail: pad with the code of 0.0
-        high = _nearest_code(flat[pairs_end] / safe, midpoints, sort_order, identity_order)
-        packed[pairs_end >> 1] = (high << 4) | zero_code
+def _quantize_tail_block(flat, start, midpoints, sort_order, reorder, zero_code, codes):
+    """The partial last block: absmax floored at 1e-38 and a true division per element."""
+    stop = flat.size
+    absmax = max(_block_absmax(flat, start, stop), TINY_SCALE)
+    _code_ranks(flat, start, stop, absmax, True, midpoints, sort_order, reorder, codes)
+    if codes.size > stop - start:                  # odd count: pad with the code of 0.0
+        codes[-1] = zero_code
     return absmax
 
 
 @njit(parallel=True, cache=True)
-def _quantize_codebook_blocks_even(flat, blocksize, midpoints, sort_order, identity_order,
-                                   zero_code, packed, absmax):
-    n = flat.size
-    nblocks = absmax.size
-    for block in prange(nblocks):
-        start = block * blocksize
-        stop = min(start + blocksize, n)
-        absmax[block] = _quantize_codebook_block_even(
-            flat, start, stop, stop - start < blocksize, midpoints, sort_order,
-            identity_order, np.uint8(zero_code), packed)
-
-
-@njit(parallel=True, cache=True)
-def _quantize_codebook_blocks_any(flat, blocksize, midpoints, sort_order, identity_order,
-                                  codes, absmax):
-    """Odd block sizes: blocks share bytes, so write one code per element, pack afterwards."""
+def _quantize_blocks_any(flat, blocksize, midpoints, sort_order, reorder, codes, absmax):
+    """Any block size: one code per element (blocks may share bytes), packed afterwards."""
     n = flat.size
     for block in prange(absmax.size):
         start = block * blocksize
@@ -126,10 +133,9 @@ def _quantize_codebook_blocks_any(flat, blocksize, midpoints, sort_order, identi
             block_absmax = max(block_absmax, TINY_SCALE)
         absmax[block] = block_absmax
         safe = max(block_absmax, TINY_SCALE)
-        reciprocal = ONE / safe
-        for i in range(start, stop):
-            scaled = flat[i] / safe if is_tail else flat[i] * reciprocal
-            codes[i] = _nearest_code(scaled, midpoints, sort_order, identity_order)
+        scale = safe if is_tail else ONE / safe
+        _code_ranks(flat, start, stop, scale, is_tail, midpoints, sort_order, reorder,
+                    codes[start:stop])
 
 
 @njit(parallel=True, cache=True)
@@ -158,6 +164,7 @@ def _quantize_asymmetric_blocks(flat, blocksize, codes, scale, zero_point):
 
 @njit(parallel=True, cache=True)
 def _pack_pairs(codes, packed):
+    """Parallel pack of a uint8 code array (used by int4_asym)."""
     for j in prange(packed.size):
         packed[j] = (codes[2 * j] << 4) | codes[2 * j + 1]
 
