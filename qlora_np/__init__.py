@@ -9,13 +9,13 @@ from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
 from .dtypes import bfloat16_from_bits
 from .errors import (BlocksizeError, DTypeError, InvalidValueError, QLoraError, ShapeError,
                      StateDictError, UnknownFormatError)
-from .ops import dequantize, quantize
+from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "dequantize", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
+    "quantize", "dequantize", "matmul", "matmul_t", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
     "UnknownFormatError", "StateDictError",

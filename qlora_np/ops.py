@@ -12,7 +12,7 @@ import numpy as np
 from . import reference
 from .codebooks import get_format
 from .dtypes import as_float32_flat, cast_from_float32, float_dtype_name, resolve_dtype
-from .errors import BlocksizeError, InvalidValueError, UnknownFormatError
+from .errors import BlocksizeError, InvalidValueError, ShapeError, UnknownFormatError
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor, quantized_tensor_fields_for_double_quant
 
 STRATEGIES = ("block", "channel", "tensor")
@@ -111,3 +111,72 @@ def _raise_non_finite(flat, absmax, blocksize):
     block = int(np.flatnonzero(~np.isfinite(absmax))[0])
     raise InvalidValueError(f"block {block} (elements {block * blocksize}…) spans more than the "
                             "float32 range, so its scale overflows")
+
+
+# ---------------------------------------------------------------------------
+# Products with a quantized weight W of shape (out, in), never materialised whole
+# ---------------------------------------------------------------------------
+
+TILE_ELEMENTS = 1 << 18
+"""Weight elements decoded at a time by the products (1 MiB of float32): bounds their extra memory."""
+
+
+def matmul(x, qt, backend="numba"):
+    """``x @ W.T`` for a quantized Linear weight W (out, in): x (..., in) → (..., out) float32."""
+    x2d, lead = _as_rows(x, qt, axis_size=_weight_shape(qt)[1], name="x")
+    out_features = qt.shape[0]
+    y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
+    for row_start, tile in _weight_row_tiles(qt, backend):
+        y[:, row_start:row_start + tile.shape[0]] = x2d @ tile.T
+    return y.reshape(lead + (out_features,))
+
+
+def matmul_t(grad, qt, backend="numba"):
+    """``grad @ W`` for a quantized Linear weight W (out, in): grad (..., out) → (..., in) float32.
+
+    This is the product backpropagation needs to send a gradient through a frozen W.
+    """
+    g2d, lead = _as_rows(grad, qt, axis_size=_weight_shape(qt)[0], name="grad")
+    in_features = qt.shape[1]
+    result = np.zeros((g2d.shape[0], in_features), np.float32)        # (rows, in)
+    for row_start, tile in _weight_row_tiles(qt, backend):
+        result += g2d[:, row_start:row_start + tile.shape[0]] @ tile
+    return result.reshape(lead + (in_features,))
+
+
+def _weight_shape(qt):
+    if not isinstance(qt, QuantizedTensor):
+        raise UnknownFormatError(f"expected a QuantizedTensor weight, got {type(qt).__name__}")
+    if len(qt.shape) != 2:
+        raise ShapeError(f"a Linear weight must be 2-D (out, in), got shape {qt.shape}")
+    return qt.shape
+
+
+def _as_rows(array, qt, axis_size, name):
+    """(..., k) float array → ((rows, k) float32, leading shape), checking k."""
+    array = np.asarray(array)
+    float_dtype_name(array.dtype)                                      # DTypeError unless float
+    if array.ndim == 0 or array.shape[-1] != axis_size:
+        raise ShapeError(f"{name} must have last dimension {axis_size} to multiply the weight of "
+                         f"shape {qt.shape}, got shape {array.shape}")
+    return np.ascontiguousarray(array.reshape(-1, axis_size), dtype=np.float32), array.shape[:-1]
+
+
+def _weight_row_tiles(qt, backend):
+    """Yield (first_row, W[first_row:first_row + r] as (r, in) float32) over the weight's rows.
+
+    Tiles hold about TILE_ELEMENTS values and, when possible, start on block
+    boundaries so the fast decoder can be used.
+    """
+    kernels = get_backend(backend)
+    out_features, in_features = qt.shape
+    block_scales = scales(qt, backend)
+    rows_per_tile = max(1, TILE_ELEMENTS // in_features)
+    align = qt.blocksize // np.gcd(qt.blocksize, in_features)        # rows per block boundary
+    if align <= rows_per_tile:
+        rows_per_tile -= rows_per_tile % align
+    for row_start in range(0, out_features, rows_per_tile):
+        rows = min(rows_per_tile, out_features - row_start)
+        tile = kernels.dequantize_4bit(qt.packed, block_scales, qt.zero_point, rows * in_features,
+                                       qt.blocksize, qt.codebook, start=row_start * in_features)
+        yield row_start, tile.reshape(rows, in_features)

@@ -111,18 +111,20 @@ def unpack_nibbles(packed, n):
     return np.stack([high, low], axis=1).reshape(-1)[:n]
 
 
-def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook):
-    """Decode packed codes back to a flat float32 array of n values.
+def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0):
+    """Decode flat elements [start, start + n) of the packed codes to float32 (n,).
 
     ``absmax`` is the float32 scale actually used (for double quant, the output of
     :func:`dequantize_absmax`). Each value is one float32 multiply: codebook[code] ·
     absmax[i // blocksize] — or (code − zero_point) · scale when a zero point is given
-    (int4_asym).
+    (int4_asym). ``start`` lets a matrix product decode a few rows at a time.
     """
-    # 1. codes of the n elements
-    codes = unpack_nibbles(packed, n)                                   # (n,) uint8
+    flat_index = start + np.arange(n)                                   # (n,)
+    # 1. codes of the n elements: high nibble for even flat indices, low for odd
+    byte = packed[flat_index >> 1]
+    codes = np.where(flat_index % 2 == 0, byte >> 4, byte & 0x0F)       # (n,) uint8
     # 2. the scale of each element's block (flat index // blocksize, ignoring rows)
-    block_of = np.arange(n) // blocksize                                # (n,)
+    block_of = flat_index // blocksize                                  # (n,)
     scale = absmax[block_of]                                            # (n,) float32
     # 3. codebook value times scale
     if zero_point is not None:

@@ -173,50 +173,57 @@ def _pack_pairs(codes, packed):
 # 4-bit dequantization
 # ---------------------------------------------------------------------------
 
-def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook):
+def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0):
     """Same contract as :func:`qlora_np.reference.dequantize_4bit`: (n,) float32."""
     out = np.empty(n, np.float32)
     if zero_point is None:
         shift = np.zeros(absmax.size, np.float32)
     else:                                          # (code - zp) · scale == codebook[code] - zp, times scale
         shift = zero_point.astype(np.float32)
-    if blocksize % 2 == 0:
-        _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, out)
+    if blocksize % 2 == 0 and start % blocksize == 0:
+        _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out)
     else:
-        _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, out)
+        _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, start, out)
     return out
 
 
 @njit(cache=True)
 def _dequantize_block_even(packed, start, stop, scale, shift, codebook, out):
-    """Decode flat[start:stop] (start even): two values per byte, one multiply each."""
-    pairs_end = start + (stop - start) // 2 * 2
-    for i in range(start, pairs_end, 2):
-        byte = packed[i >> 1]
-        out[i] = (codebook[byte >> 4] - shift) * scale
-        out[i + 1] = (codebook[byte & 15] - shift) * scale
-    if pairs_end < stop:
-        out[pairs_end] = (codebook[packed[pairs_end >> 1] >> 4] - shift) * scale
+    """Decode flat[start:stop] (start even) into out[0:stop-start]: two values per byte."""
+    pairs = (stop - start) // 2
+    first_byte = start >> 1
+    for j in range(pairs):
+        byte = packed[first_byte + j]
+        out[2 * j] = (codebook[byte >> 4] - shift) * scale
+        out[2 * j + 1] = (codebook[byte & 15] - shift) * scale
+    if 2 * pairs < stop - start:
+        out[2 * pairs] = (codebook[packed[first_byte + pairs] >> 4] - shift) * scale
 
 
 @njit(parallel=True, cache=True)
-def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, out):
-    n = out.size
-    for block in prange(absmax.size):
-        start = block * blocksize
-        _dequantize_block_even(packed, start, min(start + blocksize, n), absmax[block],
-                               shift[block], codebook, out)
+def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out):
+    """Whole blocks from ``start`` (a block boundary): each writes out[its range - start]."""
+    stop = start + out.size
+    first_block = start // blocksize
+    for k in prange(-(-out.size // blocksize)):
+        block = first_block + k
+        lo = block * blocksize
+        _dequantize_block_even(packed, lo, min(lo + blocksize, stop), absmax[block],
+                               shift[block], codebook, out[lo - start:])
 
 
 @njit(parallel=True, cache=True)
-def _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, out):
-    n = out.size
-    for block in prange(absmax.size):
-        start = block * blocksize
-        for i in range(start, min(start + blocksize, n)):
-            byte = packed[i >> 1]
+def _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, start, out):
+    """Any block size or start: decode element by element, in parallel chunks."""
+    chunk = 4096
+    for first in prange(-(-out.size // chunk)):
+        lo = np.int64(first) * chunk
+        for k in range(lo, min(out.size, lo + chunk)):
+            i = np.int64(start) + k
+            block = i // np.int64(blocksize)
+            byte = np.int64(packed[i >> 1])
             code = byte & 15 if i & 1 else byte >> 4
-            out[i] = (codebook[code] - shift[block]) * absmax[block]
+            out[k] = (codebook[code] - shift[block]) * absmax[block]
 
 
 # ---------------------------------------------------------------------------
