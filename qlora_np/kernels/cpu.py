@@ -12,6 +12,9 @@ from numba import njit, prange
 from ..codebooks import NESTED_BLOCKSIZE, get_format, nested_code_lut
 
 TINY_SCALE = np.float32(1e-38)
+TINY_SCALE_BITS = TINY_SCALE.view(np.uint32)
+ABS_MASK = np.uint32(0x7FFFFFFF)
+INF_BITS = np.float32(np.inf).view(np.uint32)
 ONE = np.float32(1)
 
 
@@ -29,26 +32,28 @@ def quantize_4bit(flat, blocksize, quant_type):
     if fmt.asymmetric:
         zero_point = np.empty(nblocks, np.uint8)
         codes = np.empty(n + n % 2, np.uint8)
-        _quantize_asymmetric_blocks(flat, blocksize, codes, absmax, zero_point)
+        _quantize_asymmetric_blocks(flat, flat.view(np.uint32), blocksize, codes, absmax, zero_point)
         if n % 2:
             codes[n] = zero_point[-1]
         _pack_pairs(codes, packed)
         return packed, absmax, zero_point
     reorder = not (fmt.sort_order == np.arange(16)).all()     # only FP4 maps rank → code
     n_full = n // blocksize
+    bits, absmax_bits = flat.view(np.uint32), absmax.view(np.uint32)
     if blocksize % 2 == 0:
         # full blocks in parallel straight into bytes, then the partial last block alone
-        _quantize_full_blocks_even(flat, blocksize, n_full, fmt.midpoints, fmt.sort_order,
-                                   reorder, packed, absmax)
+        _quantize_full_blocks_even(flat, bits, blocksize, n_full, fmt.midpoints, fmt.sort_order,
+                                   reorder, packed, absmax, absmax_bits)
         if n_full < nblocks:
             codes = np.empty(n - n_full * blocksize + n % 2, np.int32)
-            absmax[-1] = _quantize_tail_block(flat, n_full * blocksize, fmt.midpoints,
-                                              fmt.sort_order, reorder, fmt.zero_code, codes)
+            _quantize_tail_block(flat, bits, n_full * blocksize, fmt.midpoints, fmt.sort_order,
+                                 reorder, fmt.zero_code, codes, absmax, absmax_bits)
             _pack_codes(codes, packed, n_full * blocksize // 2)
     else:
         # odd block sizes: blocks share bytes, so code every element first, pack after
         codes = np.empty(n + n % 2, np.int32)
-        _quantize_blocks_any(flat, blocksize, fmt.midpoints, fmt.sort_order, reorder, codes, absmax)
+        _quantize_blocks_any(flat, bits, blocksize, fmt.midpoints, fmt.sort_order, reorder, codes,
+                             absmax, absmax_bits)
         if n % 2:
             codes[n] = fmt.zero_code
         _pack_codes(codes, packed, 0)
@@ -56,14 +61,18 @@ def quantize_4bit(flat, blocksize, quant_type):
 
 
 @njit(cache=True, inline="always")
-def _block_absmax(flat, start, stop):
-    """max |x| over flat[start:stop], or NaN if any element is NaN or inf (callers reject those)."""
-    absmax = np.float32(0)
-    poison = np.float32(0)
+def _block_absmax_bits(bits, start, stop):
+    """Bit pattern of max |x| over a block, from the float32 bit patterns ``bits``.
+
+    Clearing the sign bit and comparing as uint32 orders finite floats exactly as
+    their magnitudes and puts inf and NaN above all of them, so a block holding one
+    gets an inf/NaN absmax, which the caller rejects. An integer max also
+    vectorises, unlike a float max that must watch for NaN.
+    """
+    largest = np.uint32(0)
     for i in range(start, stop):
-        absmax = max(absmax, abs(flat[i]))
-        poison += flat[i] * np.float32(0)         # stays 0 unless an element is NaN or inf
-    return absmax + poison
+        largest = max(largest, bits[i] & ABS_MASK)
+    return largest
 
 
 @njit(cache=True, inline="always")
@@ -93,53 +102,52 @@ def _pack_codes(codes, packed, first_byte):
 
 
 @njit(parallel=True, cache=True)
-def _quantize_full_blocks_even(flat, blocksize, n_full, midpoints, sort_order, reorder, packed, absmax):
+def _quantize_full_blocks_even(flat, bits, blocksize, n_full, midpoints, sort_order, reorder,
+                               packed, absmax, absmax_bits):
     """Full blocks of an even size, in parallel groups of 64 blocks (one scratch buffer per group)."""
     group = 64
     for first in prange(-(-n_full // group)):
         codes = np.empty(blocksize, np.int32)
         for block in range(first * group, min(n_full, (first + 1) * group)):
             start = block * blocksize
-            block_absmax = _block_absmax(flat, start, start + blocksize)
-            absmax[block] = block_absmax
+            absmax_bits[block] = _block_absmax_bits(bits, start, start + blocksize)
             # full blocks: one float32 reciprocal per block, then a multiply per element
-            reciprocal = ONE / max(block_absmax, TINY_SCALE)
+            reciprocal = ONE / max(absmax[block], TINY_SCALE)
             _code_ranks(flat, start, start + blocksize, reciprocal, False, midpoints,
                         sort_order, reorder, codes)
             _pack_codes(codes, packed, start // 2)
 
 
 @njit(cache=True)
-def _quantize_tail_block(flat, start, midpoints, sort_order, reorder, zero_code, codes):
+def _quantize_tail_block(flat, bits, start, midpoints, sort_order, reorder, zero_code, codes,
+                         absmax, absmax_bits):
     """The partial last block: absmax floored at 1e-38 and a true division per element."""
     stop = flat.size
-    absmax = max(_block_absmax(flat, start, stop), TINY_SCALE)
-    _code_ranks(flat, start, stop, absmax, True, midpoints, sort_order, reorder, codes)
+    absmax_bits[-1] = max(_block_absmax_bits(bits, start, stop), TINY_SCALE_BITS)
+    _code_ranks(flat, start, stop, absmax[-1], True, midpoints, sort_order, reorder, codes)
     if codes.size > stop - start:                  # odd count: pad with the code of 0.0
         codes[-1] = zero_code
-    return absmax
 
 
 @njit(parallel=True, cache=True)
-def _quantize_blocks_any(flat, blocksize, midpoints, sort_order, reorder, codes, absmax):
+def _quantize_blocks_any(flat, bits, blocksize, midpoints, sort_order, reorder, codes,
+                         absmax, absmax_bits):
     """Any block size: one code per element (blocks may share bytes), packed afterwards."""
     n = flat.size
     for block in prange(absmax.size):
         start = block * blocksize
         stop = min(start + blocksize, n)
         is_tail = stop - start < blocksize
-        block_absmax = _block_absmax(flat, start, stop)
-        if is_tail:
-            block_absmax = max(block_absmax, TINY_SCALE)
-        absmax[block] = block_absmax
-        safe = max(block_absmax, TINY_SCALE)
+        largest = _block_absmax_bits(bits, start, stop)
+        absmax_bits[block] = max(largest, TINY_SCALE_BITS) if is_tail else largest
+        safe = max(absmax[block], TINY_SCALE)
         scale = safe if is_tail else ONE / safe
         _code_ranks(flat, start, stop, scale, is_tail, midpoints, sort_order, reorder,
                     codes[start:stop])
 
 
 @njit(parallel=True, cache=True)
-def _quantize_asymmetric_blocks(flat, blocksize, codes, scale, zero_point):
+def _quantize_asymmetric_blocks(flat, bits, blocksize, codes, scale, zero_point):
     """int4_asym: per block, 15 equal steps over [min(x, 0), max(x, 0)] and a zero point."""
     n = flat.size
     for block in prange(scale.size):
@@ -147,12 +155,12 @@ def _quantize_asymmetric_blocks(flat, blocksize, codes, scale, zero_point):
         stop = min(start + blocksize, n)
         low = np.float32(0)
         high = np.float32(0)
-        poison = np.float32(0)
         for i in range(start, stop):
             low = min(low, flat[i])
             high = max(high, flat[i])
-            poison += flat[i] * np.float32(0)
-        step = (high - low) / np.float32(15) + poison
+        step = (high - low) / np.float32(15)
+        if _block_absmax_bits(bits, start, stop) >= INF_BITS:
+            step = np.float32(np.nan)              # NaN or inf in the block: the caller rejects it
         scale[block] = step
         inverse = ONE / step if step > 0 else np.float32(0)
         zero = min(max(np.rint(-low * inverse), np.float32(0)), np.float32(15))
