@@ -54,7 +54,8 @@ def quantize(array, quant_type="nf4", blocksize=64, double_quant=False, strategy
         raise UnknownFormatError(f"double_quant must be True or False, got {double_quant!r}")
 
     flat = as_float32_flat(array)                                        # (n,) float32
-    packed, absmax, zero_point = kernels.quantize_4bit(flat, blocksize, fmt.name)
+    with np.errstate(invalid="ignore", over="ignore"):      # NaN/inf are refused just below
+        packed, absmax, zero_point = kernels.quantize_4bit(flat, blocksize, fmt.name)
     if not np.isfinite(absmax).all():
         _raise_non_finite(flat, absmax, blocksize)
 

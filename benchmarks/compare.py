@@ -1,0 +1,127 @@
+"""Side-by-side timings in one run: qlora_np kernels against NumPy baselines.
+
+    python benchmarks/compare.py [--side 4096] [--repeat 15]
+
+Prints the machine, then for each operation the median time, the baseline it is
+measured against, their ratio and whether the issue's target holds. When
+bitsandbytes (with torch) happens to be installed its CPU quantize/dequantize are
+timed too. The asv suites in this folder track the same operations over commits.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+import qlora_np  # noqa: E402
+
+
+def median_seconds(function, repeat):
+    """Median wall time of ``repeat`` calls after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line():
+    return (f"{cpu_name()}, {os.cpu_count()} logical cores, Numba {numba.__version__} "
+            f"({numba.get_num_threads()} threads), NumPy {np.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def bitsandbytes_rows(weight, repeat):
+    """(name, seconds) for bitsandbytes' CPU NF4 quantize/dequantize, or [] if it is absent."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+        import torch
+    except ImportError:
+        return []
+    tensor = torch.from_numpy(weight)
+    packed, state = bnb_functional.quantize_4bit(tensor, blocksize=64, quant_type="nf4")
+    return [
+        ("bitsandbytes quantize nf4", median_seconds(
+            lambda: bnb_functional.quantize_4bit(tensor, blocksize=64, quant_type="nf4"), repeat)),
+        ("bitsandbytes dequantize nf4", median_seconds(
+            lambda: bnb_functional.dequantize_4bit(packed, state), repeat)),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=4096, help="matrix side (default 4096)")
+    parser.add_argument("--repeat", type=int, default=15, help="timed calls per row")
+    args = parser.parse_args()
+    side, repeat = args.side, args.repeat
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((side, side), np.float32)               # (side, side)
+    elements = weight.size
+    copy_input = median_seconds(lambda: np.copy(weight), repeat)
+    print(machine_line())
+    print(f"matrix {side}×{side} float32 ({weight.nbytes / 2**20:.0f} MiB); "
+          f"median of {repeat} runs; np.copy takes {copy_input * 1e3:.2f} ms\n")
+
+    header = f"{'operation':34} {'ours ms':>9} {'baseline':>22} {'base ms':>9} {'ratio':>7}  target"
+    print(header)
+    print("-" * len(header))
+
+    def row(name, seconds, baseline_name, baseline, target_text, passed):
+        verdict = "" if passed is None else ("PASS" if passed else "MISS")
+        print(f"{name:34} {seconds * 1e3:9.2f} {baseline_name:>22} {baseline * 1e3:9.2f} "
+              f"{seconds / baseline:7.2f}  {target_text} {verdict}")
+
+    for quant_type in ("nf4", "fp4", "int4", "int4_asym"):
+        for double_quant in (False, True):
+            name = f"quantize {quant_type}{' +dq' if double_quant else ''}"
+            seconds = median_seconds(
+                lambda: qlora_np.quantize(weight, quant_type, 64, double_quant), repeat)
+            rate = elements / seconds / 1e9
+            is_target = quant_type == "nf4"
+            row(name, seconds, "np.copy(input)", copy_input,
+                f"{rate:.2f} G elem/s" + (" (≥ 1)" if is_target else ""),
+                rate >= 1.0 if is_target else None)
+
+    for quant_type in ("nf4", "fp4", "int4_asym"):
+        for double_quant in (False, True):
+            qt = qlora_np.quantize(weight, quant_type, 64, double_quant)
+            output = qlora_np.dequantize(qt)
+            copy_output = median_seconds(lambda: np.copy(output), repeat)
+            seconds = median_seconds(lambda: qlora_np.dequantize(qt), repeat)
+            row(f"dequantize {quant_type}{' +dq' if double_quant else ''}", seconds,
+                "np.copy(output)", copy_output, "≤ 2× copy", seconds <= 2 * copy_output)
+
+    qt = qlora_np.quantize(weight, "nf4", 64, True)
+    for rows in (1, 32):
+        x = rng.standard_normal((rows, side), np.float32)                 # (rows, side)
+        dense = median_seconds(lambda: x @ weight.T, repeat)
+        seconds = median_seconds(lambda: qlora_np.matmul(x, qt), repeat)
+        row(f"matmul nf4+dq, {rows} row(s)", seconds, "numpy x @ W.T (fp32)", dense,
+            "(issue 5)", None)
+
+    for name, seconds in bitsandbytes_rows(weight, repeat):
+        row(name, seconds, "np.copy(input)", copy_input, "", None)
+
+
+if __name__ == "__main__":
+    main()
