@@ -13,6 +13,7 @@ from . import reference
 from .codebooks import get_format
 from .dtypes import as_float32_flat, cast_from_float32, float_dtype_name, resolve_dtype
 from .errors import BlocksizeError, InvalidValueError, ShapeError, UnknownFormatError
+from .kernels import products
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor, quantized_tensor_fields_for_double_quant
 
 STRATEGIES = ("block", "channel", "tensor")
@@ -119,13 +120,24 @@ def _raise_non_finite(flat, absmax, blocksize):
 # ---------------------------------------------------------------------------
 
 TILE_ELEMENTS = 1 << 18
-"""Weight elements decoded at a time by the products (1 MiB of float32): bounds their extra memory."""
+"""Weight elements decoded at a time by the tiled products (1 MiB of float32): bounds their extra memory."""
+
+FUSED_MAX_ROWS = 8
+"""Up to this many rows of x, the products decode W in registers (:mod:`.kernels.products`)."""
 
 
 def matmul(x, qt, backend="numba"):
-    """``x @ W.T`` for a quantized Linear weight W (out, in): x (..., in) → (..., out) float32."""
+    """``x @ W.T`` for a quantized Linear weight W (out, in): x (..., in) → (..., out) float32.
+
+    A few rows (token-by-token decoding) use the fused kernel that never decodes W to
+    memory; more rows decode W a tile of rows at a time and multiply each tile with BLAS.
+    """
     x2d, lead = _as_rows(x, qt, axis_size=_weight_shape(qt)[1], name="x")
     out_features = qt.shape[0]
+    if _use_fused(x2d, qt, backend):
+        y = products.gemv(x2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, out_features,
+                          qt.blocksize)
+        return y.reshape(lead + (out_features,))
     y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
     for row_start, tile in _weight_row_tiles(qt, backend):
         y[:, row_start:row_start + tile.shape[0]] = x2d @ tile.T
@@ -139,10 +151,24 @@ def matmul_t(grad, qt, backend="numba"):
     """
     g2d, lead = _as_rows(grad, qt, axis_size=_weight_shape(qt)[0], name="grad")
     in_features = qt.shape[1]
+    if _use_fused(g2d, qt, backend):
+        result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
+                                 in_features, qt.blocksize)
+        return result.reshape(lead + (in_features,))
     result = np.zeros((g2d.shape[0], in_features), np.float32)        # (rows, in)
     for row_start, tile in _weight_row_tiles(qt, backend):
         result += g2d[:, row_start:row_start + tile.shape[0]] @ tile
     return result.reshape(lead + (in_features,))
+
+
+def _use_fused(rows, qt, backend):
+    return (backend == "numba" and rows.shape[0] <= FUSED_MAX_ROWS
+            and products.supports(qt.shape, qt.blocksize))
+
+
+def _shifts(qt):
+    """int4_asym zero points as float32 (the fused kernels subtract them), else None."""
+    return None if qt.zero_point is None else qt.zero_point.astype(np.float32)
 
 
 def _weight_shape(qt):

@@ -1,0 +1,87 @@
+"""The fused 4-bit products (AVX2 and portable paths) against the dense float64 product."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import qlora_np
+from qlora_np.kernels import products
+from qlora_np.kernels.simd import HAS_AVX2
+from qlora_np.ops import scales
+
+QUANT_TYPES = ["nf4", "fp4", "int4", "int4_asym"]
+PATHS = [pytest.param(True, id="avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")),
+         pytest.param(False, id="portable")]
+
+
+def _case(out_features, in_features, quant_type, blocksize, double_quant, seed=0):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    qt = qlora_np.quantize(weight, quant_type, blocksize, double_quant)
+    shifts = None if qt.zero_point is None else qt.zero_point.astype(np.float32)
+    return qt, scales(qt), shifts, qlora_np.dequantize(qt).astype(np.float64)
+
+
+def _within_summation_bound(result, exact, magnitudes, length):
+    # float32 sums of `length` products: |error| ≤ ~length · 2^-24 · Σ|terms| (plus block
+    # scaling, one more rounding per term); a 2× margin over that worst case.
+    return np.all(np.abs(result - exact) <= 2 * (length + 2) * 2.0 ** -24 * magnitudes + 1e-30)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@settings(max_examples=25, deadline=None)
+@given(out_features=st.integers(1, 40), blocks_per_row=st.integers(1, 6),
+       blocksize=st.sampled_from([2, 6, 32, 64, 128]), quant_type=st.sampled_from(QUANT_TYPES),
+       double_quant=st.booleans(), rows=st.integers(1, 4))
+def test_fused_products_match_dense_product(simd, out_features, blocks_per_row, blocksize,
+                                            quant_type, double_quant, rows):
+    in_features = blocks_per_row * blocksize
+    qt, block_scales, shifts, dense = _case(out_features, in_features, quant_type, blocksize,
+                                            double_quant)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    g = rng.standard_normal((rows, out_features)).astype(np.float32)
+
+    y = products.gemv(x, qt.packed, block_scales, shifts, qt.codebook, out_features, blocksize, simd)
+    assert y.dtype == np.float32 and y.shape == (rows, out_features)
+    assert _within_summation_bound(y, x @ dense.T, np.abs(x) @ np.abs(dense).T, in_features)
+
+    gx = products.gemv_t(g, qt.packed, block_scales, shifts, qt.codebook, in_features, blocksize, simd)
+    assert gx.dtype == np.float32 and gx.shape == (rows, in_features)
+    assert _within_summation_bound(gx, g @ dense, np.abs(g) @ np.abs(dense), out_features)
+
+
+def test_both_paths_agree_on_a_large_weight():
+    qt, block_scales, shifts, dense = _case(512, 2048, "nf4", 64, True)
+    x = np.random.default_rng(2).standard_normal((3, 2048)).astype(np.float32)
+    results = [products.gemv(x, qt.packed, block_scales, shifts, qt.codebook, 512, 64, simd)
+               for simd in (True, False)]
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(results[1], x @ dense.T, rtol=1e-5, atol=1e-4)
+
+
+def test_simd_path_needs_whole_16_byte_steps():
+    assert not products.simd_applies(16, simd=True)          # 8 bytes a block: portable
+    assert products.simd_applies(64, simd=True) == HAS_AVX2
+    assert not products.simd_applies(64, simd=False)
+
+
+def test_matmul_uses_fused_kernels_for_few_rows_and_tiles_for_many(monkeypatch):
+    qt, _, _, dense = _case(64, 256, "nf4", 64, True)
+    calls = []
+    monkeypatch.setattr(products, "gemv", lambda *args, **kw: calls.append("gemv") or np.zeros((1, 64), np.float32))
+    qlora_np.matmul(np.ones((1, 256), np.float32), qt)
+    assert calls == ["gemv"]
+    x = np.random.default_rng(3).standard_normal((qlora_np.ops.FUSED_MAX_ROWS + 1, 256)).astype(np.float32)
+    np.testing.assert_allclose(qlora_np.matmul(x, qt), x @ dense.T, rtol=1e-5, atol=1e-4)
+    assert calls == ["gemv"]
+
+
+def test_non_contiguous_and_batched_inputs():
+    qt, _, _, dense = _case(48, 128, "fp4", 32, False)
+    x = np.random.default_rng(4).standard_normal((2, 1, 256)).astype(np.float32)[..., ::2]   # strided
+    y = qlora_np.matmul(x, qt)
+    assert y.shape == (2, 1, 48)
+    np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4)
+    g = np.asfortranarray(np.random.default_rng(5).standard_normal((3, 48)).astype(np.float32))
+    np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
