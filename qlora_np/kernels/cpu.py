@@ -288,7 +288,7 @@ def _dequantize_8bit_chunks(codes, nested_absmax, offset, nested_code, chunk_siz
 
 def torch_mean_float32(values):
     """Same contract as :func:`qlora_np.reference.torch_mean_float32` (torch's float32 mean)."""
-    return _torch_mean_float32(np.ascontiguousarray(values, dtype=np.float32))
+    return np.float32(_torch_mean_float32(np.ascontiguousarray(values, dtype=np.float32)))
 
 
 @njit(cache=True)
