@@ -113,9 +113,10 @@ def mutated_states(draw):
         elif action == "replace":
             state[key] = _random_array(draw)
         elif action == "garble" and state[key].size:
-            garbled = state[key].copy().view(np.uint8).reshape(-1)
+            original = state[key]
+            garbled = original.reshape(-1).copy().view(np.uint8)
             garbled[draw(st.integers(0, garbled.size - 1))] = draw(st.integers(0, 255))
-            state[key] = garbled.view(state[key].dtype).reshape(state[key].shape)
+            state[key] = garbled.view(original.dtype).reshape(original.shape)
         elif action == "truncate":
             state[key] = state[key].reshape(-1)[:draw(st.integers(0, state[key].size))]
     return state
