@@ -14,7 +14,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import BYTES_PER_STEP, HAS_AVX2, avx2_axpy_row, avx2_dot_row
+from .simd import (BYTES_PER_STEP, HAS_AVX2, avx2_axpy_row, avx2_dot_row, codebook_planes,
+                   group_order)
 
 
 def supports(shape, blocksize):
@@ -35,14 +36,15 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
     float32 the int4_asym zero points or None (codebook formats).
     """
     rows, in_features = x.shape
-    x_even = np.ascontiguousarray(x[:, 0::2])                          # (rows, in/2)
-    x_odd = np.ascontiguousarray(x[:, 1::2])                           # (rows, in/2)
     y = np.empty((rows, out_features), np.float32)
     blocks_per_row = in_features // blocksize
     if simd_applies(blocksize, simd):
-        _gemv_avx2(packed, x_even, x_odd, scales, blocks_per_row, blocksize // 2, codebook, y)
+        x_ordered = np.ascontiguousarray(x[:, group_order(in_features)])   # (rows, in)
+        _gemv_avx2(packed, x_ordered, scales, blocks_per_row, blocksize // 2,
+                   codebook_planes(codebook), y)
     else:
-        _gemv_portable(packed, x_even, x_odd, scales, blocks_per_row, blocksize // 2, codebook, y)
+        _gemv_portable(packed, np.ascontiguousarray(x), scales, blocks_per_row, blocksize // 2,
+                       codebook, y)
     if shifts is not None:                # (code - zp)·s·x = code·s·x - zp·s·Σx over each block
         block_sums = x.reshape(rows, blocks_per_row, blocksize).sum(axis=2)          # (rows, bpr)
         zero_terms = (scales * shifts).reshape(out_features, blocks_per_row)         # (out, bpr)
@@ -51,30 +53,28 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
 
 
 @njit(parallel=True, cache=True)
-def _gemv_avx2(packed, x_even, x_odd, scales, blocks_per_row, block_bytes, codebook, y):
+def _gemv_avx2(packed, x_ordered, scales, blocks_per_row, block_bytes, planes, y):
     row_bytes = blocks_per_row * block_bytes
     for o in prange(y.shape[1]):
         row = np.int64(o)
         for r in range(y.shape[0]):
-            y[r, row] = avx2_dot_row(packed.ctypes.data + row * row_bytes,
-                                     x_even[r:].ctypes.data, x_odd[r:].ctypes.data,
+            y[r, row] = avx2_dot_row(packed.ctypes.data + row * row_bytes, x_ordered[r:].ctypes.data,
                                      scales.ctypes.data + 4 * row * blocks_per_row,
-                                     blocks_per_row, block_bytes, codebook.ctypes.data)
+                                     blocks_per_row, block_bytes, planes.ctypes.data)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_portable(packed, x_even, x_odd, scales, blocks_per_row, block_bytes, codebook, y):
+def _gemv_portable(packed, x, scales, blocks_per_row, block_bytes, codebook, y):
     row_bytes = blocks_per_row * block_bytes
     for o in prange(y.shape[1]):
         row = np.int64(o)
         for r in range(y.shape[0]):
-            y[r, row] = _dot_row(packed, row * row_bytes, x_even[r], x_odd[r], scales,
-                                 row * blocks_per_row, blocks_per_row, block_bytes, codebook)
+            y[r, row] = _dot_row(packed, row * row_bytes, x[r], scales, row * blocks_per_row,
+                                 blocks_per_row, block_bytes, codebook)
 
 
 @njit(cache=True)
-def _dot_row(packed, first_byte, x_even, x_odd, scales, first_block, nblocks, block_bytes,
-             codebook):
+def _dot_row(packed, first_byte, x, scales, first_block, nblocks, block_bytes, codebook):
     """Σ_block scale · Σ codebook[code]·x over one row (the portable twin of avx2_dot_row)."""
     total = np.float32(0)
     for block in range(nblocks):
@@ -82,7 +82,7 @@ def _dot_row(packed, first_byte, x_even, x_odd, scales, first_block, nblocks, bl
         block_sum = np.float32(0)
         for j in range(base, base + block_bytes):
             byte = packed[first_byte + j]
-            block_sum += codebook[byte >> 4] * x_even[j] + codebook[byte & 15] * x_odd[j]
+            block_sum += codebook[byte >> 4] * x[2 * j] + codebook[byte & 15] * x[2 * j + 1]
         total += block_sum * scales[first_block + block]
     return total
 
@@ -91,28 +91,27 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
     """(rows, out) float32 g → (rows, in) float32 g @ W.
 
     Each thread takes a range of W's rows and accumulates ``g[o] · W[o]`` into its own
-    partial result (in/2 even + in/2 odd lanes, cache-resident); the partials are
-    summed at the end.
+    partial result (cache-resident); the partials are summed at the end.
     """
     rows, out_features = g.shape
     blocks_per_row = in_features // blocksize
     threads = max(1, min(numba.get_num_threads(), out_features))
-    partial_even = np.zeros((threads, rows, in_features // 2), np.float32)
-    partial_odd = np.zeros((threads, rows, in_features // 2), np.float32)
+    partial = np.zeros((threads, rows, in_features), np.float32)
     shifts = np.zeros_like(scales) if shifts is None else shifts
-    driver = _gemv_t_avx2 if simd_applies(blocksize, simd) else _gemv_t_portable
-    driver(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial_even,
-           partial_odd)
+    g = np.ascontiguousarray(g)
+    if not simd_applies(blocksize, simd):
+        _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial)
+        return partial.sum(axis=0)
+    _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, blocksize // 2,
+                 codebook_planes(codebook), partial)
     result = np.empty((rows, in_features), np.float32)                 # (rows, in)
-    result[:, 0::2] = partial_even.sum(axis=0)
-    result[:, 1::2] = partial_odd.sum(axis=0)
+    result[:, group_order(in_features)] = partial.sum(axis=0)           # undo the lane order
     return result
 
 
 @njit(parallel=True, cache=True)
-def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, codebook, partial_even,
-                 partial_odd):
-    threads = partial_even.shape[0]
+def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes, partial):
+    threads = partial.shape[0]
     out_features = g.shape[1]
     row_bytes = blocks_per_row * block_bytes
     for t in prange(threads):
@@ -123,16 +122,14 @@ def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, codeboo
             for r in range(g.shape[0]):
                 for block in range(blocks_per_row):
                     coefs[block] = g[r, row] * scales[first_block + block]
-                avx2_axpy_row(packed.ctypes.data + row * row_bytes,
-                              partial_even[t, r:].ctypes.data, partial_odd[t, r:].ctypes.data,
+                avx2_axpy_row(packed.ctypes.data + row * row_bytes, partial[t, r].ctypes.data,
                               coefs.ctypes.data, shifts.ctypes.data + 4 * first_block,
-                              blocks_per_row, block_bytes, codebook.ctypes.data)
+                              blocks_per_row, block_bytes, planes.ctypes.data)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, block_bytes, codebook,
-                     partial_even, partial_odd):
-    threads = partial_even.shape[0]
+def _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, block_bytes, codebook, partial):
+    threads = partial.shape[0]
     out_features = g.shape[1]
     row_bytes = blocks_per_row * block_bytes
     for t in prange(threads):
@@ -145,5 +142,5 @@ def _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, block_bytes, cod
                     base = block * block_bytes
                     for j in range(base, base + block_bytes):
                         byte = packed[row * row_bytes + j]
-                        partial_even[t, r, j] += coef * (codebook[byte >> 4] - shifts[index])
-                        partial_odd[t, r, j] += coef * (codebook[byte & 15] - shifts[index])
+                        partial[t, r, 2 * j] += coef * (codebook[byte >> 4] - shifts[index])
+                        partial[t, r, 2 * j + 1] += coef * (codebook[byte & 15] - shifts[index])
