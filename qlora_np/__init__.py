@@ -11,11 +11,14 @@ from .errors import (BlocksizeError, DTypeError, InvalidValueError, QLoraError, 
                      StateDictError, UnknownFormatError)
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
+from .lora import LoRALinear, MergeReport, Parameter
+from . import memory, optim
 
 __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "dequantize", "matmul", "matmul_t", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
+    "LoRALinear", "Parameter", "MergeReport", "optim", "memory",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
     "UnknownFormatError", "StateDictError",

@@ -1,0 +1,356 @@
+"""LoRALinear: a linear layer with a frozen (4-bit or float) weight and trainable low-rank adapters.
+
+    y = x @ W.T + b + scale · dropout(x) @ A.T @ B.T          A: (r, in), B: (out, r)
+
+Forward and backward are written out by hand. The frozen W is never differentiated
+and, in the 4-bit modes, never decoded whole: the forward uses ``matmul`` (x @ W.T)
+and the backward ``matmul_t`` (g @ W). Modes:
+
+* ``"qlora"`` — W is a :class:`QuantizedTensor`, adapters train (QLoRA);
+* ``"lora"``  — W is a float array, adapters train (LoRA);
+* ``"quant"`` — W is a :class:`QuantizedTensor`, no adapters (4-bit inference).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import float_dtype_name
+from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .ops import dequantize, matmul, matmul_t, quantize
+from .tensor import QuantizedTensor
+
+MODES = ("qlora", "lora", "quant")
+INITS = ("kaiming", "gaussian")
+
+
+class Parameter:
+    """A trainable array with its gradient (None until a backward pass writes one)."""
+
+    __slots__ = ("name", "value", "grad")
+
+    def __init__(self, name, value):
+        self.name = name
+        self.value = value
+        self.grad = None
+
+    def accumulate(self, grad):
+        """Add ``grad`` to the gradient (gradients add up until ``zero_grad``)."""
+        if self.grad is None:
+            self.grad = grad.astype(self.value.dtype, copy=True)
+        else:
+            self.grad += grad
+
+    def __repr__(self):
+        return f"Parameter({self.name!r}, shape={self.value.shape}, dtype={self.value.dtype})"
+
+
+@dataclass
+class MergeReport:
+    """How far the re-quantized merged weight is from the exact float merge W + scale·B@A."""
+
+    max_abs_error: float
+    mean_abs_error: float
+    relative_frobenius_error: float
+
+
+class LoRALinear:
+    """Linear layer ``y = x @ W.T + b + scale · dropout(x) @ A.T @ B.T`` with hand-written gradients.
+
+    Build one with :meth:`from_weight`. ``lora_a`` (r, in) and ``lora_b`` (out, r) are
+    the trainable adapters (B starts at zero, so a new layer computes exactly x @ W.T + b);
+    ``base`` is the frozen weight; ``bias`` is frozen unless ``train_bias``.
+    """
+
+    def __init__(self, base, bias=None, lora_a=None, lora_b=None, alpha=16, dropout=0.0,
+                 mode="qlora", use_rslora=False, train_bias=False, seed=None):
+        if mode not in MODES:
+            raise UnknownFormatError(f"mode must be one of {MODES}, got {mode!r}")
+        quantized = mode in ("qlora", "quant")
+        if quantized != isinstance(base, QuantizedTensor):
+            kind = "a QuantizedTensor" if quantized else "a float ndarray"
+            raise UnknownFormatError(f"mode {mode!r} needs base to be {kind}, got {type(base).__name__}")
+        if len(base.shape) != 2:
+            raise ShapeError(f"base weight must be 2-D (out, in), got shape {base.shape}")
+        if not 0 <= dropout < 1:
+            raise InvalidValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.mode = mode
+        self.base = base
+        self.out_features, self.in_features = (int(d) for d in base.shape)
+        self.alpha = alpha
+        self.dropout = float(dropout)
+        self.use_rslora = use_rslora
+        self.training = True
+        self.merged = False
+        self._rng = np.random.default_rng(seed)
+        self._cache = None
+        self._unmerged_base = None
+        self._params = {}
+        if mode != "quant":
+            self._params["lora_a"] = Parameter("lora_a", _checked(lora_a, "lora_a", (None, self.in_features)))
+            r = self._params["lora_a"].value.shape[0]
+            self._params["lora_b"] = Parameter("lora_b", _checked(lora_b, "lora_b", (self.out_features, r)))
+        self.bias = None if bias is None else _checked(bias, "bias", (self.out_features,))
+        self.train_bias = bool(train_bias) and bias is not None
+        if self.train_bias:
+            self._params["bias"] = Parameter("bias", self.bias)
+
+    @classmethod
+    def from_weight(cls, weight, bias=None, r=8, alpha=16, dropout=0.0, mode="qlora",
+                    quant_type="nf4", blocksize=64, double_quant=True, use_rslora=False,
+                    init="kaiming", seed=None, train_bias=False, dtype=np.float32):
+        """A layer around a float weight (out, in): quantized for "qlora"/"quant", kept for "lora".
+
+        A is initialised as PEFT does: Kaiming-uniform with a = √5, i.e. U(±1/√in)
+        ("kaiming"), or N(0, 1/r) ("gaussian"); B is zero. ``dtype`` is the adapters'
+        dtype (float32; float64 for gradient checks).
+        """
+        weight = np.asarray(weight)
+        float_dtype_name(weight.dtype)
+        if weight.ndim != 2:
+            raise ShapeError(f"weight must be 2-D (out, in), got shape {weight.shape}")
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
+            raise InvalidValueError(f"rank r must be a positive int, got {r!r}")
+        if init not in INITS:
+            raise UnknownFormatError(f"init must be one of {INITS}, got {init!r}")
+        out_features, in_features = weight.shape
+        if mode in ("qlora", "quant"):
+            base = quantize(weight, quant_type, blocksize, double_quant)
+        else:
+            base = np.array(weight, dtype=np.float64 if weight.dtype == np.float64 else np.float32)
+        rng = np.random.default_rng(seed)
+        lora_a = lora_b = None
+        if mode != "quant":
+            if init == "kaiming":
+                bound = 1.0 / np.sqrt(in_features)
+                lora_a = rng.uniform(-bound, bound, (r, in_features)).astype(dtype)
+            else:
+                lora_a = rng.normal(0.0, 1.0 / r, (r, in_features)).astype(dtype)
+            lora_b = np.zeros((out_features, r), dtype)
+        if bias is not None:
+            bias = np.array(bias, dtype=dtype)
+        return cls(base, bias, lora_a, lora_b, alpha, dropout, mode, use_rslora, train_bias,
+                   seed=None if seed is None else seed + 1)
+
+    # -- attributes ---------------------------------------------------------
+    @property
+    def has_adapters(self):
+        return self.mode != "quant"
+
+    @property
+    def r(self):
+        return self.lora_a.shape[0] if self.has_adapters else 0
+
+    @property
+    def scale(self):
+        """alpha / r, or alpha / √r with rsLoRA (rank-stabilised LoRA)."""
+        if not self.has_adapters:
+            return 0.0
+        return self.alpha / np.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def lora_a(self):
+        return self._params["lora_a"].value if self.has_adapters else None
+
+    @property
+    def lora_b(self):
+        return self._params["lora_b"].value if self.has_adapters else None
+
+    @property
+    def grad_lora_a(self):
+        return self._params["lora_a"].grad if self.has_adapters else None
+
+    @property
+    def grad_lora_b(self):
+        return self._params["lora_b"].grad if self.has_adapters else None
+
+    @property
+    def grad_bias(self):
+        return self._params["bias"].grad if self.train_bias else None
+
+    def parameters(self):
+        """Trainable parameters by name (``lora_a``, ``lora_b``, and ``bias`` if trained)."""
+        return dict(self._params)
+
+    def train(self):
+        """Training mode: dropout on, forward caches what backward needs."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """Inference mode: no dropout, nothing cached."""
+        self.training = False
+        self._cache = None
+        return self
+
+    def zero_grad(self):
+        for param in self._params.values():
+            param.grad = None
+
+    # -- forward / backward -------------------------------------------------
+    def forward(self, x, cache=None):
+        """x (..., in) → y (..., out).
+
+        Caches (x, dropout mask, x @ A.T) for :meth:`backward` when ``cache`` is true
+        (default: in training mode only).
+        """
+        x = np.asarray(x)
+        float_dtype_name(x.dtype)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ShapeError(f"x must have last dimension {self.in_features}, got shape {x.shape}")
+        cache = self.training if cache is None else cache
+        lead = x.shape[:-1]
+        dtype = self._compute_dtype(x)
+        x2 = x.reshape(-1, self.in_features).astype(dtype, copy=False)    # (rows, in)
+
+        y = self._base_product(x2).astype(dtype, copy=False)               # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        mask = hidden = None
+        if self.has_adapters and not self.merged:
+            mask = self._dropout_mask(x2.shape) if self.training else None
+            dropped = x2 if mask is None else x2 * mask                     # (rows, in)
+            hidden = dropped @ self.lora_a.T                                # (rows, r)
+            y = y + self.scale * (hidden @ self.lora_b.T)                   # (rows, out)
+        if cache:                          # a forward without caching leaves an earlier cache alone
+            self._cache = (x2, mask, hidden, lead)
+        return y.reshape(lead + (self.out_features,))
+
+    __call__ = forward
+
+    def backward(self, grad_out):
+        """grad_out (..., out) → grad_x (..., in); adds the adapters' (and bias') gradients."""
+        if self._cache is None:
+            raise InvalidValueError("backward needs a forward pass in training mode first "
+                                    "(or forward(x, cache=True))")
+        x2, mask, hidden, lead = self._cache
+        grad_out = np.asarray(grad_out)
+        if grad_out.shape != lead + (self.out_features,):
+            raise ShapeError(f"grad_out must have shape {lead + (self.out_features,)}, "
+                             f"got {grad_out.shape}")
+        g = grad_out.reshape(-1, self.out_features).astype(x2.dtype, copy=False)   # (rows, out)
+
+        grad_x = self._base_product_t(g).astype(x2.dtype, copy=False)      # (rows, in): g @ W
+        if self.train_bias:
+            self._params["bias"].accumulate(g.sum(axis=0))
+        if hidden is not None:
+            dropped = x2 if mask is None else x2 * mask
+            self._params["lora_b"].accumulate(self.scale * (g.T @ hidden))  # (out, r)
+            grad_hidden = self.scale * (g @ self.lora_b)                   # (rows, r)
+            self._params["lora_a"].accumulate(grad_hidden.T @ dropped)      # (r, in)
+            grad_dropped = grad_hidden @ self.lora_a                        # (rows, in)
+            grad_x = grad_x + (grad_dropped if mask is None else grad_dropped * mask)
+        return grad_x.reshape(lead + (self.in_features,))
+
+    def _compute_dtype(self, x):
+        adapters = self.lora_a.dtype if self.has_adapters else np.float32
+        return np.float64 if np.float64 in (x.dtype, adapters) else np.float32
+
+    def _base_product(self, x2):
+        if isinstance(self.base, QuantizedTensor):
+            return matmul(x2, self.base)
+        return x2 @ self.base.T
+
+    def _base_product_t(self, g):
+        if isinstance(self.base, QuantizedTensor):
+            return matmul_t(g, self.base)
+        return g @ self.base
+
+    def _dropout_mask(self, shape):
+        """Inverted dropout: zeros with probability p, the rest scaled by 1/(1-p); None if p = 0."""
+        if self.dropout == 0:
+            return None
+        keep = self._rng.random(shape) >= self.dropout
+        return keep / (1.0 - self.dropout)
+
+    # -- merging ------------------------------------------------------------
+    def delta_weight(self):
+        """scale · B @ A, the adapters' update to W: (out, in)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def merge(self, requantize=False):
+        """Fold the adapters into the base: W' = W + scale·B@A; forward then skips them.
+
+        lora mode adds in place. qlora mode keeps the original 4-bit weight for
+        :meth:`unmerge` and returns a :class:`MergeReport` when ``requantize`` stores W'
+        in 4 bits again (same format), else keeps W' as a float32 array.
+        """
+        if not self.has_adapters:
+            raise InvalidValueError("a 'quant' layer has no adapters to merge")
+        if self.merged:
+            raise InvalidValueError("layer is already merged")
+        report = None
+        if self.mode == "lora":
+            self.base += self.delta_weight().astype(self.base.dtype)
+        else:
+            self._unmerged_base = self.base
+            merged = dequantize(self.base, dtype="float32") + self.delta_weight().astype(np.float32)
+            if requantize:
+                old = self.base
+                self.base = quantize(merged, old.quant_type, old.blocksize, old.double_quant,
+                                     old.strategy)
+                error = dequantize(self.base, dtype="float32").astype(np.float64) - merged
+                report = MergeReport(float(np.abs(error).max()), float(np.abs(error).mean()),
+                                     float(np.linalg.norm(error) / max(np.linalg.norm(merged), 1e-30)))
+            else:
+                self.base = merged
+        self.merged = True
+        self._cache = None
+        return report
+
+    def unmerge(self):
+        """Undo :meth:`merge` (exactly for qlora; up to float rounding for lora)."""
+        if not self.merged:
+            raise InvalidValueError("layer is not merged")
+        if self.mode == "lora":
+            self.base -= self.delta_weight().astype(self.base.dtype)
+        else:
+            self.base, self._unmerged_base = self._unmerged_base, None
+        self.merged = False
+        self._cache = None
+
+    # -- sizes ----------------------------------------------------------------
+    def trainable_parameters(self):
+        """Number of trainable values (adapters, and the bias if trained)."""
+        return sum(p.value.size for p in self._params.values())
+
+    def total_parameters(self):
+        """Number of values of the layer: W's elements + bias + adapters."""
+        adapters = self.lora_a.size + self.lora_b.size if self.has_adapters else 0
+        bias = 0 if self.bias is None else self.bias.size
+        return self.out_features * self.in_features + bias + adapters
+
+    def memory_report(self, optimizer_moments=2):
+        """Exact bytes of each part: base codes, quantization constants, adapters, grads, optimizer.
+
+        ``optimizer_moments`` float arrays per trainable value (AdamW keeps 2).
+        """
+        report = {"base_weight": 0, "quant_constants": 0}
+        if isinstance(self.base, QuantizedTensor):
+            report["base_weight"] = self.base.packed.nbytes
+            report["quant_constants"] = self.base.nbytes - self.base.packed.nbytes
+        else:
+            report["base_weight"] = self.base.nbytes
+        report["bias"] = 0 if self.bias is None else self.bias.nbytes
+        report["adapters"] = self.lora_a.nbytes + self.lora_b.nbytes if self.has_adapters else 0
+        trainable_bytes = sum(p.value.nbytes for p in self._params.values())
+        report["gradients"] = trainable_bytes
+        report["optimizer_state"] = optimizer_moments * trainable_bytes
+        report["total"] = sum(report.values())
+        return report
+
+    def __repr__(self):
+        return (f"LoRALinear(in={self.in_features}, out={self.out_features}, mode={self.mode!r}, "
+                f"r={self.r}, alpha={self.alpha}, merged={self.merged})")
+
+
+def _checked(array, name, shape):
+    """``array`` as a float ndarray of ``shape`` (None in shape = any size), else a typed error."""
+    if array is None:
+        raise ShapeError(f"{name} is required")
+    array = np.asarray(array)
+    float_dtype_name(array.dtype)
+    if array.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, array.shape)):
+        expected = tuple("any" if s is None else s for s in shape)
+        raise ShapeError(f"{name} must have shape {expected}, got {array.shape}")
+    return array

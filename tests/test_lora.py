@@ -1,0 +1,221 @@
+"""LoRALinear: hand-written gradients against finite differences, merging, sizes, errors."""
+
+import numpy as np
+import pytest
+
+import qlora_np
+from qlora_np import LoRALinear
+from qlora_np.errors import DTypeError, InvalidValueError, ShapeError, UnknownFormatError
+
+OUT, IN, R = 6, 64, 3
+
+
+def _layer(mode, bias=True, use_rslora=False, train_bias=False, dropout=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((OUT, IN))
+    layer = LoRALinear.from_weight(weight, bias=rng.standard_normal(OUT) if bias else None, r=R,
+                                   alpha=5, dropout=dropout, mode=mode, use_rslora=use_rslora,
+                                   seed=seed, train_bias=train_bias, dtype=np.float64)
+    if layer.has_adapters:                       # non-zero B so every path carries gradient
+        layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape)
+    return layer
+
+
+def _dense_twin(layer):
+    """A float64 "lora" layer with W = the layer's decoded weight and the same adapters/bias."""
+    weight = qlora_np.dequantize(layer.base).astype(np.float64)
+    if layer.has_adapters:
+        lora_a, lora_b = layer.lora_a.copy(), layer.lora_b.copy()
+    else:                                        # zero adapters add nothing
+        lora_a, lora_b = np.zeros((1, IN)), np.zeros((OUT, 1))
+    return LoRALinear(weight, layer.bias, lora_a, lora_b, alpha=layer.alpha, mode="lora",
+                      use_rslora=layer.use_rslora)
+
+
+def _numeric_gradient(loss, array, eps=1e-6):
+    grad = np.zeros_like(array)
+    flat, out = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        plus = loss()
+        flat[i] = saved - eps
+        minus = loss()
+        flat[i] = saved
+        out[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("bias, train_bias", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_gradients_match_finite_differences(bias, train_bias, use_rslora):
+    layer = _layer("lora", bias, use_rslora, train_bias)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, IN))                              # batch dims (B, T, in)
+    upstream = rng.standard_normal((2, 3, OUT))
+    loss = lambda: float(np.sum(layer.forward(x, cache=False) * upstream))   # noqa: E731
+    layer.forward(x)
+    grad_x = layer.backward(upstream)
+    np.testing.assert_allclose(grad_x, _numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.grad_lora_b, _numeric_gradient(loss, layer.lora_b), rtol=1e-6, atol=1e-7)
+    if train_bias:
+        np.testing.assert_allclose(layer.grad_bias, _numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-7)
+    else:
+        assert layer.grad_bias is None and "bias" not in layer.parameters()
+
+
+@pytest.mark.parametrize("mode", ["qlora", "quant"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_modes_match_finite_differences(mode, use_rslora, bias):
+    # The 4-bit products run in float32, so a float64 finite difference through them
+    # would measure float32 rounding. Instead: (1) adapter gradients are checked by
+    # finite differences directly (the base term cancels exactly in them); (2) grad_x
+    # is checked against the float64 twin layer whose W is the decoded 4-bit weight,
+    # itself checked by finite differences above, to float32 accuracy.
+    layer = _layer(mode, bias, use_rslora)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, IN))
+    upstream = rng.standard_normal((2, 3, OUT))
+    loss = lambda: float(np.sum(layer.forward(x, cache=False) * upstream))   # noqa: E731
+    layer.forward(x)
+    grad_x = layer.backward(upstream)
+    twin = _dense_twin(layer)
+    twin.forward(x)
+    np.testing.assert_allclose(layer.forward(x, cache=False), twin.forward(x, cache=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_x, twin.backward(upstream), rtol=1e-5, atol=1e-5)
+    if mode == "qlora":
+        np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(layer.grad_lora_b, _numeric_gradient(loss, layer.lora_b), rtol=1e-6, atol=1e-6)
+    else:
+        assert layer.parameters() == {} and layer.lora_a is None
+
+
+def test_new_layer_computes_the_base_product_and_scale_follows_rslora():
+    weight = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    layer = LoRALinear.from_weight(weight, r=4, alpha=8, mode="lora", seed=0)
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(layer(x), x @ weight.T, rtol=1e-6)
+    assert layer.scale == 2.0
+    assert LoRALinear.from_weight(weight, r=4, alpha=8, mode="lora", use_rslora=True).scale == 4.0
+    bound = 1 / np.sqrt(64)
+    assert np.all(np.abs(layer.lora_a) <= bound) and np.all(layer.lora_b == 0)
+    gaussian = LoRALinear.from_weight(weight, r=4, mode="lora", init="gaussian", seed=0)
+    assert 0.1 < gaussian.lora_a.std() < 0.4                          # N(0, 1/r): std 1/4
+
+
+def test_dropout_mask_is_shared_by_forward_and_backward_and_off_in_eval():
+    layer = _layer("lora", dropout=0.5, seed=4)
+    x = np.random.default_rng(5).standard_normal((4, IN))
+    upstream = np.random.default_rng(6).standard_normal((4, OUT))
+    y = layer.forward(x)
+    _, mask, _, _ = layer._cache
+    assert mask is not None and set(np.unique(mask)) <= {0.0, 2.0}
+    layer.backward(upstream)
+
+    # the same layer with the mask fixed is a plain function: check by finite differences
+    layer.zero_grad()
+    layer._dropout_mask = lambda shape: mask
+    loss = lambda: float(np.sum(layer.forward(x, cache=False) * upstream))   # noqa: E731
+    np.testing.assert_allclose(layer.forward(x), y)
+    layer.backward(upstream)
+    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-7)
+
+    layer.eval()
+    no_dropout = layer.forward(x)
+    np.testing.assert_allclose(no_dropout, layer.forward(x))
+    assert layer._cache is None
+    with pytest.raises(InvalidValueError, match="needs a forward pass"):
+        layer.backward(upstream)
+
+
+def test_gradients_accumulate_until_zero_grad():
+    layer = _layer("lora")
+    x = np.ones((2, IN))
+    upstream = np.ones((2, OUT))
+    layer.forward(x)
+    layer.backward(upstream)
+    first = layer.grad_lora_a.copy()
+    layer.forward(x)
+    layer.backward(upstream)
+    np.testing.assert_allclose(layer.grad_lora_a, 2 * first)
+    layer.zero_grad()
+    assert layer.grad_lora_a is None
+
+
+def test_merge_then_forward_equals_unmerged_forward_lora():
+    layer = _layer("lora")
+    x = np.random.default_rng(7).standard_normal((5, IN))
+    before = layer.forward(x, cache=False)
+    original = layer.base.copy()
+    assert layer.merge() is None and layer.merged
+    np.testing.assert_allclose(layer.forward(x, cache=False), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    np.testing.assert_allclose(layer.base, original, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer.forward(x, cache=False), before, rtol=1e-12, atol=1e-12)
+
+
+def test_qlora_merge_reports_requantization_error_and_unmerge_restores_exactly():
+    layer = _layer("qlora")
+    x = np.random.default_rng(8).standard_normal((5, IN))
+    before = layer.forward(x, cache=False)
+    original = layer.base
+    layer.merge()                                            # float merge: exact up to float32
+    assert isinstance(layer.base, np.ndarray)
+    np.testing.assert_allclose(layer.forward(x, cache=False), before, rtol=1e-5, atol=1e-4)
+    layer.unmerge()
+    assert layer.base is original
+    report = layer.merge(requantize=True)
+    assert isinstance(layer.base, qlora_np.QuantizedTensor)
+    assert 0 < report.mean_abs_error <= report.max_abs_error
+    assert 0 < report.relative_frobenius_error < 0.2          # NF4 error is ~0.1 of the weight
+    layer.unmerge()
+    np.testing.assert_array_equal(layer.forward(x, cache=False), before)
+
+
+def test_memory_report_bytes_equal_the_arrays():
+    weight = np.random.default_rng(9).standard_normal((128, 256)).astype(np.float32)
+    layer = LoRALinear.from_weight(weight, bias=np.zeros(128), r=8, mode="qlora")
+    report = layer.memory_report()
+    qt = layer.base
+    assert report["base_weight"] == qt.packed.nbytes
+    assert report["base_weight"] + report["quant_constants"] == qt.nbytes
+    assert report["quant_constants"] == qt.absmax.nbytes + qt.nested_absmax.nbytes + 4
+    assert report["adapters"] == layer.lora_a.nbytes + layer.lora_b.nbytes == 4 * 8 * (128 + 256)
+    assert report["gradients"] == report["adapters"] and report["optimizer_state"] == 2 * report["adapters"]
+    assert report["bias"] == 128 * 4
+    assert report["total"] == sum(v for k, v in report.items() if k != "total")
+    assert layer.trainable_parameters() == 8 * (128 + 256)
+    assert layer.total_parameters() == 128 * 256 + 128 + 8 * (128 + 256)
+    dense = LoRALinear.from_weight(weight, r=8, mode="lora").memory_report()
+    assert dense["base_weight"] == weight.nbytes and dense["quant_constants"] == 0
+
+
+def test_bad_inputs_raise_typed_errors():
+    layer = _layer("lora")
+    with pytest.raises(ShapeError, match="last dimension 64"):
+        layer.forward(np.ones((2, 63)))
+    with pytest.raises(DTypeError):
+        layer.forward(np.ones((2, IN), np.int32))
+    layer.forward(np.ones((2, IN)))
+    with pytest.raises(ShapeError, match=r"grad_out must have shape \(2, 6\)"):
+        layer.backward(np.ones((2, 5)))
+    weight = np.ones((8, 64), np.float32)
+    with pytest.raises(ShapeError, match="2-D"):
+        LoRALinear.from_weight(np.ones(64, np.float32))
+    with pytest.raises(InvalidValueError, match="rank r"):
+        LoRALinear.from_weight(weight, r=0)
+    with pytest.raises(UnknownFormatError, match="mode must be one of"):
+        LoRALinear.from_weight(weight, mode="full")
+    with pytest.raises(UnknownFormatError, match="init must be one of"):
+        LoRALinear.from_weight(weight, init="zeros")
+    with pytest.raises(InvalidValueError, match="dropout"):
+        LoRALinear.from_weight(weight, dropout=1.0)
+    with pytest.raises(ShapeError, match=r"lora_b must have shape \(8, 2\)"):
+        LoRALinear(weight, None, np.ones((2, 64)), np.ones((8, 3)), mode="lora")
+    with pytest.raises(UnknownFormatError, match="needs base to be a QuantizedTensor"):
+        LoRALinear(weight, None, np.ones((2, 64)), np.ones((8, 2)), mode="qlora")
+    with pytest.raises(InvalidValueError, match="no adapters"):
+        LoRALinear.from_weight(weight, mode="quant").merge()

@@ -1,0 +1,36 @@
+"""The memory model: parameter counts, bytes per set-up, the text chart."""
+
+import pytest
+
+from qlora_np import memory
+from qlora_np.memory import GIB, LLAMA_SHAPES, NF4_DQ_BITS
+
+
+@pytest.mark.parametrize("name, billions", [("7B", 6.74), ("13B", 13.02), ("70B", 68.98)])
+def test_parameter_counts_match_the_published_models(name, billions):
+    assert LLAMA_SHAPES[name].parameters / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_setups_follow_their_bytes_per_parameter():
+    shape = LLAMA_SHAPES["7B"]
+    parts = memory.training_bytes(shape, r=16)
+    n = shape.parameters
+    assert sum(parts["full fp32"].values()) == 16 * n
+    assert sum(parts["full fp16"].values()) == 12 * n
+    assert parts["LoRA (fp16 base)"]["weights"] == 2 * n
+    assert parts["QLoRA (NF4 base)"]["adapters+grads+optimizer"] == shape.lora_parameters(16) * 16
+    assert NF4_DQ_BITS == pytest.approx(4.127, abs=1e-3)
+    qlora_total = sum(parts["QLoRA (NF4 base)"].values()) / GIB
+    assert 3.5 < qlora_total < 10                              # fits a consumer GPU, as in the paper
+    assert shape.lora_parameters(16) == 32 * 16 * (4 * 2 * 4096 + 3 * (4096 + 11008))
+
+
+def test_table_and_chart_show_every_setup():
+    table = memory.format_scaling_table()
+    for label in memory.SETUPS + ("LLaMA-2 7B", "LLaMA-2 13B", "LLaMA-2 70B"):
+        assert label in table
+    chart = memory.setup_bar_chart(LLAMA_SHAPES["7B"])
+    lines = chart.splitlines()[1:]
+    assert [line.split("█")[0].strip() for line in lines] == list(memory.SETUPS)
+    bars = [line.count("█") for line in lines]
+    assert bars[0] == 50 and bars == sorted(bars, reverse=True)
