@@ -119,8 +119,10 @@ def _raise_non_finite(flat, absmax, blocksize):
 # Products with a quantized weight W of shape (out, in), never materialised whole
 # ---------------------------------------------------------------------------
 
-TILE_ELEMENTS = 1 << 18
-"""Weight elements decoded at a time by the tiled products (1 MiB of float32): bounds their extra memory."""
+TILE_ELEMENTS = 1 << 22
+"""Most weight elements the tiled products decode at a time (16 MiB of float32): bounds their
+extra memory. Fewer rows of x use tiles down to a quarter of that (decoding then costs
+as much as the product, and a smaller tile stays in cache)."""
 
 FUSED_MAX_ROWS = 8
 """Up to this many rows of x, the products decode W in registers (:mod:`.kernels.products`)."""
@@ -139,7 +141,7 @@ def matmul(x, qt, backend="numba"):
                           qt.blocksize)
         return y.reshape(lead + (out_features,))
     y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
-    for row_start, tile in _weight_row_tiles(qt, backend):
+    for row_start, tile in _weight_row_tiles(qt, backend, x2d.shape[0]):
         y[:, row_start:row_start + tile.shape[0]] = x2d @ tile.T
     return y.reshape(lead + (out_features,))
 
@@ -156,7 +158,7 @@ def matmul_t(grad, qt, backend="numba"):
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
     result = np.zeros((g2d.shape[0], in_features), np.float32)        # (rows, in)
-    for row_start, tile in _weight_row_tiles(qt, backend):
+    for row_start, tile in _weight_row_tiles(qt, backend, g2d.shape[0]):
         result += g2d[:, row_start:row_start + tile.shape[0]] @ tile
     return result.reshape(lead + (in_features,))
 
@@ -189,16 +191,17 @@ def _as_rows(array, qt, axis_size, name):
     return np.ascontiguousarray(array.reshape(-1, axis_size), dtype=np.float32), array.shape[:-1]
 
 
-def _weight_row_tiles(qt, backend):
+def _weight_row_tiles(qt, backend, batch_rows):
     """Yield (first_row, W[first_row:first_row + r] as (r, in) float32) over the weight's rows.
 
-    Tiles hold about TILE_ELEMENTS values and, when possible, start on block
-    boundaries so the fast decoder can be used.
+    Tiles hold at most TILE_ELEMENTS values (fewer for small batches) and, when
+    possible, start on block boundaries so the fast decoder can be used.
     """
     kernels = get_backend(backend)
     out_features, in_features = qt.shape
     block_scales = scales(qt, backend)
-    rows_per_tile = max(1, TILE_ELEMENTS // in_features)
+    tile_elements = min(TILE_ELEMENTS, max(TILE_ELEMENTS // 4, batch_rows * 4096))
+    rows_per_tile = max(1, tile_elements // in_features)
     align = qt.blocksize // np.gcd(qt.blocksize, in_features)        # rows per block boundary
     if align <= rows_per_tile:
         rows_per_tile -= rows_per_tile % align
