@@ -111,13 +111,21 @@ def main():
             row(f"dequantize {quant_type}{' +dq' if double_quant else ''}", seconds,
                 "np.copy(output)", copy_output, "≤ 2× copy", seconds <= 2 * copy_output)
 
-    qt = qlora_np.quantize(weight, "nf4", 64, True)
-    for rows in (1, 32):
-        x = rng.standard_normal((rows, side), np.float32)                 # (rows, side)
-        dense = median_seconds(lambda: x @ weight.T, repeat)
-        seconds = median_seconds(lambda: qlora_np.matmul(x, qt), repeat)
-        row(f"matmul nf4+dq, {rows} row(s)", seconds, "numpy x @ W.T (fp32)", dense,
-            "(issue 5)", None)
+    for out_features, in_features in ((side, side), (side // 2, side * 2), (side * 2, side // 2)):
+        dense_weight = rng.standard_normal((out_features, in_features), np.float32)
+        qt = qlora_np.quantize(dense_weight, "nf4", 64, True)
+        for rows in (1, 32):
+            x = rng.standard_normal((rows, in_features), np.float32)       # (rows, in)
+            g = rng.standard_normal((rows, out_features), np.float32)      # (rows, out)
+            name = f"{out_features}×{in_features}, {rows} row{'s' if rows > 1 else ''}"
+            dense = median_seconds(lambda: x @ dense_weight.T, repeat)
+            forward = median_seconds(lambda: qlora_np.matmul(x, qt), repeat)
+            target = (f"≥ 3× faster", forward * 3 <= dense) if rows == 1 else ("≤ 0.8×", forward <= 0.8 * dense)
+            row(f"matmul {name}", forward, "numpy x @ W.T (fp32)", dense, *target)
+            dense_t = median_seconds(lambda: g @ dense_weight, repeat)
+            backward = median_seconds(lambda: qlora_np.matmul_t(g, qt), repeat)
+            row(f"matmul_t {name}", backward, "numpy g @ W (fp32)", dense_t,
+                f"{backward / forward:.2f}× matmul (≤ 1.5)", backward <= 1.5 * forward)
 
     for name, seconds in bitsandbytes_rows(weight, repeat):
         row(name, seconds, "np.copy(input)", copy_input, "", None)
