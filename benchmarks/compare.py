@@ -14,23 +14,12 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS 
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qlora_np  # noqa: E402
-
-
-def median_seconds(function, repeat):
-    """Median wall time of ``repeat`` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from timing import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def cpu_name():
@@ -57,13 +46,17 @@ def bitsandbytes_rows(weight, repeat):
         import torch
     except ImportError:
         return []
+    import bitsandbytes
     tensor = torch.from_numpy(weight)
     packed, state = bnb_functional.quantize_4bit(tensor, blocksize=64, quant_type="nf4")
+    x = torch.ones((1, weight.shape[1]))
     return [
         ("bitsandbytes quantize nf4", median_seconds(
             lambda: bnb_functional.quantize_4bit(tensor, blocksize=64, quant_type="nf4"), repeat)),
         ("bitsandbytes dequantize nf4", median_seconds(
             lambda: bnb_functional.dequantize_4bit(packed, state), repeat)),
+        ("bitsandbytes matmul_4bit, 1 row", median_seconds(
+            lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state), repeat)),
     ]
 
 

@@ -14,12 +14,12 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from qlora_np import LoRALinear  # noqa: E402
 from qlora_np.optim import AdamW  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def dense_step(x, upstream, weight, lora_a, lora_b, scale, optimizer_state):
@@ -33,16 +33,6 @@ def dense_step(x, upstream, weight, lora_a, lora_b, scale, optimizer_state):
     optimizer_state[0].grad, optimizer_state[1].grad = grad_a, grad_b
     optimizer_state[2].step()
     return y, grad_x
-
-
-def median_seconds(function, repeat):
-    function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():

@@ -119,31 +119,26 @@ def constant_schedule(lr):
 
 def warmup_cosine_schedule(lr, warmup_steps, total_steps, min_lr=0.0):
     """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then a half cosine down to ``min_lr``."""
-    _check_schedule(warmup_steps, total_steps)
-
-    def schedule(step):
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return schedule
+    return _warmup_then(lr, warmup_steps, total_steps, min_lr,
+                        lambda progress: 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def warmup_linear_schedule(lr, warmup_steps, total_steps, min_lr=0.0):
     """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then a straight line down to ``min_lr``."""
-    _check_schedule(warmup_steps, total_steps)
+    return _warmup_then(lr, warmup_steps, total_steps, min_lr, lambda progress: 1 - progress)
+
+
+def _warmup_then(lr, warmup_steps, total_steps, min_lr, decay):
+    """Schedule: warm-up, then min_lr + (lr − min_lr)·decay(progress), progress 0 → 1 and held at 1."""
+    if warmup_steps < 0 or total_steps < warmup_steps:
+        raise InvalidValueError(f"need 0 ≤ warmup_steps ≤ total_steps, got {warmup_steps}, {total_steps}")
 
     def schedule(step):
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return lr + (min_lr - lr) * progress
+        return min_lr + (lr - min_lr) * decay(progress)
     return schedule
-
-
-def _check_schedule(warmup_steps, total_steps):
-    if warmup_steps < 0 or total_steps < warmup_steps:
-        raise InvalidValueError(f"need 0 ≤ warmup_steps ≤ total_steps, got {warmup_steps}, {total_steps}")
 
 
 def _named(params):
