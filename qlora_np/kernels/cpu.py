@@ -4,6 +4,10 @@ Each public function is a thin Python wrapper (allocate, pick the variant) over 
 ``prange`` driver that splits the work across threads, which calls a serial
 ``@njit`` worker for one block. No ``fastmath`` anywhere: every result here must be
 bit-identical to the reference, so float32 operations keep their written order.
+
+Workers take slices (``flat[start:stop]``) and loop over ``range(len)``: with indices
+LLVM can prove non-negative, Numba drops its negative-index wraparound and the loops
+vectorise (2–3× faster than indexing ``flat[start + k]``).
 """
 
 import numpy as np
@@ -48,7 +52,7 @@ def quantize_4bit(flat, blocksize, quant_type):
             codes = np.empty(n - n_full * blocksize + n % 2, np.int32)
             _quantize_tail_block(flat, bits, n_full * blocksize, fmt.midpoints, fmt.sort_order,
                                  reorder, fmt.zero_code, codes, absmax, absmax_bits)
-            _pack_codes(codes, packed, n_full * blocksize // 2)
+            _pack_codes(codes, packed[n_full * blocksize // 2:])
     else:
         # odd block sizes: blocks share bytes, so code every element first, pack after
         codes = np.empty(n + n % 2, np.int32)
@@ -56,12 +60,12 @@ def quantize_4bit(flat, blocksize, quant_type):
                              absmax, absmax_bits)
         if n % 2:
             codes[n] = fmt.zero_code
-        _pack_codes(codes, packed, 0)
+        _pack_codes(codes, packed)
     return packed, absmax, None
 
 
 @njit(cache=True, inline="always")
-def _block_absmax_bits(bits, start, stop):
+def _block_absmax_bits(bits):
     """Bit pattern of max |x| over a block, from the float32 bit patterns ``bits``.
 
     Clearing the sign bit and comparing as uint32 orders finite floats exactly as
@@ -70,35 +74,35 @@ def _block_absmax_bits(bits, start, stop):
     vectorises, unlike a float max that must watch for NaN.
     """
     largest = np.uint32(0)
-    for i in range(start, stop):
+    for i in range(bits.size):
         largest = max(largest, bits[i] & ABS_MASK)
     return largest
 
 
 @njit(cache=True, inline="always")
-def _code_ranks(flat, start, stop, inverse, divide, midpoints, sort_order, reorder, codes):
-    """codes[k] = code of flat[start + k] scaled by ``inverse`` (multiply) or 1/``inverse`` (divide).
+def _code_ranks(values, inverse, divide, midpoints, sort_order, reorder, codes):
+    """codes[k] = code of values[k] scaled by ``inverse`` (multiply) or 1/``inverse`` (divide).
 
     The rank of a value is the number of midpoints strictly below it; no clamp to
     [-1, 1] is needed first since every midpoint lies inside (-1, 1). Counting with
     15 compares (instead of a search) lets LLVM vectorise the loop.
     """
-    for k in range(stop - start):
-        scaled = flat[start + k] / inverse if divide else flat[start + k] * inverse
+    for k in range(values.size):
+        scaled = values[k] / inverse if divide else values[k] * inverse
         rank = np.int32(0)
         for m in range(15):
             rank += np.int32(scaled > midpoints[m])
         codes[k] = rank
     if reorder:
-        for k in range(stop - start):
+        for k in range(values.size):
             codes[k] = sort_order[codes[k]]
 
 
 @njit(cache=True, inline="always")
-def _pack_codes(codes, packed, first_byte):
-    """packed[first_byte + j] = codes[2j] << 4 | codes[2j + 1] (the first code in the high nibble)."""
+def _pack_codes(codes, packed):
+    """packed[j] = codes[2j] << 4 | codes[2j + 1] (the first code in the high nibble)."""
     for j in range(codes.size // 2):
-        packed[first_byte + j] = (codes[2 * j] << 4) | codes[2 * j + 1]
+        packed[j] = (codes[2 * j] << 4) | codes[2 * j + 1]
 
 
 @njit(parallel=True, cache=True)
@@ -110,12 +114,12 @@ def _quantize_full_blocks_even(flat, bits, blocksize, n_full, midpoints, sort_or
         codes = np.empty(blocksize, np.int32)
         for block in range(first * group, min(n_full, (first + 1) * group)):
             start = block * blocksize
-            absmax_bits[block] = _block_absmax_bits(bits, start, start + blocksize)
+            absmax_bits[block] = _block_absmax_bits(bits[start:start + blocksize])
             # full blocks: one float32 reciprocal per block, then a multiply per element
             reciprocal = ONE / max(absmax[block], TINY_SCALE)
-            _code_ranks(flat, start, start + blocksize, reciprocal, False, midpoints,
+            _code_ranks(flat[start:start + blocksize], reciprocal, False, midpoints,
                         sort_order, reorder, codes)
-            _pack_codes(codes, packed, start // 2)
+            _pack_codes(codes, packed[start // 2:])
 
 
 @njit(cache=True)
@@ -123,8 +127,8 @@ def _quantize_tail_block(flat, bits, start, midpoints, sort_order, reorder, zero
                          absmax, absmax_bits):
     """The partial last block: absmax floored at 1e-38 and a true division per element."""
     stop = flat.size
-    absmax_bits[-1] = max(_block_absmax_bits(bits, start, stop), TINY_SCALE_BITS)
-    _code_ranks(flat, start, stop, absmax[-1], True, midpoints, sort_order, reorder, codes)
+    absmax_bits[-1] = max(_block_absmax_bits(bits[start:stop]), TINY_SCALE_BITS)
+    _code_ranks(flat[start:stop], absmax[-1], True, midpoints, sort_order, reorder, codes)
     if codes.size > stop - start:                  # odd count: pad with the code of 0.0
         codes[-1] = zero_code
 
@@ -138,11 +142,11 @@ def _quantize_blocks_any(flat, bits, blocksize, midpoints, sort_order, reorder, 
         start = block * blocksize
         stop = min(start + blocksize, n)
         is_tail = stop - start < blocksize
-        largest = _block_absmax_bits(bits, start, stop)
+        largest = _block_absmax_bits(bits[start:stop])
         absmax_bits[block] = max(largest, TINY_SCALE_BITS) if is_tail else largest
         safe = max(absmax[block], TINY_SCALE)
         scale = safe if is_tail else ONE / safe
-        _code_ranks(flat, start, stop, scale, is_tail, midpoints, sort_order, reorder,
+        _code_ranks(flat[start:stop], scale, is_tail, midpoints, sort_order, reorder,
                     codes[start:stop])
 
 
@@ -159,7 +163,7 @@ def _quantize_asymmetric_blocks(flat, bits, blocksize, codes, scale, zero_point)
             low = min(low, flat[i])
             high = max(high, flat[i])
         step = (high - low) / np.float32(15)
-        if _block_absmax_bits(bits, start, stop) >= INF_BITS:
+        if _block_absmax_bits(bits[start:stop]) >= INF_BITS:
             step = np.float32(np.nan)              # NaN or inf in the block: the caller rejects it
         scale[block] = step
         inverse = ONE / step if step > 0 else np.float32(0)
