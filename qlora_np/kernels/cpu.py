@@ -157,11 +157,12 @@ def _quantize_asymmetric_blocks(flat, bits, blocksize, codes, scale, zero_point)
     for block in prange(scale.size):
         start = block * blocksize
         stop = min(start + blocksize, n)
+        values = flat[start:stop]
         low = np.float32(0)
         high = np.float32(0)
-        for i in range(start, stop):
-            low = min(low, flat[i])
-            high = max(high, flat[i])
+        for i in range(values.size):
+            low = min(low, values[i])
+            high = max(high, values[i])
         step = (high - low) / np.float32(15)
         if _block_absmax_bits(bits[start:stop]) >= INF_BITS:
             step = np.float32(np.nan)              # NaN or inf in the block: the caller rejects it
@@ -169,9 +170,10 @@ def _quantize_asymmetric_blocks(flat, bits, blocksize, codes, scale, zero_point)
         inverse = ONE / step if step > 0 else np.float32(0)
         zero = min(max(np.rint(-low * inverse), np.float32(0)), np.float32(15))
         zero_point[block] = np.uint8(zero)
-        for i in range(start, stop):
-            code = min(max(np.rint(flat[i] * inverse) + zero, np.float32(0)), np.float32(15))
-            codes[i] = np.uint8(code)
+        block_codes = codes[start:stop]
+        for i in range(values.size):
+            code = min(max(np.rint(values[i] * inverse) + zero, np.float32(0)), np.float32(15))
+            block_codes[i] = np.uint8(code)
 
 
 @njit(parallel=True, cache=True)
@@ -200,16 +202,15 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0)
 
 
 @njit(cache=True)
-def _dequantize_block_even(packed, start, stop, scale, shift, codebook, out):
-    """Decode flat[start:stop] (start even) into out[0:stop-start]: two values per byte."""
-    pairs = (stop - start) // 2
-    first_byte = start >> 1
+def _dequantize_block_even(block_bytes, scale, shift, codebook, out):
+    """Decode the codes in ``block_bytes`` into out (len(out) values, the first in a high nibble)."""
+    pairs = out.size // 2
     for j in range(pairs):
-        byte = packed[first_byte + j]
+        byte = block_bytes[j]
         out[2 * j] = (codebook[byte >> 4] - shift) * scale
         out[2 * j + 1] = (codebook[byte & 15] - shift) * scale
-    if 2 * pairs < stop - start:
-        out[2 * pairs] = (codebook[packed[first_byte + pairs] >> 4] - shift) * scale
+    if 2 * pairs < out.size:
+        out[2 * pairs] = (codebook[block_bytes[pairs] >> 4] - shift) * scale
 
 
 @njit(parallel=True, cache=True)
@@ -220,8 +221,9 @@ def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, o
     for k in prange(-(-out.size // blocksize)):
         block = first_block + k
         lo = block * blocksize
-        _dequantize_block_even(packed, lo, min(lo + blocksize, stop), absmax[block],
-                               shift[block], codebook, out[lo - start:])
+        hi = min(lo + blocksize, stop)
+        _dequantize_block_even(packed[lo >> 1:], absmax[block], shift[block], codebook,
+                               out[lo - start:hi - start])
 
 
 @njit(parallel=True, cache=True)
