@@ -91,10 +91,17 @@ def _asymmetric_codes(flat, blocksize):
     # 2. 15 equal steps between them; the zero point is the code of 0.0
     scale = ((high - low) / np.float32(15)).astype(np.float32)
     inverse = np.zeros_like(scale)
-    np.divide(np.float32(1), scale, out=inverse, where=scale > 0)
-    zero_point = np.clip(np.rint(-low * inverse), 0, 15)                # (nblocks,) float32
-    # 3. code = round(x / scale) + zero point, clamped to 0..15
-    codes = np.clip(np.rint(blocks * inverse[:, None]) + zero_point[:, None], 0, 15)
+    with np.errstate(over="ignore"):
+        np.divide(np.float32(1), scale, out=inverse, where=scale > 0)
+    # 3. code = round(x · 1/scale) + zero point, clamped to 0..15; a subnormal scale
+    #    (range below ~4e-38) has no float32 reciprocal, so those blocks divide instead
+    divide = np.isinf(inverse)                                          # (nblocks,)
+    safe_scale = np.where(divide, scale, np.float32(1))
+    zero_point = np.where(divide, np.rint(-low / safe_scale), np.rint(-low * inverse))
+    zero_point = np.clip(zero_point, 0, 15)                             # (nblocks,) float32
+    levels = np.where(divide[:, None], np.rint(blocks / safe_scale[:, None]),
+                      np.rint(blocks * inverse[:, None]))
+    codes = np.clip(levels + zero_point[:, None], 0, 15)               # (nblocks, blocksize)
     return codes.reshape(-1)[:n].astype(np.uint8), scale, zero_point.astype(np.uint8)
 
 

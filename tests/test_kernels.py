@@ -468,9 +468,6 @@ def test_int4_asym_round_trip_error_is_at_most_half_a_step(case):
     assert np.all(error[s == 0] == 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: int4_asym with a block range below ~4.4e-38 (normal "
-                   "float32 values) has a subnormal step whose float32 reciprocal is inf, so "
-                   "every code saturates / the zero point is NaN→0 and the block decodes to 0")
 @pytest.mark.parametrize("backend", ["numba", "reference"])
 def test_int4_asym_tiny_normal_range_round_trips_within_half_a_step(backend):
     x = np.array([0.0, 2e-38] * 32, F32)               # 2e-38 is a normal float32 (> 1.18e-38)

@@ -168,12 +168,14 @@ def _quantize_asymmetric_blocks(flat, bits, blocksize, codes, scale, zero_point)
             step = np.float32(np.nan)              # NaN or inf in the block: the caller rejects it
         scale[block] = step
         inverse = ONE / step if step > 0 else np.float32(0)
-        zero = min(max(np.rint(-low * inverse), np.float32(0)), np.float32(15))
+        divide = inverse == np.inf                 # subnormal step: divide, as the reference does
+        zero = np.rint(-low / step) if divide else np.rint(-low * inverse)
+        zero = min(max(zero, np.float32(0)), np.float32(15))
         zero_point[block] = np.uint8(zero)
         block_codes = codes[start:stop]
         for i in range(values.size):
-            code = min(max(np.rint(values[i] * inverse) + zero, np.float32(0)), np.float32(15))
-            block_codes[i] = np.uint8(code)
+            level = np.rint(values[i] / step) if divide else np.rint(values[i] * inverse)
+            block_codes[i] = np.uint8(min(max(level + zero, np.float32(0)), np.float32(15)))
 
 
 @njit(parallel=True, cache=True)
