@@ -69,21 +69,24 @@ def _gemv_portable(packed, x, scales, blocks_per_row, block_bytes, codebook, y):
     for o in prange(y.shape[1]):
         row = np.int64(o)
         for r in range(y.shape[0]):
-            y[r, row] = _dot_row(packed, row * row_bytes, x[r], scales, row * blocks_per_row,
-                                 blocks_per_row, block_bytes, codebook)
+            first_block = row * blocks_per_row
+            y[r, row] = _dot_row(packed[row * row_bytes:(row + 1) * row_bytes], x[r],
+                                 scales[first_block:first_block + blocks_per_row], block_bytes,
+                                 codebook)
 
 
 @njit(cache=True)
-def _dot_row(packed, first_byte, x, scales, first_block, nblocks, block_bytes, codebook):
+def _dot_row(row_bytes, x, row_scales, block_bytes, codebook):
     """Σ_block scale · Σ codebook[code]·x over one row (the portable twin of avx2_dot_row)."""
     total = np.float32(0)
-    for block in range(nblocks):
-        base = block * block_bytes
+    for block in range(row_scales.size):
+        codes = row_bytes[block * block_bytes:(block + 1) * block_bytes]
+        values = x[2 * block * block_bytes:2 * (block + 1) * block_bytes]
         block_sum = np.float32(0)
-        for j in range(base, base + block_bytes):
-            byte = packed[first_byte + j]
-            block_sum += codebook[byte >> 4] * x[2 * j] + codebook[byte & 15] * x[2 * j + 1]
-        total += block_sum * scales[first_block + block]
+        for j in range(codes.size):
+            byte = codes[j]
+            block_sum += codebook[byte >> 4] * values[2 * j] + codebook[byte & 15] * values[2 * j + 1]
+        total += block_sum * row_scales[block]
     return total
 
 
@@ -138,9 +141,16 @@ def _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, block_bytes, cod
             for r in range(g.shape[0]):
                 for block in range(blocks_per_row):
                     index = row * blocks_per_row + block
-                    coef = g[r, row] * scales[index]
-                    base = block * block_bytes
-                    for j in range(base, base + block_bytes):
-                        byte = packed[row * row_bytes + j]
-                        partial[t, r, 2 * j] += coef * (codebook[byte >> 4] - shifts[index])
-                        partial[t, r, 2 * j + 1] += coef * (codebook[byte & 15] - shifts[index])
+                    first_byte = row * row_bytes + block * block_bytes
+                    _axpy_block(packed[first_byte:first_byte + block_bytes], g[r, row] * scales[index],
+                                shifts[index], codebook,
+                                partial[t, r, 2 * block * block_bytes:2 * (block + 1) * block_bytes])
+
+
+@njit(cache=True)
+def _axpy_block(codes, coef, shift, codebook, out):
+    """out[i] += coef · (codebook[code_i] − shift) over one block (portable twin of avx2_axpy_row)."""
+    for j in range(codes.size):
+        byte = codes[j]
+        out[2 * j] += coef * (codebook[byte >> 4] - shift)
+        out[2 * j + 1] += coef * (codebook[byte & 15] - shift)
