@@ -256,3 +256,25 @@ def _cascade_levels(rows):
         acc[0] += acc[level]
     return acc[0]
 
+
+
+# ---------------------------------------------------------------------------
+# Products with a packed weight W (out, in): the plain version of kernels.products
+# ---------------------------------------------------------------------------
+
+def gemv(x, packed, scales, shifts, codebook, out_features, blocksize):
+    """x (rows, in) @ W.T → (rows, out) float32, W decoded whole first (the kernels never do)."""
+    weight = _decode_weight(packed, scales, shifts, codebook, out_features, x.shape[1], blocksize)
+    return (x @ weight.T).astype(np.float32)
+
+
+def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize):
+    """g (rows, out) @ W → (rows, in) float32, W decoded whole first."""
+    weight = _decode_weight(packed, scales, shifts, codebook, g.shape[1], in_features, blocksize)
+    return (g @ weight).astype(np.float32)
+
+
+def _decode_weight(packed, scales, shifts, codebook, out_features, in_features, blocksize):
+    zero_point = None if shifts is None else shifts.astype(np.uint8)
+    flat = dequantize_4bit(packed, scales, zero_point, out_features * in_features, blocksize, codebook)
+    return flat.reshape(out_features, in_features)                    # (out, in) float32

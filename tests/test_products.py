@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qlora_np
+from qlora_np import reference
 from qlora_np.kernels import products
 from qlora_np.kernels.simd import HAS_AVX2
 from qlora_np.ops import scales
@@ -49,6 +50,20 @@ def test_fused_products_match_dense_product(simd, out_features, blocks_per_row, 
     gx = products.gemv_t(g, qt.packed, block_scales, shifts, qt.codebook, in_features, blocksize, simd)
     assert gx.dtype == np.float32 and gx.shape == (rows, in_features)
     assert _within_summation_bound(gx, g @ dense, np.abs(g) @ np.abs(dense), out_features)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_fused_products_match_the_reference_products(simd, quant_type):
+    qt, block_scales, shifts, _ = _case(96, 256, quant_type, 64, True)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    g = rng.standard_normal((2, 96)).astype(np.float32)
+    args = (qt.packed, block_scales, shifts, qt.codebook)
+    np.testing.assert_allclose(products.gemv(x, *args, 96, 64, simd), reference.gemv(x, *args, 96, 64),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(products.gemv_t(g, *args, 256, 64, simd),
+                               reference.gemv_t(g, *args, 256, 64), rtol=1e-5, atol=1e-5)
 
 
 def test_both_paths_agree_on_a_large_weight():
