@@ -124,8 +124,10 @@ TILE_ELEMENTS = 1 << 22
 extra memory. Fewer rows of x use tiles down to a quarter of that (decoding then costs
 as much as the product, and a smaller tile stays in cache)."""
 
-FUSED_MAX_ROWS = 8
-"""Up to this many rows of x, the products decode W in registers (:mod:`.kernels.products`)."""
+FUSED_MAX_ROWS = 64
+"""Up to this many rows of x, the products decode W in registers (:mod:`.kernels.products`);
+the fused kernels share each decode among 4 rows, so they beat decode-a-tile + BLAS until
+the batch is large enough for BLAS's compute efficiency to win."""
 
 
 def matmul(x, qt, backend="numba"):

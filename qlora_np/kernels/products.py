@@ -14,8 +14,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import (BYTES_PER_STEP, HAS_AVX2, avx2_axpy_row, avx2_dot_row, codebook_planes,
-                   group_order)
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, avx2_axpy_row, avx2_dot_rows1,
+                   avx2_dot_rows4, codebook_planes, group_order)
 
 
 def supports(shape, blocksize):
@@ -54,13 +54,23 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
 
 @njit(parallel=True, cache=True)
 def _gemv_avx2(packed, x_ordered, scales, blocks_per_row, block_bytes, planes, y):
+    rows, out_features = y.shape
     row_bytes = blocks_per_row * block_bytes
-    for o in prange(y.shape[1]):
+    x_at, x_stride, y_at = x_ordered.ctypes.data, x_ordered.shape[1], y.ctypes.data
+    for o in prange(out_features):
         row = np.int64(o)
-        for r in range(y.shape[0]):
-            y[r, row] = avx2_dot_row(packed.ctypes.data + row * row_bytes, x_ordered[r:].ctypes.data,
-                                     scales.ctypes.data + 4 * row * blocks_per_row,
-                                     blocks_per_row, block_bytes, planes.ctypes.data)
+        packed_at = packed.ctypes.data + row * row_bytes
+        scales_at = scales.ctypes.data + 4 * row * blocks_per_row
+        r = 0
+        while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one decode
+            avx2_dot_rows4(packed_at, x_at + 4 * r * x_stride, x_stride, scales_at, blocks_per_row,
+                           block_bytes, planes.ctypes.data, y_at + 4 * (r * out_features + row),
+                           out_features)
+            r += AVX2_DOT_ROWS
+        for last in range(r, rows):
+            avx2_dot_rows1(packed_at, x_at + 4 * last * x_stride, x_stride, scales_at, blocks_per_row,
+                           block_bytes, planes.ctypes.data, y_at + 4 * (last * out_features + row),
+                           out_features)
 
 
 @njit(parallel=True, cache=True)

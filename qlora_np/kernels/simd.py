@@ -13,7 +13,7 @@ once per call with :func:`group_order`, not once per weight row.
 
 Two row functions, each walking whole blocks of one weight row:
 
-* ``avx2_dot_row``  — Σ_block scale · Σ_i codebook[code_i] · x_i   (for x @ W.T)
+* ``avx2_dot_rows1/4`` — Σ_i (codebook[code_i]·scale) · x_i for 1 or 4 rows of x   (x @ W.T)
 * ``avx2_axpy_row`` — out_i += coef_block · (codebook[code_i] − shift_block)   (for g @ W)
 
 They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``); the
@@ -130,44 +130,60 @@ class _Builder:
 _ADDRESS = types.intp
 
 
-@intrinsic
-def avx2_dot_row(typingctx, packed, x_ordered, scales, nblocks, block_bytes, planes):
-    """float32 dot of one packed row with x; all pointers are integer addresses.
+def _make_dot_rows(rows):
+    """An intrinsic computing ``rows`` dots of one packed weight row with rows of x at once.
 
-    ``packed`` points at the row's first byte, ``scales`` at its first block's scale,
-    ``x_ordered`` at x permuted by :func:`group_order`, ``planes`` at
-    :func:`codebook_planes`. ``block_bytes`` is a multiple of 16.
+    Each decoded group of 32 weights is scaled by its block's scale (giving exactly the
+    dequantized float32 values) and then multiplied with every x row, so the decode
+    work is shared by ``rows`` products.
     """
-    signature = types.float32(_ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS)
+    @intrinsic
+    def dot_rows(typingctx, packed, x_ordered, x_stride, scales, nblocks, block_bytes, planes, out,
+                 out_stride):
+        signature = types.void(*([_ADDRESS] * 9))
 
-    def codegen(context, builder, sig, args):
-        packed_at, x_at, scales_at, nblocks, block_bytes, planes_at = args
-        ir_ = _Builder(builder, planes_at)
-        packed, x, scales = ir_.pointer(packed_at, _I8), ir_.pointer(x_at, _F32), ir_.pointer(scales_at, _F32)
-        zero = ir.Constant(_V8F, None)
-        row_sum = cgutils.alloca_once_value(builder, zero)
-        partial = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]   # 4 chains for ILP
-        with cgutils.for_range(builder, nblocks) as block_loop:
-            block = block_loop.index
-            first = builder.mul(block, block_bytes)
-            for total in partial:
-                builder.store(zero, total)
-            step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
-            with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
-                                         step) as (offset, _):
-                index = builder.add(first, offset)
-                x_index = builder.add(index, index)                    # 2 weights a byte
-                for k, weights in enumerate(ir_.decode32(packed, index)):
-                    x_k = ir_.load_v8f(x, builder.add(x_index, ir.Constant(x_index.type, 8 * k)))
-                    builder.store(builder.call(ir_.fma, [weights, x_k, builder.load(partial[k])]),
-                                  partial[k])
-            block_sum = builder.fadd(builder.fadd(builder.load(partial[0]), builder.load(partial[1])),
-                                     builder.fadd(builder.load(partial[2]), builder.load(partial[3])))
-            scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
-            builder.store(builder.call(ir_.fma, [block_sum, scale, builder.load(row_sum)]), row_sum)
-        return ir_.horizontal_sum(builder.load(row_sum))
+        def codegen(context, builder, sig, args):
+            (packed_at, x_at, x_stride, scales_at, nblocks, block_bytes, planes_at, out_at,
+             out_stride) = args
+            ir_ = _Builder(builder, planes_at)
+            packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
+            x_rows = [ir_.pointer(builder.add(x_at, builder.mul(ir.Constant(x_stride.type, 4 * r), x_stride)), _F32)
+                      for r in range(rows)]
+            zero = ir.Constant(_V8F, None)
+            sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(rows)]
+            with cgutils.for_range(builder, nblocks) as block_loop:
+                block = block_loop.index
+                first = builder.mul(block, block_bytes)
+                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
+                with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
+                                             step) as (offset, _):
+                    index = builder.add(first, offset)
+                    x_index = builder.add(index, index)                # 2 weights a byte
+                    for k, codes_value in enumerate(ir_.decode32(packed, index)):
+                        weights = builder.fmul(codes_value, scale)
+                        at = builder.add(x_index, ir.Constant(x_index.type, 8 * k))
+                        for r in range(rows):
+                            total = sums[r][k % 2]                     # 2 chains a row for ILP
+                            builder.store(builder.call(ir_.fma, [weights, ir_.load_v8f(x_rows[r], at),
+                                                                 builder.load(total)]), total)
+            out = ir_.pointer(out_at, _F32)
+            for r in range(rows):
+                vector = builder.fadd(builder.load(sums[r][0]), builder.load(sums[r][1]))
+                where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
+                builder.store(ir_.horizontal_sum(vector), where)
+            return context.get_dummy_value()
 
-    return signature, codegen
+        return signature, codegen
+
+    return dot_rows
+
+
+AVX2_DOT_ROWS = 4
+"""How many x rows one call of ``avx2_dot_rows4`` multiplies with a weight row."""
+
+avx2_dot_rows1 = _make_dot_rows(1)
+avx2_dot_rows4 = _make_dot_rows(AVX2_DOT_ROWS)
 
 
 @intrinsic
