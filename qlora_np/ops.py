@@ -129,6 +129,10 @@ FUSED_MAX_ROWS = 64
 the fused kernels share each decode among 4 rows, so they beat decode-a-tile + BLAS until
 the batch is large enough for BLAS's compute efficiency to win."""
 
+FUSED_MAX_ROWS_T = 8
+"""The same limit for g @ W: its fused kernel streams a row of the result per row of g
+through the cache for every weight row, so it pays off for fewer rows."""
+
 
 def matmul(x, qt, backend="numba"):
     """``x @ W.T`` for a quantized Linear weight W (out, in): x (..., in) → (..., out) float32.
@@ -155,7 +159,7 @@ def matmul_t(grad, qt, backend="numba"):
     """
     g2d, lead = _as_rows(grad, qt, axis_size=_weight_shape(qt)[0], name="grad")
     in_features = qt.shape[1]
-    if _use_fused(g2d, qt, backend):
+    if _use_fused(g2d, qt, backend, FUSED_MAX_ROWS_T):
         result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
@@ -165,8 +169,9 @@ def matmul_t(grad, qt, backend="numba"):
     return result.reshape(lead + (in_features,))
 
 
-def _use_fused(rows, qt, backend):
-    return (backend == "numba" and rows.shape[0] <= FUSED_MAX_ROWS
+def _use_fused(rows, qt, backend, max_rows=None):
+    max_rows = FUSED_MAX_ROWS if max_rows is None else max_rows
+    return (backend == "numba" and rows.shape[0] <= max_rows
             and products.supports(qt.shape, qt.blocksize))
 
 

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, avx2_axpy_row, avx2_dot_rows1,
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, avx2_axpy_rows1, avx2_axpy_rows4, avx2_dot_rows1,
                    avx2_dot_rows4, codebook_planes, group_order)
 
 
@@ -124,20 +124,30 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
 
 @njit(parallel=True, cache=True)
 def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes, partial):
-    threads = partial.shape[0]
+    threads, rows, in_features = partial.shape
     out_features = g.shape[1]
     row_bytes = blocks_per_row * block_bytes
     for t in prange(threads):
-        coefs = np.empty(blocks_per_row, np.float32)
+        coefs = np.empty((rows, blocks_per_row), np.float32)     # g[r, o] · scale of each block
+        out_at = partial[t].ctypes.data
         for o in range(t * out_features // threads, (t + 1) * out_features // threads):
             row = np.int64(o)
             first_block = row * blocks_per_row
-            for r in range(g.shape[0]):
+            for r in range(rows):
                 for block in range(blocks_per_row):
-                    coefs[block] = g[r, row] * scales[first_block + block]
-                avx2_axpy_row(packed.ctypes.data + row * row_bytes, partial[t, r].ctypes.data,
-                              coefs.ctypes.data, shifts.ctypes.data + 4 * first_block,
-                              blocks_per_row, block_bytes, planes.ctypes.data)
+                    coefs[r, block] = g[r, row] * scales[first_block + block]
+            packed_at = packed.ctypes.data + row * row_bytes
+            shifts_at = shifts.ctypes.data + 4 * first_block
+            r = 0
+            while r + AVX2_DOT_ROWS <= rows:                 # 4 rows of g share one decode
+                avx2_axpy_rows4(packed_at, out_at + 4 * r * in_features, in_features,
+                                coefs[r:].ctypes.data, shifts_at, blocks_per_row, block_bytes,
+                                planes.ctypes.data)
+                r += AVX2_DOT_ROWS
+            for last in range(r, rows):
+                avx2_axpy_rows1(packed_at, out_at + 4 * last * in_features, in_features,
+                                coefs[last:].ctypes.data, shifts_at, blocks_per_row, block_bytes,
+                                planes.ctypes.data)
 
 
 @njit(parallel=True, cache=True)

@@ -14,7 +14,8 @@ once per call with :func:`group_order`, not once per weight row.
 Two row functions, each walking whole blocks of one weight row:
 
 * ``avx2_dot_rows1/4`` — Σ_i (codebook[code_i]·scale) · x_i for 1 or 4 rows of x   (x @ W.T)
-* ``avx2_axpy_row`` — out_i += coef_block · (codebook[code_i] − shift_block)   (for g @ W)
+* ``avx2_axpy_rows1/4`` — out_i += coef_block · (codebook[code_i] − shift_block) for 1 or 4
+  rows of g   (g @ W)
 
 They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``); the
 portable Numba functions in :mod:`qlora_np.kernels.products` compute the same sums.
@@ -180,41 +181,52 @@ def _make_dot_rows(rows):
 
 
 AVX2_DOT_ROWS = 4
-"""How many x rows one call of ``avx2_dot_rows4`` multiplies with a weight row."""
+"""How many rows of x (or g) one call of the 4-row intrinsics handles per weight row."""
 
 avx2_dot_rows1 = _make_dot_rows(1)
 avx2_dot_rows4 = _make_dot_rows(AVX2_DOT_ROWS)
 
 
-@intrinsic
-def avx2_axpy_row(typingctx, packed, out_ordered, coefs, shifts, nblocks, block_bytes, planes):
-    """out[i] += coef[block] · (codebook[code_i] − shift[block]) over one packed row.
+def _make_axpy_rows(rows):
+    """An intrinsic adding coef · (codebook[code] − shift) of one packed weight row into
+    ``rows`` output rows at once (for g @ W), sharing each decode among them."""
+    @intrinsic
+    def axpy_rows(typingctx, packed, out_ordered, out_stride, coefs, shifts, nblocks, block_bytes,
+                  planes):
+        signature = types.void(*([_ADDRESS] * 8))
 
-    ``out_ordered`` points at float32 accumulators for the row in :func:`group_order`,
-    ``coefs``/``shifts`` at the row's first block. ``block_bytes`` % 16 == 0.
-    """
-    signature = types.void(_ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS)
+        def codegen(context, builder, sig, args):
+            (packed_at, out_at, out_stride, coefs_at, shifts_at, nblocks, block_bytes,
+             planes_at) = args
+            ir_ = _Builder(builder, planes_at)
+            packed, coefs, shifts = (ir_.pointer(packed_at, _I8), ir_.pointer(coefs_at, _F32),
+                                     ir_.pointer(shifts_at, _F32))
+            outs = [ir_.pointer(builder.add(out_at, builder.mul(ir.Constant(out_stride.type, 4 * r), out_stride)), _F32)
+                    for r in range(rows)]
+            with cgutils.for_range(builder, nblocks) as block_loop:
+                block = block_loop.index
+                first = builder.mul(block, block_bytes)
+                shift = ir_.broadcast(builder.load(builder.gep(shifts, [block])))
+                row_coefs = [ir_.broadcast(builder.load(builder.gep(
+                    coefs, [builder.add(builder.mul(ir.Constant(nblocks.type, r), nblocks), block)])))
+                    for r in range(rows)]
+                step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
+                with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
+                                             step) as (offset, _):
+                    index = builder.add(first, offset)
+                    out_index = builder.add(index, index)
+                    for k, codes_value in enumerate(ir_.decode32(packed, index)):
+                        weights = builder.fsub(codes_value, shift)
+                        at = builder.add(out_index, ir.Constant(out_index.type, 8 * k))
+                        for out, coef in zip(outs, row_coefs):
+                            updated = builder.call(ir_.fma, [weights, coef, ir_.load_v8f(out, at)])
+                            ir_.store_v8f(updated, out, at)
+            return context.get_dummy_value()
 
-    def codegen(context, builder, sig, args):
-        packed_at, out_at, coefs_at, shifts_at, nblocks, block_bytes, planes_at = args
-        ir_ = _Builder(builder, planes_at)
-        packed, out = ir_.pointer(packed_at, _I8), ir_.pointer(out_at, _F32)
-        coefs, shifts = ir_.pointer(coefs_at, _F32), ir_.pointer(shifts_at, _F32)
-        with cgutils.for_range(builder, nblocks) as block_loop:
-            block = block_loop.index
-            first = builder.mul(block, block_bytes)
-            coef = ir_.broadcast(builder.load(builder.gep(coefs, [block])))
-            shift = ir_.broadcast(builder.load(builder.gep(shifts, [block])))
-            step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
-            with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
-                                         step) as (offset, _):
-                index = builder.add(first, offset)
-                out_index = builder.add(index, index)
-                for k, weights in enumerate(ir_.decode32(packed, index)):
-                    at = builder.add(out_index, ir.Constant(out_index.type, 8 * k))
-                    updated = builder.call(ir_.fma, [builder.fsub(weights, shift), coef,
-                                                     ir_.load_v8f(out, at)])
-                    ir_.store_v8f(updated, out, at)
-        return context.get_dummy_value()
+        return signature, codegen
 
-    return signature, codegen
+    return axpy_rows
+
+
+avx2_axpy_rows1 = _make_axpy_rows(1)
+avx2_axpy_rows4 = _make_axpy_rows(AVX2_DOT_ROWS)
