@@ -22,8 +22,9 @@ FLOAT_DTYPES = {
 
 def float_dtype_name(dtype):
     """The name in FLOAT_DTYPES of ``dtype``, or a DTypeError naming what is accepted."""
+    native = np.dtype(dtype).newbyteorder("=")          # big-endian floats are floats too
     for name, known in FLOAT_DTYPES.items():
-        if np.dtype(dtype) == known:
+        if native == known:
             return name
     raise DTypeError(f"expected a float array ({', '.join(FLOAT_DTYPES)}), got dtype {np.dtype(dtype)}")
 

@@ -64,7 +64,11 @@ def quantize(array, quant_type="nf4", blocksize=64, double_quant=False, strategy
                   dtype=dtype, quant_type=fmt.name, blocksize=blocksize,
                   codebook=fmt.codebook.copy(), strategy=strategy)
     if double_quant:
-        fields.update(quantized_tensor_fields_for_double_quant(*kernels.double_quantize(absmax)))
+        codes, nested_absmax, offset = kernels.double_quantize(absmax)
+        if not (np.isfinite(offset) and np.isfinite(nested_absmax).all()):
+            raise InvalidValueError("cannot double-quantize these scales: their float32 mean "
+                                    f"overflows (largest scale {absmax.max()}); use double_quant=False")
+        fields.update(quantized_tensor_fields_for_double_quant(codes, nested_absmax, offset))
     return QuantizedTensor(**fields)
 
 
@@ -108,7 +112,8 @@ def _raise_non_finite(flat, absmax, blocksize):
     bad = np.flatnonzero(~np.isfinite(flat))
     if bad.size:
         first = int(bad[0])
-        raise InvalidValueError(f"cannot quantize non-finite values: {bad.size} NaN/inf element(s), "
+        raise InvalidValueError(f"cannot quantize non-finite values: {bad.size} NaN/inf element(s) "
+                                "(or beyond the float32 range), "
                                 f"the first at flat index {first} (value {flat[first]})")
     block = int(np.flatnonzero(~np.isfinite(absmax))[0])
     raise InvalidValueError(f"block {block} (elements {block * blocksize}…) spans more than the "

@@ -11,7 +11,11 @@ import numpy as np
 
 from .codebooks import NESTED_BLOCKSIZE, dynamic_map, get_format
 from .dtypes import FLOAT_DTYPES
-from .errors import ShapeError, StateDictError
+from .errors import DTypeError, ShapeError, StateDictError
+
+MAX_ELEMENTS = 2 ** 48
+"""Largest element count (and block size) a tensor may declare: far above any real weight,
+far below int64 overflow, so a corrupt shape is refused instead of overflowing."""
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Block sizes bitsandbytes' quantize_4bit accepts."""
@@ -51,6 +55,21 @@ class QuantizedTensor:
 
     def __post_init__(self):
         self.shape = tuple(int(d) for d in self.shape)
+        if any(d < 0 for d in self.shape) or _product(self.shape) > MAX_ELEMENTS:
+            raise ShapeError(f"shape must be non-negative sizes with at most {MAX_ELEMENTS} "
+                             f"elements, got {self.shape}")
+        for name in ("blocksize", "nested_blocksize"):
+            value = getattr(self, name)
+            if value is None and name == "nested_blocksize":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or not 0 < value <= MAX_ELEMENTS:
+                raise ShapeError(f"{name} must be an int in 1…{MAX_ELEMENTS}, got {value!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {self.dtype!r}")
+        fmt = get_format(self.quant_type)
+        if fmt.asymmetric != (self.zero_point is not None):
+            raise ShapeError(f"{self.quant_type} {'needs' if fmt.asymmetric else 'has no'} a zero_point")
         n, nblocks = self.size, self.nblocks
         _expect(self.packed, "packed", np.uint8, ((n + 1) // 2,))
         _expect(self.codebook, "codebook", np.float32, (16,))
@@ -59,6 +78,8 @@ class QuantizedTensor:
             nchunks = -(-nblocks // self.nested_blocksize)
             _expect(self.nested_absmax, "nested_absmax", np.float32, (nchunks,))
             _expect(self.nested_code, "nested_code", np.float32, (256,))
+            if not _is_float32_number(self.offset):
+                raise ShapeError(f"offset must be a finite float32 number, got {self.offset!r}")
             self.offset = np.float32(self.offset)
         else:
             _expect(self.absmax, "absmax", np.float32, (nblocks,))
@@ -69,7 +90,7 @@ class QuantizedTensor:
     @property
     def size(self):
         """Number of elements n of the original tensor."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return _product(self.shape)
 
     @property
     def nblocks(self):
@@ -162,7 +183,7 @@ class QuantizedTensor:
             raise StateDictError(f"{quant_key}: blocksize must be a positive int, got {blocksize!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise StateDictError(f"{quant_key}: shape must be a list of non-negative ints, got {shape!r}")
-        if dtype not in FLOAT_DTYPES:
+        if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
             raise StateDictError(f"{quant_key}: dtype must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
         fields = dict(packed=_get(state, prefix).reshape(-1), absmax=_get(state, f"{prefix}.absmax"),
                       codebook=_get(state, f"{prefix}.quant_map"), shape=tuple(shape), dtype=dtype,
@@ -173,14 +194,15 @@ class QuantizedTensor:
                 raise StateDictError(f"{quant_key}: nested_blocksize must be a positive int, "
                                      f"got {nested_blocksize!r}")
             offset = quant_state.get("nested_offset")
-            if not isinstance(offset, (int, float)):
-                raise StateDictError(f"{quant_key}: nested_offset must be a number, got {offset!r}")
+            if not _is_float32_number(offset):
+                raise StateDictError(f"{quant_key}: nested_offset must be a finite float32 number, "
+                                     f"got {offset!r}")
             fields.update(nested_absmax=_get(state, f"{prefix}.nested_absmax"),
                           nested_code=_get(state, f"{prefix}.nested_quant_map"),
-                          offset=np.float32(offset), nested_blocksize=nested_blocksize)
+                          offset=offset, nested_blocksize=nested_blocksize)
         try:
             return cls(**fields)
-        except ShapeError as error:
+        except (ShapeError, DTypeError) as error:
             raise StateDictError(f"{prefix}: {error}") from None
 
 
@@ -188,6 +210,24 @@ def quantized_tensor_fields_for_double_quant(codes, nested_absmax, offset):
     """The keyword fields a QuantizedTensor needs when its scales are double-quantized."""
     return dict(absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map().copy(),
                 offset=np.float32(offset), nested_blocksize=NESTED_BLOCKSIZE)
+
+
+def _is_float32_number(value):
+    """Whether ``value`` is a real number (not bool) that float32 holds without overflow."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        return False
+    try:
+        return abs(float(value)) <= np.finfo(np.float32).max
+    except OverflowError:
+        return False
+
+
+def _product(shape):
+    """Exact product of sizes as a Python int (no int64 overflow on corrupt shapes)."""
+    total = 1
+    for d in shape:
+        total *= d
+    return total
 
 
 def _expect(array, name, dtype, shape):
