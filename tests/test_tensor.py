@@ -334,7 +334,7 @@ def mutated_states(draw):
             state[key] = value.reshape(draw(st.sampled_from([(1, -1), (-1, 1), (-1,)]))) if value.size else value
         elif action == "json_field" and quant_key in state:
             try:
-                quant_state = json.loads(bytes(state[quant_key]))
+                quant_state = json.loads(np.asarray(state[quant_key]).tobytes())
             except (ValueError, TypeError):
                 continue
             if isinstance(quant_state, dict):
