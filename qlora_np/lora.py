@@ -8,7 +8,8 @@ and the backward ``matmul_t`` (g @ W). Modes:
 
 * ``"qlora"`` — W is a :class:`QuantizedTensor`, adapters train (QLoRA);
 * ``"lora"``  — W is a float array, adapters train (LoRA);
-* ``"quant"`` — W is a :class:`QuantizedTensor`, no adapters (4-bit inference).
+* ``"quant"`` — W is a :class:`QuantizedTensor`, no adapters (4-bit inference);
+* ``"dense"`` — W is a float array, no adapters (a plain linear layer).
 """
 
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from .errors import InvalidValueError, ShapeError, UnknownFormatError
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import QuantizedTensor
 
-MODES = ("qlora", "lora", "quant")
+MODES = ("qlora", "lora", "quant", "dense")
+ADAPTER_MODES = ("qlora", "lora")
 INITS = ("kaiming", "gaussian")
 
 
@@ -86,7 +88,7 @@ class LoRALinear:
         self._cache = None
         self._unmerged_base = None
         self._params = {}
-        if mode != "quant":
+        if mode in ADAPTER_MODES:
             self._params["lora_a"] = Parameter("lora_a", _checked(lora_a, "lora_a", (None, self.in_features)))
             r = self._params["lora_a"].value.shape[0]
             self._params["lora_b"] = Parameter("lora_b", _checked(lora_b, "lora_b", (self.out_features, r)))
@@ -120,7 +122,7 @@ class LoRALinear:
             base = np.array(weight, dtype=np.float64 if weight.dtype == np.float64 else np.float32)
         rng = np.random.default_rng(seed)
         lora_a = lora_b = None
-        if mode != "quant":
+        if mode in ADAPTER_MODES:
             if init == "kaiming":
                 bound = 1.0 / np.sqrt(in_features)
                 lora_a = rng.uniform(-bound, bound, (r, in_features)).astype(dtype)
@@ -135,7 +137,7 @@ class LoRALinear:
     # -- attributes ---------------------------------------------------------
     @property
     def has_adapters(self):
-        return self.mode != "quant"
+        return self.mode in ADAPTER_MODES
 
     @property
     def r(self):
@@ -276,7 +278,7 @@ class LoRALinear:
         in 4 bits again (same format), else keeps W' as a float32 array.
         """
         if not self.has_adapters:
-            raise InvalidValueError("a 'quant' layer has no adapters to merge")
+            raise InvalidValueError(f"a {self.mode!r} layer has no adapters to merge")
         if self.merged:
             raise InvalidValueError("layer is already merged")
         report = None

@@ -1,0 +1,311 @@
+"""A Llama-architecture language model in NumPy: load from GGUF, forward with a KV cache, generate.
+
+Weights stay in the GGUF layout: linear weights (out, in) used as ``x @ W.T``, and the
+rows of q and k permuted within each head so that RoPE rotates adjacent pairs
+(x[2i], x[2i+1]) — llama.cpp's "NORM" rope. Every linear layer is a
+:class:`~qlora_np.lora.LoRALinear`: ``"quant"`` (4-bit) or ``"dense"`` (float) until
+adapters are injected.
+
+Per block, with n = RMSNorm(x)·g:
+    x += Wo · attention(RoPE(Wq n), RoPE(Wk n), Wv n)      (causal, grouped-query)
+    x += Wdown · (silu(Wgate m) * Wup m),  m = RMSNorm(x)·g'
+logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .lora import LoRALinear
+from .ops import quantize
+
+LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The sizes and constants of a Llama-architecture model."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    context_length: int = 2048
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_gguf(cls, reader):
+        def value(key, default=None):
+            field = reader.fields.get(key)
+            return default if field is None else field.contents()
+        arch = value("general.architecture")
+        if arch != "llama":
+            raise UnknownFormatError(f"only 'llama' architecture GGUF files are supported, got {arch!r}")
+        tokens = value("tokenizer.ggml.tokens")
+        return cls(vocab_size=int(value("llama.vocab_size", len(tokens) if tokens else 0)),
+                   hidden_size=int(value("llama.embedding_length")),
+                   num_layers=int(value("llama.block_count")),
+                   num_heads=int(value("llama.attention.head_count")),
+                   num_kv_heads=int(value("llama.attention.head_count_kv", value("llama.attention.head_count"))),
+                   intermediate_size=int(value("llama.feed_forward_length")),
+                   rope_theta=float(value("llama.rope.freq_base", 10000.0)),
+                   rms_norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                   context_length=int(value("llama.context_length", 2048)))
+
+
+class LlamaBlock:
+    """One decoder block: attention and SwiGLU MLP, each behind an RMSNorm."""
+
+    def __init__(self, attn_norm, ffn_norm, linears):
+        self.attn_norm = attn_norm                  # (hidden,)
+        self.ffn_norm = ffn_norm                    # (hidden,)
+        self.linears = linears                      # name → LoRALinear, names from LINEAR_NAMES
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 … length-1: (layers, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, config, max_len):
+        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = np.zeros(shape, np.float32)
+        self.values = np.zeros(shape, np.float32)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.keys.shape[2]
+
+
+class LlamaModel:
+    """Token ids → logits, with a KV cache for generation."""
+
+    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None):
+        self.config = config
+        self.embedding = embedding                  # (vocab, hidden) float32, for the lookup
+        self.blocks = blocks
+        self.output_norm = output_norm              # (hidden,)
+        self.output = output                        # LoRALinear (vocab, hidden): the LM head
+        self.tokenizer = tokenizer
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, path, quant_type="nf4", blocksize=64, double_quant=True):
+        """Load a Llama GGUF (any tensor type gguf-py decodes); re-quantize linear weights.
+
+        ``quant_type`` "nf4" / "fp4" / "int4" / "int4_asym" re-quantizes every linear weight
+        (and the LM head) to 4 bits; None keeps them float32.
+        """
+        import gguf
+
+        from .tokenizer import Tokenizer
+
+        reader = gguf.GGUFReader(path)
+        config = LlamaConfig.from_gguf(reader)
+        tensors = {t.name: t for t in reader.tensors}
+
+        def load(name):
+            tensor = tensors[name]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            return np.ascontiguousarray(values, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+
+        tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+        return cls.from_weights(config, _LazyWeights(tensors, load, path), quant_type, blocksize,
+                                double_quant, tokenizer)
+
+    @classmethod
+    def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,
+                     tokenizer=None):
+        """Build from float weights under GGUF names (``blk.N.attn_q.weight`` …, (out, in) arrays)."""
+        def linear(weight):
+            if quant_type is None:
+                return LoRALinear(np.asarray(weight, np.float32), mode="dense")
+            return LoRALinear(quantize(weight, quant_type, blocksize, double_quant), mode="quant")
+
+        blocks = []
+        for layer in range(config.num_layers):
+            prefix = f"blk.{layer}."
+            linears = {name: linear(weights[prefix + name + ".weight"]) for name in LINEAR_NAMES}
+            blocks.append(LlamaBlock(weights[prefix + "attn_norm.weight"], weights[prefix + "ffn_norm.weight"],
+                                     linears))
+        embedding = np.asarray(weights["token_embd.weight"], np.float32)
+        output_weight = weights["output.weight"] if "output.weight" in weights else embedding   # tied
+        return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
+                   linear(output_weight), tokenizer)
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, ids, cache=None, last_only=False):
+        """Logits (T, vocab) for token ids (T,), continuing ``cache`` if given (and extending it)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+            raise ShapeError(f"ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise InvalidValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}…{ids.max()}")
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + ids.size > cache.max_len:
+            raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
+        positions = np.arange(start, start + ids.size)
+        x = self.embedding[ids]                                          # (T, hidden)
+        for layer, block in enumerate(self.blocks):
+            x = x + self._attention(block, rms_norm(x, block.attn_norm, self.config.rms_norm_eps),
+                                    positions, cache, layer)
+            x = x + self._mlp(block, rms_norm(x, block.ffn_norm, self.config.rms_norm_eps))
+        if cache is not None:
+            cache.length = start + ids.size
+        if last_only:
+            x = x[-1:]
+        return self.output.forward(rms_norm(x, self.output_norm, self.config.rms_norm_eps), cache=False)
+
+    def _attention(self, block, n, positions, cache, layer):
+        cfg = self.config
+        T, hd = n.shape[0], cfg.head_dim
+        q = block.linears["attn_q"].forward(n, cache=False).reshape(T, cfg.num_heads, hd)
+        k = block.linears["attn_k"].forward(n, cache=False).reshape(T, cfg.num_kv_heads, hd)
+        v = block.linears["attn_v"].forward(n, cache=False).reshape(T, cfg.num_kv_heads, hd)
+        cos, sin = rope_tables(positions, hd, cfg.rope_theta)           # (T, hd/2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:                                           # keys/values of all positions so far
+            start = positions[0]
+            cache.keys[layer, :, start:start + T] = k.transpose(1, 0, 2)
+            cache.values[layer, :, start:start + T] = v.transpose(1, 0, 2)
+            keys = cache.keys[layer, :, :start + T]                      # (kv, S, hd)
+            values = cache.values[layer, :, :start + T]
+        else:
+            keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        out = causal_attention(q.transpose(1, 0, 2), keys, values, positions)   # (H, T, hd)
+        return block.linears["attn_output"].forward(out.transpose(1, 0, 2).reshape(T, -1), cache=False)
+
+    def _mlp(self, block, m):
+        gate = block.linears["ffn_gate"].forward(m, cache=False)
+        up = block.linears["ffn_up"].forward(m, cache=False)
+        return block.linears["ffn_down"].forward(silu(gate) * up, cache=False)
+
+    # -- generation -------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 stop=None, chat=False):
+        """Yield the text of each new token (streaming). Greedy when temperature == 0.
+
+        ``prompt`` is text (tokenized with the model's tokenizer; ``chat=True`` wraps it
+        as a user turn with the chat template) or a list of token ids. Generation ends at
+        an end-of-generation token, after ``max_new_tokens``, or when a ``stop`` string appears.
+        """
+        tokenizer = self.tokenizer
+        if isinstance(prompt, str):
+            if chat:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        rng = np.random.default_rng(seed)
+        cache = KVCache(self.config, min(self.config.context_length, len(ids) + max_new_tokens))
+        logits = self.forward(np.array(ids), cache, last_only=True)[0]
+        produced, text = [], ""
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, rng)
+            if tokenizer is not None and token in tokenizer.end_ids:
+                return
+            produced.append(token)
+            if tokenizer is None:
+                yield token
+            else:
+                full = tokenizer.decode(produced)
+                if full.endswith("\ufffd"):                               # an unfinished UTF-8 sequence
+                    continue
+                piece, text = full[len(text):], full
+                if stop and any(s in text for s in ([stop] if isinstance(stop, str) else stop)):
+                    return
+                yield piece
+            if cache.length >= cache.max_len:
+                return
+            logits = self.forward(np.array([token]), cache, last_only=True)[0]
+
+
+class _LazyWeights:
+    """name → float32 array, decoded from a GGUF file when first asked for."""
+
+    def __init__(self, tensors, load, path):
+        self._tensors, self._load, self._path = tensors, load, path
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    def __getitem__(self, name):
+        if name not in self._tensors:
+            raise ShapeError(f"{self._path}: tensor {name!r} is missing")
+        return self._load(name)
+
+
+# ---------------------------------------------------------------------------
+# The pieces of a block, as plain functions
+# ---------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x²) + eps) · weight over the last axis."""
+    mean_square = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(mean_square + np.float32(eps)) * weight).astype(np.float32)
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim)."""
+    frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
+    angles = positions[:, None].astype(np.float64) * frequencies[None, :]            # (T, hd/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head: x (T, heads, hd)."""
+    even, odd = x[..., 0::2], x[..., 1::2]                                          # (T, heads, hd/2)
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
+
+
+def causal_attention(q, keys, values, positions):
+    """softmax(q k^T / √d + causal mask) v with grouped-query heads.
+
+    q (H, T, hd) at ``positions``; keys/values (KV, S, hd) for positions 0 … S-1.
+    Query head h reads kv head h // (H / KV).
+    """
+    heads, T, hd = q.shape
+    kv_heads, S, _ = keys.shape
+    group = heads // kv_heads
+    qg = q.reshape(kv_heads, group * T, hd)                                          # (KV, g·T, hd)
+    scores = (qg @ keys.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))               # (KV, g·T, S)
+    scores = scores.reshape(kv_heads, group, T, S)
+    allowed = np.arange(S)[None, :] <= positions[:, None]                           # (T, S)
+    scores = np.where(allowed, scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights.reshape(kv_heads, group * T, S) @ values                          # (KV, g·T, hd)
+    return out.reshape(heads, T, hd).astype(np.float32)
+
+
+def silu(x):
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
+    """Next token id from logits (vocab,): argmax at temperature 0, else softmax sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    if top_k > 0:
+        order = order[:top_k]
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep = np.searchsorted(np.cumsum(probs), top_p) + 1
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    rng = np.random.default_rng() if rng is None else rng
+    return int(order[rng.choice(len(order), p=probs)])

@@ -1,0 +1,95 @@
+"""Tokenizer built from a GGUF file's own vocabulary: byte-level BPE, as llama.cpp runs it.
+
+The GGUF stores the token strings, the merge list, the token types and the special
+token ids. For the ``gpt2`` tokenizer model with the ``smollm`` (and default GPT-2)
+pre-tokenizer, llama.cpp splits digits one by one, then applies the GPT-2 regex and
+byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
+"""
+
+from dataclasses import dataclass
+
+from .errors import UnknownFormatError
+
+CONTROL_TOKEN_TYPE = 3
+SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
+
+
+@dataclass
+class ChatTemplate:
+    """ChatML, as SmolLM2-Instruct's template renders it (a default system turn first)."""
+
+    default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    def render(self, messages, add_generation_prompt=True):
+        """Text for a list of {"role", "content"} dicts."""
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+class Tokenizer:
+    """Text ↔ token ids with the GGUF vocabulary; special tokens are parsed in text."""
+
+    def __init__(self, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False,
+                 pre="smollm"):
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        if pre not in SUPPORTED_PRE_TOKENIZERS:
+            raise UnknownFormatError(f"tokenizer pre-tokenizer must be one of {SUPPORTED_PRE_TOKENIZERS}, "
+                                     f"got {pre!r}")
+        vocab = {token: index for index, token in enumerate(tokens)}
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges])
+        self._hf = HFTokenizer(bpe)
+        pieces = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if pre == "smollm":
+            pieces.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        self._hf.pre_tokenizer = pre_tokenizers.Sequence(pieces)
+        self._hf.decoder = decoders.ByteLevel()
+        self.special_tokens = [t for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
+        self._hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                     for t in self.special_tokens])
+        self.vocab_size = len(tokens)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.end_ids = frozenset(end_ids)
+        self.add_bos = add_bos
+        self.chat_template = ChatTemplate()
+
+    @classmethod
+    def from_gguf(cls, reader):
+        """Build from a ``gguf.GGUFReader`` (tokenizer.ggml.* keys)."""
+        def value(key, default=None):
+            field = reader.fields.get(key)
+            return default if field is None else field.contents()
+
+        model = value("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise UnknownFormatError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model!r}")
+        eos = value("tokenizer.ggml.eos_token_id")
+        end_ids = {eos, value("tokenizer.ggml.eot_token_id", eos), value("tokenizer.ggml.eom_token_id", eos)}
+        tokens = value("tokenizer.ggml.tokens")
+        # llama.cpp also ends generation at control tokens named like end markers, including
+        # the FIM repo-name marker (SmolLM2: ids 0, 2, 4)
+        end_ids |= {i for i, t in enumerate(tokens[:64]) if t in ("<|endoftext|>", "<|im_end|>", "<|end|>",
+                                                                   "<|eot_id|>", "<end_of_turn>", "<reponame>", "<|fim_repo|>")}
+        return cls(tokens, value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type"),
+                   value("tokenizer.ggml.bos_token_id"), eos, end_ids,
+                   add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
+                   pre=value("tokenizer.ggml.pre", "default"))
+
+    def encode(self, text, add_bos=None):
+        """Token ids of ``text``; special tokens written in the text become their ids."""
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_text(self, token_id):
+        """The text one token adds when appended (for streaming)."""
+        return self._hf.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self.chat_template.render(messages, add_generation_prompt)

@@ -1,0 +1,137 @@
+"""The Llama model: llama.cpp's token ids and logits, KV-cache generation, sampling."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from qlora_np.errors import InvalidValueError, ShapeError
+from qlora_np.llama import KVCache, LlamaConfig, LlamaModel, causal_attention, sample
+
+LLAMACPP_DIR = pathlib.Path(__file__).parent / "data" / "llamacpp"
+TINY = LlamaConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=48, rope_theta=10000.0, rms_norm_eps=1e-5, context_length=64)
+
+
+def tiny_weights(config=TINY, seed=0, tied=True):
+    rng = np.random.default_rng(seed)
+    h, f, kv = config.hidden_size, config.intermediate_size, config.num_kv_heads * config.head_dim
+    shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
+              "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f)}
+    weights = {"token_embd.weight": rng.standard_normal((config.vocab_size, h)).astype(np.float32),
+               "output_norm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)}
+    if not tied:
+        weights["output.weight"] = rng.standard_normal((config.vocab_size, h)).astype(np.float32) * 0.2
+    for layer in range(config.num_layers):
+        for name, shape in shapes.items():
+            weights[f"blk.{layer}.{name}.weight"] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        for name in ("attn_norm", "ffn_norm"):
+            weights[f"blk.{layer}.{name}.weight"] = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+    return weights
+
+
+@pytest.mark.parametrize("quant_type", [None, "nf4"])
+def test_kv_cache_steps_equal_one_full_forward(quant_type):
+    model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type=quant_type)
+    ids = np.array([3, 17, 5, 29, 11, 2, 38])
+    full = model.forward(ids)
+    cache = KVCache(TINY, 16)
+    pieces = [model.forward(ids[:3], cache), model.forward(ids[3:4], cache), model.forward(ids[4:], cache)]
+    np.testing.assert_allclose(np.concatenate(pieces), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == 7
+
+
+def test_causal_attention_matches_a_per_head_loop():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((4, 3, 8)).astype(np.float32)           # 4 heads, 3 new positions
+    keys = rng.standard_normal((2, 5, 8)).astype(np.float32)        # 2 kv heads, 5 positions
+    values = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    positions = np.array([2, 3, 4])
+    out = causal_attention(q, keys, values, positions)
+    for h in range(4):
+        for t, pos in enumerate(positions):
+            k, v = keys[h // 2, :pos + 1], values[h // 2, :pos + 1]
+            scores = k @ q[h, t] / np.sqrt(8)
+            w = np.exp(scores - scores.max())
+            np.testing.assert_allclose(out[h, t], (w / w.sum()) @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_untied_output_and_bad_ids():
+    model = LlamaModel.from_weights(TINY, tiny_weights(tied=False), quant_type=None)
+    assert model.forward(np.array([1, 2])).shape == (2, TINY.vocab_size)
+    with pytest.raises(InvalidValueError, match=r"token ids must be in \[0, 40\)"):
+        model.forward(np.array([40]))
+    with pytest.raises(ShapeError):
+        model.forward(np.array([], np.int64))
+    with pytest.raises(InvalidValueError, match="KV cache holds 2 positions"):
+        model.forward(np.array([1, 2, 3]), KVCache(TINY, 2))
+
+
+def test_sampling():
+    logits = np.array([0.0, 5.0, 4.9, -3.0])
+    assert sample(logits) == 1
+    rng = np.random.default_rng(0)
+    draws = [sample(logits, temperature=1.0, top_k=2, rng=rng) for _ in range(300)]
+    assert set(draws) == {1, 2}
+    draws = [sample(logits, temperature=1.0, top_p=0.4, rng=rng) for _ in range(50)]
+    assert set(draws) == {1}
+    a = [sample(logits, 0.8, rng=np.random.default_rng(5)) for _ in range(3)]
+    assert a == [sample(logits, 0.8, rng=np.random.default_rng(5)) for _ in range(3)]
+
+
+def test_generation_is_deterministic_and_stops():
+    model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4")
+    first = list(model.generate([1, 2, 3], max_new_tokens=6))
+    assert first == list(model.generate([1, 2, 3], max_new_tokens=6)) and len(first) == 6
+    sampled = list(model.generate([1, 2, 3], max_new_tokens=6, temperature=1.0, seed=3))
+    assert sampled == list(model.generate([1, 2, 3], max_new_tokens=6, temperature=1.0, seed=3))
+
+
+# ---------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct (slow: loads and decodes 135 M parameters)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    from qlora_np.demo import ModelNotFoundError, shipped_smollm2_path
+    try:
+        return shipped_smollm2_path()
+    except ModelNotFoundError as error:
+        pytest.fail(f"the real model is part of the test set-up: {error}")
+
+
+@pytest.mark.slow
+def test_tokenizer_ids_equal_llama_cpp(smollm2_path):
+    import gguf
+
+    from qlora_np.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_path))
+    recorded = json.loads((LLAMACPP_DIR / "tokens.json").read_text())["tokens"]
+    assert len(recorded) >= 10
+    for text, ids in recorded.items():
+        assert tokenizer.encode(text) == ids, text
+        assert tokenizer.decode(ids) == text
+    assert sorted(tokenizer.end_ids) == [0, 2, 4]                     # llama.cpp's end-of-generation set
+
+
+@pytest.mark.slow
+def test_float_forward_matches_llama_cpp_logits(smollm2_path):
+    model = LlamaModel.from_gguf(smollm2_path, quant_type=None)
+    with np.load(LLAMACPP_DIR / "logits.npz") as recorded:
+        for index in range(2):
+            ids = recorded[f"ids_{index}"]
+            logits = model.forward(ids)
+            # llama.cpp ran the all-F32 copy with an F32 KV cache: only summation order differs
+            assert np.abs(logits[-1] - recorded[f"last_logits_{index}"]).max() < 2e-3
+            np.testing.assert_array_equal(logits.argmax(axis=1), recorded[f"argmax_{index}"])
+            np.testing.assert_allclose(logits.max(axis=1), recorded[f"max_{index}"], atol=2e-3)
+
+
+@pytest.mark.slow
+def test_nf4_model_knows_the_capital_of_france(smollm2_path):
+    model = LlamaModel.from_gguf(smollm2_path, quant_type="nf4")
+    text = "".join(model.generate("The capital of France is", max_new_tokens=8))
+    assert "Paris" in text
+    answer = "".join(model.generate("What is the capital of France?", max_new_tokens=16, chat=True))
+    assert "Paris" in answer
