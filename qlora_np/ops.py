@@ -84,11 +84,21 @@ def dequantize(qt, dtype=None, backend="numba"):
 
 
 def scales(qt, backend="numba"):
-    """The float32 scale of every block of ``qt`` (decoding the nested codes if double-quantized)."""
+    """The float32 scale of every block of ``qt`` (decoding the nested codes if double-quantized).
+
+    Decoded nested scales are kept on the tensor after the first call (4 bytes per block,
+    outside ``nbytes``): products call this for every token, and decoding them each
+    time cost more than the product for small layers.
+    """
     if not qt.double_quant:
         return qt.absmax
-    return get_backend(backend).dequantize_absmax(qt.absmax, qt.nested_absmax, qt.offset,
-                                                  qt.nested_code, qt.nested_blocksize)
+    cached = qt.__dict__.get("_decoded_scales")
+    if cached is None:
+        cached = get_backend(backend).dequantize_absmax(qt.absmax, qt.nested_absmax, qt.offset,
+                                                        qt.nested_code, qt.nested_blocksize)
+        cached.setflags(write=False)
+        qt.__dict__["_decoded_scales"] = cached
+    return cached
 
 
 def _resolve_blocksize(shape, blocksize, strategy):

@@ -21,6 +21,8 @@ They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``);
 portable Numba functions in :mod:`qlora_np.kernels.products` compute the same sums.
 """
 
+from functools import lru_cache
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -40,15 +42,25 @@ GROUP_ORDER = np.array([2 * t + odd for k in range(4) for odd in (1, 0) for t in
 the odd then the even elements of 8 consecutive pairs (lane halves = low / high nibbles)."""
 
 
+@lru_cache(maxsize=64)
 def group_order(n):
-    """Index array (n,) that puts n (a multiple of 32) elements into decoded-lane order."""
-    return (np.arange(0, n, 32)[:, None] + GROUP_ORDER[None, :]).reshape(-1)
+    """Index array (n,) that puts n (a multiple of 32) elements into decoded-lane order (cached)."""
+    order = (np.arange(0, n, 32)[:, None] + GROUP_ORDER[None, :]).reshape(-1)
+    order.setflags(write=False)
+    return order
 
 
 def codebook_planes(codebook):
     """(4, 32) uint8: byte k of each of the 16 float32 entries, twice (once per 128-bit lane)."""
-    planes = np.ascontiguousarray(codebook, np.float32).view(np.uint8).reshape(16, 4).T   # (4, 16)
-    return np.ascontiguousarray(np.concatenate([planes, planes], axis=1))                 # (4, 32)
+    return _planes_of(np.ascontiguousarray(codebook, np.float32).tobytes())
+
+
+@lru_cache(maxsize=64)
+def _planes_of(codebook_bytes):
+    planes = np.frombuffer(codebook_bytes, np.uint8).reshape(16, 4).T                    # (4, 16)
+    planes = np.ascontiguousarray(np.concatenate([planes, planes], axis=1))              # (4, 32)
+    planes.setflags(write=False)
+    return planes
 
 
 _F32 = ir.FloatType()

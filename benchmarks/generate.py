@@ -1,0 +1,104 @@
+"""Greedy generation speed: qlora_np (NF4) against llama.cpp on the same GGUF, same threads.
+
+    python benchmarks/generate.py [--model PATH] [--tokens 64] [--threads 2]
+
+Prints prefill and decode tokens/s and peak RSS for qlora_np with NF4 weights, then
+(when llama-cpp-python is installed here or in ``--llama-python``) llama.cpp's on the same file with the same thread
+count, run in a subprocess, and the ratio.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qlora_np.demo import shipped_smollm2_path  # noqa: E402
+from qlora_np.llama import KVCache, LlamaModel  # noqa: E402
+
+PROMPT = ("<|im_start|>user\nWrite a short story about a robot who learns to paint, in three "
+          "sentences.<|im_end|>\n<|im_start|>assistant\n")
+
+LLAMA_CPP_SCRIPT = """
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+ids = model.tokenize(prompt.encode(), add_bos=True, special=True)
+model.eval(ids[:4]); model.reset()
+start = time.perf_counter(); model.eval(ids); prefill = time.perf_counter() - start
+start = time.perf_counter()
+for _ in range(tokens):
+    token = model.sample(temp=0.0)
+    model.eval([token])
+decode = time.perf_counter() - start
+print(json.dumps({"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": decode}))
+"""
+
+
+def run_qlora_np(path, tokens, threads):
+    numba.set_num_threads(threads)
+    model = LlamaModel.from_gguf(path, quant_type="nf4")
+    ids = np.array(model.tokenizer.encode(PROMPT))
+    model.forward(ids[:4], KVCache(model.config, 8))                # compile / warm up
+    cache = KVCache(model.config, len(ids) + tokens + 1)
+    start = time.perf_counter()
+    logits = model.forward(ids, cache, last_only=True)[0]
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(logits))
+        logits = model.forward(np.array([token]), cache, last_only=True)[0]
+    decode = time.perf_counter() - start
+    return {"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": decode}
+
+
+def run_llama_cpp(path, tokens, threads, python):
+    found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    if found.returncode != 0:
+        return None
+    result = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, PROMPT, str(tokens), str(threads)],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        print("llama.cpp failed:", result.stderr[-500:])
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(name, result, tokens):
+    prefill = result["prompt_tokens"] / result["prefill_s"]
+    decode = tokens / result["decode_s"]
+    print(f"{name:28} prefill {prefill:8.1f} tok/s   decode {decode:7.1f} tok/s")
+    return decode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="a Python with llama-cpp-python installed (default: this one)")
+    args = parser.parse_args()
+    path = args.model or shipped_smollm2_path()
+    print(f"{os.path.basename(path)}, {args.tokens} greedy tokens, {args.threads} threads")
+    ours = report("qlora_np (NF4 + dq)", run_qlora_np(path, args.tokens, args.threads), args.tokens)
+    print(f"{'':28} peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    theirs = run_llama_cpp(path, args.tokens, args.threads, args.llama_python)
+    if theirs is None:
+        print("llama.cpp: llama-cpp-python not installed, skipped")
+        return
+    llama = report("llama.cpp (same GGUF)", theirs, args.tokens)
+    print(f"decode speed ratio qlora_np / llama.cpp: {ours / llama:.2f} (target ≥ 1.0)")
+
+
+if __name__ == "__main__":
+    main()
