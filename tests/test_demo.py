@@ -20,6 +20,7 @@ def test_demo_quantizes_smollm2_to_about_4_bits_with_small_error():
         assert relative_error < 0.12, kind          # NF4 on normal-ish weights: ~0.09–0.11
     assert summary["product_error"] < 1e-4
     assert any(line.startswith("total") for line in lines)
+    assert "Paris" in summary["answer"]
 
 
 def test_demo_reports_a_missing_model_clearly(monkeypatch):
