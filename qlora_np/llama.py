@@ -87,8 +87,9 @@ class KVCache:
 class LlamaModel:
     """Token ids → logits, with a KV cache for generation."""
 
-    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None):
+    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None, tied_output=True):
         self.config = config
+        self.tied_output = tied_output              # the LM head reuses the token embedding
         self.embedding = embedding                  # (vocab, hidden) float32, for the lookup
         self.blocks = blocks
         self.output_norm = output_norm              # (hidden,)
@@ -138,7 +139,7 @@ class LlamaModel:
         embedding = np.asarray(weights["token_embd.weight"], np.float32)
         output_weight = weights["output.weight"] if "output.weight" in weights else embedding   # tied
         return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
-                   linear(output_weight), tokenizer)
+                   linear(output_weight), tokenizer, tied_output="output.weight" not in weights)
 
     # -- forward --------------------------------------------------------------
     def forward(self, ids, cache=None, last_only=False):

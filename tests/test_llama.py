@@ -135,3 +135,115 @@ def test_nf4_model_knows_the_capital_of_france(smollm2_path):
     assert "Paris" in text
     answer = "".join(model.generate("What is the capital of France?", max_new_tokens=16, chat=True))
     assert "Paris" in answer
+
+
+# ---------------------------------------------------------------------------
+# LoRA through the whole model
+# ---------------------------------------------------------------------------
+
+def _numeric_gradient(loss, array, eps=1e-6):
+    grad = np.zeros_like(array)
+    flat, out = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        plus = loss()
+        flat[i] = saved - eps
+        minus = loss()
+        flat[i] = saved
+        out[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def _lora_model(weights, quant_type):
+    from qlora_np.llama_lora import inject_lora
+
+    model = LlamaModel.from_weights(TINY, weights, quant_type=quant_type)
+    params = inject_lora(model, "all-linear", r=2, alpha=4, seed=1, dtype=np.float64)
+    rng = np.random.default_rng(2)
+    for param in params.values():                                  # non-zero B: every path live
+        param.value[...] = rng.standard_normal(param.value.shape) * 0.3
+    return model, params
+
+
+def _batch():
+    from qlora_np.llama_lora import IGNORE_INDEX
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, TINY.vocab_size, (2, 5))
+    labels = rng.integers(0, TINY.vocab_size, (2, 5))
+    labels[0, 1] = labels[1, 4] = IGNORE_INDEX
+    return ids, labels
+
+
+def _gradients(model, params, ids, labels):
+    from qlora_np.llama_lora import loss_and_backward
+
+    loss = loss_and_backward(model, ids, labels, dtype=np.float64)
+    grads = {name: p.grad.copy() for name, p in params.items()}
+    for param in params.values():
+        param.grad = None
+    return loss, grads
+
+
+def test_whole_model_lora_gradients_match_finite_differences():
+    from qlora_np.llama_lora import loss_and_backward, trainable_parameters
+
+    model, params = _lora_model(tiny_weights(tied=False), quant_type=None)
+    ids, labels = _batch()
+
+    def loss():
+        return loss_and_backward_no_grad(model, ids, labels)
+
+    def loss_and_backward_no_grad(model, ids, labels):
+        value = loss_and_backward(model, ids, labels, dtype=np.float64)
+        for param in trainable_parameters(model).values():
+            param.grad = None
+        return value
+
+    _, grads = _gradients(model, params, ids, labels)
+    checked = ["blk.0.attn_q.lora_a", "blk.0.attn_k.lora_b", "blk.1.attn_v.lora_a",
+               "blk.0.attn_output.lora_b", "blk.1.ffn_gate.lora_a", "blk.0.ffn_up.lora_b",
+               "blk.1.ffn_down.lora_a"]
+    for name in checked:
+        numeric = _numeric_gradient(loss, params[name].value)
+        np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_nf4_model_gradients_equal_those_of_its_decoded_float_twin():
+    # the 4-bit products run in float32, too coarse for float64 finite differences; the
+    # float twin (same decoded weights, checked by finite differences above) must agree
+    import qlora_np
+
+    weights = tiny_weights(tied=False)
+    quantized, params = _lora_model(weights, "nf4")
+    decoded = dict(weights)
+    for index, block in enumerate(quantized.blocks):
+        for name, layer in block.linears.items():
+            decoded[f"blk.{index}.{name}.weight"] = qlora_np.dequantize(layer.base)
+    decoded["output.weight"] = qlora_np.dequantize(quantized.output.base)
+    twin, twin_params = _lora_model(decoded, None)
+    ids, labels = _batch()
+    loss, grads = _gradients(quantized, params, ids, labels)
+    twin_loss, twin_grads = _gradients(twin, twin_params, ids, labels)
+    assert loss == pytest.approx(twin_loss, rel=1e-5)
+    for name in grads:
+        np.testing.assert_allclose(grads[name], twin_grads[name], rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_inject_lora_names_and_counts():
+    from qlora_np.errors import UnknownFormatError
+    from qlora_np.llama_lora import inject_lora, print_trainable_parameters
+
+    model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4")
+    before = model.forward(np.array([1, 2, 3]))
+    params = inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert sorted(params) == sorted(f"blk.{i}.{n}.{ab}" for i in range(2) for n in ("attn_q", "attn_v")
+                                    for ab in ("lora_a", "lora_b"))
+    np.testing.assert_array_equal(model.forward(np.array([1, 2, 3])), before)   # B = 0
+    lines = []
+    trainable, total = print_trainable_parameters(model, out=lines.append)
+    assert trainable == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert lines[0].startswith(f"trainable params: {trainable:,} || all params: {total:,}")
+    with pytest.raises(UnknownFormatError, match="unknown target module 'qkv'"):
+        inject_lora(model, ["qkv"])

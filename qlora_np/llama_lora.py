@@ -1,0 +1,238 @@
+"""LoRA training through a whole Llama model: inject adapters, forward with saved activations, backward.
+
+Only the adapters (and nothing else) get gradients; the frozen 4-bit weights pass the
+gradient on with the transposed product. Every step of the backward pass is written
+out below, in the reverse order of the forward:
+
+    x ← E[ids]
+    per block:  n = RMSNorm(x)·g1;  q, k, v = Wq n, Wk n, Wv n;  q, k = RoPE(q), RoPE(k)
+                o = softmax(q kᵀ/√d + causal) v;  x ← x + Wo o
+                m = RMSNorm(x)·g2;  x ← x + Wdown(silu(Wgate m) ⊙ Wup m)
+    logits = Wout (RMSNorm(x)·g_out);   loss = mean cross-entropy over labels ≠ ignore_index
+"""
+
+import numpy as np
+
+from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .llama import LINEAR_NAMES, apply_rope, rope_tables
+from .lora import LoRALinear
+from .tensor import QuantizedTensor
+
+IGNORE_INDEX = -100
+
+HF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+"""PEFT / Hugging Face module names → the GGUF names used here."""
+
+
+def inject_lora(model, target_modules=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
+                use_rslora=False, init="kaiming", seed=0, dtype=np.float32):
+    """Give the named linear layers of every block trainable adapters (B = 0: outputs unchanged).
+
+    ``target_modules`` takes Hugging Face names (``q_proj`` … ``down_proj``), GGUF names
+    (``attn_q`` … ``ffn_down``) or "all-linear". Returns the model's trainable parameters.
+    """
+    names = _resolve_targets(target_modules)
+    rng = np.random.default_rng(seed)
+    for block in model.blocks:
+        for name in names:
+            layer = block.linears[name]
+            if layer.has_adapters:
+                raise InvalidValueError(f"{name} already has adapters")
+            base = layer.base
+            mode = "qlora" if isinstance(base, QuantizedTensor) else "lora"
+            if init == "kaiming":
+                bound = 1.0 / np.sqrt(layer.in_features)
+                lora_a = rng.uniform(-bound, bound, (r, layer.in_features)).astype(dtype)
+            else:
+                lora_a = rng.normal(0.0, 1.0 / r, (r, layer.in_features)).astype(dtype)
+            lora_b = np.zeros((layer.out_features, r), dtype)
+            block.linears[name] = LoRALinear(base, layer.bias, lora_a, lora_b, alpha, dropout, mode,
+                                             use_rslora, seed=int(rng.integers(2**31)))
+    return trainable_parameters(model)
+
+
+def _resolve_targets(target_modules):
+    if target_modules == "all-linear":
+        return list(LINEAR_NAMES)
+    names = []
+    for target in target_modules:
+        name = HF_NAMES.get(target, target)
+        if name not in LINEAR_NAMES:
+            raise UnknownFormatError(f"unknown target module {target!r}; use {sorted(HF_NAMES)} "
+                                     f"or {list(LINEAR_NAMES)}")
+        names.append(name)
+    return names
+
+
+def trainable_parameters(model):
+    """``blk.N.<name>.lora_a`` / ``.lora_b`` → Parameter, for the optimizer."""
+    params = {}
+    for index, block in enumerate(model.blocks):
+        for name, layer in block.linears.items():
+            for key, param in layer.parameters().items():
+                params[f"blk.{index}.{name}.{key}"] = param
+    return params
+
+
+def print_trainable_parameters(model, out=print):
+    """One line as PEFT prints it: trainable, all, and the trainable share; returns both counts."""
+    trainable = sum(p.value.size for p in trainable_parameters(model).values())
+    total = model.embedding.size + model.output_norm.size
+    for block in model.blocks:
+        total += block.attn_norm.size + block.ffn_norm.size
+        total += sum(layer.total_parameters() for layer in block.linears.values())
+    if not model.tied_output:
+        total += model.output.total_parameters()
+    out(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------
+# Training forward and backward
+# ---------------------------------------------------------------------------
+
+def loss_and_backward(model, ids, labels, dtype=np.float32):
+    """Mean cross-entropy of ``model`` on ids (B, T) predicting labels (B, T), and its gradients.
+
+    labels[b, t] is the token expected after ids[b, :t+1] (IGNORE_INDEX to skip). The
+    adapters' ``grad`` fields accumulate the gradient. Returns the loss (float).
+    """
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if ids.ndim != 2 or ids.shape != labels.shape:
+        raise ShapeError(f"ids and labels must both be (batch, seq), got {ids.shape} and {labels.shape}")
+    count = int(np.count_nonzero(labels != IGNORE_INDEX))
+    if count == 0:
+        raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
+    saved, logits = _forward(model, ids, dtype)
+    loss, grad_logits = _cross_entropy(logits, labels, count)
+    _backward(model, saved, grad_logits)
+    return loss
+
+
+def _forward(model, ids, dtype):
+    cfg = model.config
+    B, T = ids.shape
+    positions = np.arange(T)
+    cos, sin = (t.astype(dtype) for t in rope_tables(positions, cfg.head_dim, cfg.rope_theta))
+    x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
+    saved = []
+    for block in model.blocks:
+        lin = block.linears
+        step = {"x": x}
+        n, step["rms1"] = _rms_norm(x, block.attn_norm, cfg.rms_norm_eps)
+        q = _train(lin["attn_q"], n).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = _train(lin["attn_k"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q.reshape(B * T, *q.shape[2:]), np.tile(cos, (B, 1)), np.tile(sin, (B, 1))), \
+            apply_rope(k.reshape(B * T, *k.shape[2:]), np.tile(cos, (B, 1)), np.tile(sin, (B, 1)))
+        q = q.reshape(B, T, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)      # (B, H, T, hd)
+        k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
+        v = v.transpose(0, 2, 1, 3)                                                 # (B, KV, T, hd)
+        attention, probs = _attention(q, k, v)                                      # (B, H, T, hd)
+        step.update(q=q, k=k, v=v, probs=probs)
+        x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        step["x_mid"] = x
+        m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
+        gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
+        step.update(gate=gate, up=up)
+        x = x + _train(lin["ffn_down"], _silu(gate) * up)
+        saved.append(step)
+    final, rms = _rms_norm(x, model.output_norm, cfg.rms_norm_eps)
+    saved.append({"x": x, "rms": rms})
+    return saved, model.output.forward(final, cache=True)                  # (B, T, vocab)
+
+
+def _backward(model, saved, grad_logits):
+    cfg = model.config
+    last = saved[-1]
+    grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, model.output.backward(grad_logits))
+    for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
+        lin = block.linears
+        B, T, _ = grad.shape
+        # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
+        grad_hidden = lin["ffn_down"].backward(grad)
+        gate, up = step["gate"], step["up"]
+        sigmoid = 1 / (1 + np.exp(-gate))
+        grad_gate = grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid))       # d silu
+        grad_up = grad_hidden * gate * sigmoid
+        grad_m = lin["ffn_gate"].backward(grad_gate) + lin["ffn_up"].backward(grad_up)
+        grad = grad + _rms_norm_backward(step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
+        # attention: x_mid = x + Wo o
+        grad_o = lin["attn_output"].backward(grad).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
+                                                     grad_o.transpose(0, 2, 1, 3))
+        cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta)
+        cos, sin = np.tile(cos, (B, 1)).astype(grad.dtype), np.tile(-sin, (B, 1)).astype(grad.dtype)
+        grad_q = apply_rope(grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1), cos, sin)
+        grad_k = apply_rope(grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1), cos, sin)
+        grad_n = (lin["attn_q"].backward(grad_q.reshape(B, T, -1))
+                  + lin["attn_k"].backward(grad_k.reshape(B, T, -1))
+                  + lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1)))
+        grad = grad + _rms_norm_backward(step["x"], step["rms1"], block.attn_norm, grad_n)
+
+
+def _train(layer, x):
+    """Forward through a linear layer, saving what its backward needs."""
+    return layer.forward(x, cache=True).astype(x.dtype, copy=False)
+
+
+def _rms_norm(x, weight, eps):
+    """(RMSNorm(x)·weight, 1/rms) keeping x's dtype."""
+    inverse_rms = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * inverse_rms * weight).astype(x.dtype), inverse_rms.astype(x.dtype)
+
+
+def _rms_norm_backward(x, inverse_rms, weight, grad_out):
+    """dL/dx of y = x·r·w with r = (mean(x²) + eps)^(-1/2)."""
+    scaled = grad_out * weight                                              # (…, d)
+    return inverse_rms * scaled - x * inverse_rms ** 3 * np.mean(scaled * x, axis=-1, keepdims=True)
+
+
+def _attention(q, k, v):
+    """Causal grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output, probabilities."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)        # (B, H, T, d)
+    scores = q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(d).astype(q.dtype)          # (B, H, T, T)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs @ v_full, probs
+
+
+def _attention_backward(q, k, v, probs, grad_out):
+    """Gradients of q, k, v for output = softmax(q kᵀ/√d + mask) v (GQA heads summed per group)."""
+    B, H, T, d = q.shape
+    kv_heads = k.shape[1]
+    group = H // kv_heads
+    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    grad_v_full = probs.transpose(0, 1, 3, 2) @ grad_out                            # (B, H, T, d)
+    grad_probs = grad_out @ v_full.transpose(0, 1, 3, 2)                            # (B, H, T, T)
+    grad_scores = probs * (grad_probs - np.sum(grad_probs * probs, axis=-1, keepdims=True))
+    grad_scores /= np.sqrt(d).astype(q.dtype)
+    grad_q = grad_scores @ k_full                                                   # (B, H, T, d)
+    grad_k_full = grad_scores.transpose(0, 1, 3, 2) @ q
+    grad_k = grad_k_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
+    grad_v = grad_v_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
+    return grad_q, grad_k, grad_v
+
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _cross_entropy(logits, labels, count):
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX, and dL/dlogits."""
+    valid = labels != IGNORE_INDEX
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    safe_labels = np.where(valid, labels, 0)
+    picked = np.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    loss = -float(np.sum(np.where(valid, picked, 0))) / count
+    grad = np.exp(log_probs)
+    np.put_along_axis(grad, safe_labels[..., None],
+                      np.take_along_axis(grad, safe_labels[..., None], axis=-1) - 1, axis=-1)
+    grad *= (valid / count)[..., None]
+    return loss, grad.astype(logits.dtype)
