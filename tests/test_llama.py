@@ -247,3 +247,19 @@ def test_inject_lora_names_and_counts():
     assert lines[0].startswith(f"trainable params: {trainable:,} || all params: {total:,}")
     with pytest.raises(UnknownFormatError, match="unknown target module 'qkv'"):
         inject_lora(model, ["qkv"])
+
+
+@pytest.mark.slow
+def test_lora_training_steps_lower_the_loss_of_the_real_model(smollm2_path):
+    from qlora_np.llama_lora import inject_lora, loss_and_backward
+    from qlora_np.optim import AdamW
+
+    model = LlamaModel.from_gguf(smollm2_path, quant_type="nf4")
+    optimizer = AdamW(inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16), lr=2e-3)
+    ids = np.array(model.tokenizer.encode("The secret word of the qlora_np project is blue-giraffe."))
+    losses = []
+    for _ in range(3):
+        losses.append(loss_and_backward(model, ids[None, :-1], ids[None, 1:]))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[2] < losses[1] < losses[0]
