@@ -11,13 +11,13 @@ Run:  python examples/02_lora_layer.py
 import numpy as np
 
 from qlora_np import LoRALinear, memory
-from qlora_np.optim import AdamW, clip_grad_norm, warmup_cosine_schedule
+from qlora_np.optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule
 
 rng = np.random.default_rng(0)
 CLASSES, IN, HIDDEN = 10, 256, 512
 
 # ---------------------------------------------------------------------------
-# 1. A synthetic task: 10 Gaussian clusters in 256 dimensions, heavily overlapping
+# 1. A synthetic task: 10 Gaussian clusters in 256 dimensions (noise std 3 around each centre)
 # ---------------------------------------------------------------------------
 centres = rng.normal(0, 1, (CLASSES, IN)).astype(np.float32)
 
@@ -42,7 +42,8 @@ settings = dict(r=8, alpha=8, mode="qlora", quant_type="nf4", blocksize=64, doub
 layer1 = LoRALinear.from_weight(frozen_weight(HIDDEN, IN), bias=np.zeros(HIDDEN), seed=1, **settings)
 layer2 = LoRALinear.from_weight(frozen_weight(CLASSES, HIDDEN), bias=np.zeros(CLASSES), seed=2, **settings)
 layers = [layer1, layer2]
-params = {f"layer{i}.{name}": p for i, layer in enumerate(layers, 1) for name, p in layer.parameters().items()}
+params = {f"layer{i}.{name}": param for i, layer in enumerate(layers, 1)
+          for name, param in layer.parameters().items()}
 
 
 def forward(x):
@@ -76,9 +77,8 @@ def accuracy(x, labels):
 EPOCHS, BATCH = 8, 100
 steps = EPOCHS * len(x_train) // BATCH
 optimizer = AdamW(params, lr=3e-3, weight_decay=0.01)
-schedule = warmup_cosine_schedule(3e-3, warmup_steps=20, total_steps=steps)
+scheduler = LRScheduler(optimizer, warmup_cosine_schedule(3e-3, warmup_steps=20, total_steps=steps))
 before = accuracy(x_test, y_test)
-step = 0
 for epoch in range(EPOCHS):
     order = rng.permutation(len(x_train))
     losses = []
@@ -89,18 +89,17 @@ for epoch in range(EPOCHS):
         grad_hidden = layer2.backward(grad_logits) * (pre > 0)     # through the ReLU
         layer1.backward(grad_hidden)
         clip_grad_norm(params, max_norm=1.0)
-        optimizer.lr = schedule(step)
         optimizer.step()
         optimizer.zero_grad()
+        scheduler.step()
         losses.append(loss)
-        step += 1
     print(f"epoch {epoch + 1}: loss {np.mean(losses):.3f}")
 after = accuracy(x_test, y_test)
 print(f"\ntest accuracy: {before:.1%} before training → {after:.1%} after (chance: {1 / CLASSES:.0%})")
 assert after > 0.6 and after > before + 0.3, "the adapters did not learn the task"
 
 # ---------------------------------------------------------------------------
-# 4. Memory: what each part of this model takes, and what it would take in fp16
+# 4. Memory: what each part of this model takes, and what other set-ups would take
 # ---------------------------------------------------------------------------
 print("\nparameters:")
 for name, layer in (("layer1", layer1), ("layer2", layer2)):
@@ -111,21 +110,24 @@ parts = {key: sum(report[key] for report in reports) for key in reports[0]}
 print("\nbytes per part (both layers):")
 for key, value in parts.items():
     print(f"  {key:16} {value:>9,}")
-base_values = sum(layer.out_features * layer.in_features for layer in layers)
-fp16_base = 2 * base_values
+linear_values = sum(layer.out_features * layer.in_features for layer in layers)
+fp16_base = 2 * linear_values
 print(f"\nfrozen base: {parts['base_weight'] + parts['quant_constants']:,} bytes in NF4+dq vs "
       f"{fp16_base:,} in fp16 ({fp16_base / (parts['base_weight'] + parts['quant_constants']):.2f}× smaller)")
 
-trainable_bytes = parts["adapters"] + parts["gradients"] + parts["optimizer_state"]
-all_values = sum(layer.total_parameters() - layer.trainable_parameters() for layer in layers)
-mlp_setups = {
-    "full fp32": 16 * all_values,
-    "full fp16": 12 * all_values,
-    "LoRA (fp16 base)": 2 * all_values + trainable_bytes,
-    "QLoRA (NF4 base)": parts["total"],
-}
-print("\nthis MLP, training memory (KiB):")
-print(memory.format_bar_chart({k: v / 1024 for k, v in mlp_setups.items()}, unit="KiB"))
+# the same four set-ups as for the LLaMA models below, from the formulas of qlora_np.memory:
+# the linear weights are what QLoRA quantizes, the biases stay 16-bit
+bias_values = sum(layer.bias.size for layer in layers)
+adapter_values = sum(layer.trainable_parameters() for layer in layers)
+mlp_setups = memory.setup_totals(memory.setup_bytes(linear_values, bias_values, adapter_values), unit=1024)
+measured = parts["total"] / 1024
+print(f"\nthis MLP, training memory (KiB; QLoRA measured from the arrays: {measured:,.2f} KiB,"
+      f" with float32 biases):")
+print(memory.format_bar_chart(mlp_setups, unit="KiB"))
+assert abs(mlp_setups["QLoRA (NF4 base)"] - measured) < 0.02 * measured, "formula and arrays disagree"
+qlora_kib = mlp_setups["QLoRA (NF4 base)"]
+print(f"QLoRA needs {mlp_setups['full fp16 mixed'] / qlora_kib:.1f}× less than full fp16 mixed-precision "
+      f"fine-tuning, {mlp_setups['LoRA (fp16 base)'] / qlora_kib:.1f}× less than LoRA on an fp16 base")
 print()
 print(memory.setup_bar_chart(memory.LLAMA_SHAPES["7B"], r=8))
 print()

@@ -13,6 +13,7 @@ and the backward ``matmul_t`` (g @ W). Modes:
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,16 @@ class MergeReport:
     max_abs_error: float
     mean_abs_error: float
     relative_frobenius_error: float
+
+
+class _ForwardCache(NamedTuple):
+    """What one caching forward leaves for backward (the arrays are None without active adapters)."""
+
+    lead: tuple              # x's leading dimensions (..., )
+    dtype: np.dtype          # compute dtype of the forward
+    dropped: np.ndarray      # (rows, in) dropout(x): A's gradient is grad_hidden.T @ dropped
+    keep: np.ndarray         # (rows, in) bool dropout mask, None without dropout
+    hidden: np.ndarray       # (rows, r) dropped @ A.T: B's gradient is g.T @ hidden
 
 
 class LoRALinear:
@@ -193,8 +204,11 @@ class LoRALinear:
     def forward(self, x, cache=None):
         """x (..., in) → y (..., out).
 
-        Caches (x, dropout mask, x @ A.T) for :meth:`backward` when ``cache`` is true
-        (default: in training mode only).
+        Computes in float64 if x or the adapters are float64, else in float32 (the
+        4-bit products themselves are float32 either way). When ``cache`` is true
+        (default: in training mode only) keeps what :meth:`backward` needs: the
+        dropped-out x, the dropout mask and x @ A.T — nothing for a layer without
+        active adapters, whose backward only needs W.
         """
         x = np.asarray(x)
         float_dtype_name(x.dtype)
@@ -207,46 +221,53 @@ class LoRALinear:
 
         y = self._base_product(x2).astype(dtype, copy=False)               # (rows, out)
         if self.bias is not None:
-            y = y + self.bias
-        mask = hidden = None
+            y += self.bias.astype(dtype, copy=False)
+        keep = dropped = hidden = None
         if self.has_adapters and not self.merged:
-            mask = self._dropout_mask(x2.shape) if self.training else None
-            dropped = x2 if mask is None else x2 * mask                     # (rows, in)
-            hidden = dropped @ self.lora_a.T                                # (rows, r)
-            y = y + self.scale * (hidden @ self.lora_b.T)                   # (rows, out)
+            keep = self._dropout_keep(x2.shape) if self.training else None
+            dropped = x2 if keep is None else self._apply_dropout(x2, keep)   # (rows, in)
+            hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)      # (rows, r)
+            y += (self.scale * hidden) @ self.lora_b.T.astype(dtype, copy=False)   # (rows, out)
         if cache:                          # a forward without caching leaves an earlier cache alone
-            self._cache = (x2, mask, hidden, lead)
+            self._cache = _ForwardCache(lead, dtype, dropped, keep, hidden)
         return y.reshape(lead + (self.out_features,))
 
     __call__ = forward
 
     def backward(self, grad_out):
-        """grad_out (..., out) → grad_x (..., in); adds the adapters' (and bias') gradients."""
+        """grad_out (..., out) → grad_x (..., in); adds the adapters' (and bias') gradients.
+
+        Uses up the cache of the last caching forward, as a framework frees its graph:
+        a second backward needs a new forward.
+        """
         if self._cache is None:
             raise InvalidValueError("backward needs a forward pass in training mode first "
                                     "(or forward(x, cache=True))")
-        x2, mask, hidden, lead = self._cache
+        lead, dtype, dropped, keep, hidden = self._cache
         grad_out = np.asarray(grad_out)
+        float_dtype_name(grad_out.dtype)
         if grad_out.shape != lead + (self.out_features,):
             raise ShapeError(f"grad_out must have shape {lead + (self.out_features,)}, "
                              f"got {grad_out.shape}")
-        g = grad_out.reshape(-1, self.out_features).astype(x2.dtype, copy=False)   # (rows, out)
+        self._cache = None
+        g = grad_out.reshape(-1, self.out_features).astype(dtype, copy=False)   # (rows, out)
 
-        grad_x = self._base_product_t(g).astype(x2.dtype, copy=False)      # (rows, in): g @ W
+        grad_x = self._base_product_t(g).astype(dtype, copy=False)         # (rows, in): g @ W
         if self.train_bias:
             self._params["bias"].accumulate(g.sum(axis=0))
         if hidden is not None:
-            dropped = x2 if mask is None else x2 * mask
+            lora_a = self.lora_a.astype(dtype, copy=False)                  # (r, in)
+            lora_b = self.lora_b.astype(dtype, copy=False)                  # (out, r)
             self._params["lora_b"].accumulate(self.scale * (g.T @ hidden))  # (out, r)
-            grad_hidden = self.scale * (g @ self.lora_b)                   # (rows, r)
+            grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
             self._params["lora_a"].accumulate(grad_hidden.T @ dropped)      # (r, in)
-            grad_dropped = grad_hidden @ self.lora_a                        # (rows, in)
-            grad_x = grad_x + (grad_dropped if mask is None else grad_dropped * mask)
+            grad_dropped = grad_hidden @ lora_a                             # (rows, in)
+            grad_x += grad_dropped if keep is None else self._apply_dropout(grad_dropped, keep)
         return grad_x.reshape(lead + (self.in_features,))
 
     def _compute_dtype(self, x):
         adapters = self.lora_a.dtype if self.has_adapters else np.float32
-        return np.float64 if np.float64 in (x.dtype, adapters) else np.float32
+        return np.dtype(np.float64 if np.float64 in (x.dtype, adapters) else np.float32)
 
     def _base_product(self, x2):
         if isinstance(self.base, QuantizedTensor):
@@ -258,12 +279,18 @@ class LoRALinear:
             return matmul_t(g, self.base)
         return g @ self.base
 
-    def _dropout_mask(self, shape):
-        """Inverted dropout: zeros with probability p, the rest scaled by 1/(1-p); None if p = 0."""
+    def _dropout_keep(self, shape):
+        """Which values dropout keeps, (rows, in) bool, each kept with probability 1 − p; None if p = 0."""
         if self.dropout == 0:
             return None
-        keep = self._rng.random(shape) >= self.dropout
-        return keep / (1.0 - self.dropout)
+        return self._rng.random(shape) >= self.dropout
+
+    def _apply_dropout(self, values, keep):
+        """Inverted dropout: dropped values are zero, kept ones scaled by 1/(1 − p).
+
+        The same function of the mask serves forward (on x) and backward (on the gradient).
+        """
+        return values * keep * values.dtype.type(1.0 / (1.0 - self.dropout))
 
     # -- merging ------------------------------------------------------------
     def delta_weight(self):
@@ -274,13 +301,15 @@ class LoRALinear:
         """Fold the adapters into the base: W' = W + scale·B@A; forward then skips them.
 
         lora mode adds in place. qlora mode keeps the original 4-bit weight for
-        :meth:`unmerge` and returns a :class:`MergeReport` when ``requantize`` stores W'
-        in 4 bits again (same format), else keeps W' as a float32 array.
+        :meth:`unmerge` and stores W' as a float32 array, or with ``requantize`` in 4 bits
+        again (same format), returning a :class:`MergeReport` of what that rounding cost.
         """
         if not self.has_adapters:
             raise InvalidValueError(f"a {self.mode!r} layer has no adapters to merge")
         if self.merged:
             raise InvalidValueError("layer is already merged")
+        if requantize and self.mode == "lora":
+            raise InvalidValueError("requantize needs a 4-bit base; a 'lora' layer merges in float")
         report = None
         if self.mode == "lora":
             self.base += self.delta_weight().astype(self.base.dtype)

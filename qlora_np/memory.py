@@ -2,19 +2,38 @@
 
 Counts the bytes that do not depend on batch size — weights, gradients, optimizer
 state, quantization constants — for LLaMA-style models. Activations are left out
-(they depend on batch, sequence length and checkpointing). Assumptions, per value:
+(they depend on batch, sequence length and checkpointing). Bytes per value:
 
-* full fp32:  weight 4 + gradient 4 + AdamW moments 8              = 16 bytes
-* full fp16:  weight 2 + gradient 2 + AdamW moments in fp32 8     = 12 bytes
-* LoRA:       frozen fp16 weight 2; adapters fp32 with gradient and AdamW (16 bytes)
-* QLoRA:      frozen linear weights in NF4 with double quant (blocksize 64, nested 256):
-              4 + 8/64 + 32/(64·256) bits; embeddings and norms stay fp16 (as in QLoRA);
-              adapters as LoRA.
+* full fp32:        weight 4 + gradient 4 + AdamW moments 4 + 4                 = 16
+* full fp16 mixed:  fp16 weight 2 + fp16 gradient 2 + fp32 master weight 4
+                    + fp32 moments 8                                              = 16
+                    (mixed precision as in ZeRO, Rajbhandari et al. 2020 §3.1: it
+                    halves activations, not the optimizer's memory)
+* LoRA:             frozen fp16 weight 2; each adapter value its own bytes below
+* QLoRA:            frozen linear weights NF4 with double quant (blocksize 64,
+                    nested blocksize 256): 4 + 8/64 + 32/(64·256) bits; embeddings,
+                    LM head and norms stay 16-bit (as in QLoRA); adapters as LoRA.
+* adapters:         fp32: value 4 + gradient 4 + moments 8 = 16;
+                    bf16: value 2 + gradient 2 + fp32 moments 8 = 12.
 """
 
 from dataclasses import dataclass
 
 GIB = 1024 ** 3
+
+FULL_BYTES = {"full fp32": 4 + 4 + 8, "full fp16 mixed": 2 + 2 + 4 + 8}
+"""Bytes per value of full fine-tuning with AdamW: weight, gradient, (master copy,) two moments."""
+
+FROZEN_16BIT_BYTES = 2
+"""A frozen fp16 / bf16 value."""
+
+ADAPTER_BYTES = {"fp32": 4 + 4 + 8, "bf16": 2 + 2 + 8}
+"""Bytes per adapter value: value + gradient (in the adapter dtype) + two fp32 AdamW moments."""
+
+NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+"""Bits per weight of NF4 with double quant: codes + 8-bit scales + a float32 per 256 scales."""
+
+SETUPS = ("full fp32", "full fp16 mixed", "LoRA (fp16 base)", "QLoRA (NF4 base)")
 
 
 @dataclass(frozen=True)
@@ -50,47 +69,56 @@ class ModelShape:
         return self.linear_parameters + self.other_parameters
 
     def lora_parameters(self, r):
-        """Adapter values for rank r on every linear layer: r · (in + out) each."""
+        """Adapter values for rank r on every linear layer of every block: r · (in + out) each."""
         return self.layers * sum(r * (out + inp) for out, inp in self.linear_shapes)
 
 
 LLAMA_SHAPES = {
     "7B": ModelShape("LLaMA-2 7B", 4096, 32, 11008, 32, 32, 32000),
     "13B": ModelShape("LLaMA-2 13B", 5120, 40, 13824, 40, 40, 32000),
-    "70B": ModelShape("LLaMA-2 70B", 8192, 80, 28672, 64, 8, 32000),
+    "70B": ModelShape("LLaMA-2 70B", 8192, 80, 28672, 64, 8, 32000),   # grouped-query: 8 KV heads
 }
 
-NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-"""Bits per weight of NF4 with double quant: codes + 8-bit scales + a float32 per 256 scales."""
 
-ADAPTER_BYTES = 4 + 4 + 8
-"""fp32 adapter value + its gradient + two AdamW moments."""
+def setup_bytes(linear_values, other_values, adapter_values, adapter_dtype="fp32"):
+    """Bytes of each set-up in :data:`SETUPS`, as a dict of dicts of parts.
 
-SETUPS = ("full fp32", "full fp16", "LoRA (fp16 base)", "QLoRA (NF4 base)")
-
-
-def training_bytes(shape, r=16):
-    """Bytes of each set-up in :data:`SETUPS` for ``shape``, as a dict of dicts of parts."""
-    n = shape.parameters
-    adapters = shape.lora_parameters(r) * ADAPTER_BYTES
-    return {
-        "full fp32": {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n},
-        "full fp16": {"weights": 2 * n, "gradients": 2 * n, "optimizer": 8 * n},
-        "LoRA (fp16 base)": {"weights": 2 * n, "adapters+grads+optimizer": adapters},
-        "QLoRA (NF4 base)": {"weights": int(shape.linear_parameters * NF4_DQ_BITS / 8)
-                             + 2 * shape.other_parameters,
-                             "adapters+grads+optimizer": adapters},
-    }
+    ``linear_values`` are the weights QLoRA quantizes (and LoRA adapts),
+    ``other_values`` the rest (embeddings, norms, biases), ``adapter_values`` the
+    LoRA A and B values. Any model fits: a LLaMA shape or the example's MLP.
+    """
+    values = linear_values + other_values
+    adapters = adapter_values * ADAPTER_BYTES[adapter_dtype]
+    parts = {name: {"weights+grads+optimizer": per_value * values}
+             for name, per_value in FULL_BYTES.items()}
+    parts["LoRA (fp16 base)"] = {"frozen weights": FROZEN_16BIT_BYTES * values,
+                                 "adapters+grads+optimizer": adapters}
+    parts["QLoRA (NF4 base)"] = {"frozen weights": round(linear_values * NF4_DQ_BITS / 8)
+                                 + FROZEN_16BIT_BYTES * other_values,
+                                 "adapters+grads+optimizer": adapters}
+    return parts
 
 
-def format_scaling_table(r=16, shapes=None):
+def training_bytes(shape, r=16, adapter_dtype="fp32"):
+    """:func:`setup_bytes` for a :class:`ModelShape` with rank-r LoRA on all its linear layers."""
+    return setup_bytes(shape.linear_parameters, shape.other_parameters, shape.lora_parameters(r),
+                       adapter_dtype)
+
+
+def setup_totals(parts, unit=GIB):
+    """Each set-up's total in ``unit`` bytes, from :func:`setup_bytes` output."""
+    return {name: sum(setup.values()) / unit for name, setup in parts.items()}
+
+
+def format_scaling_table(r=16, adapter_dtype="fp32", shapes=None):
     """A text table: parameters and GiB per set-up for 7B / 13B / 70B (or ``shapes``)."""
     shapes = list(LLAMA_SHAPES.values()) if shapes is None else shapes
     header = f"{'model':14} {'params':>8} " + " ".join(f"{name:>17}" for name in SETUPS)
-    lines = [f"Training memory without activations, LoRA rank {r} on all linear layers (GiB)",
+    lines = ["Training memory without activations (GiB): weights, gradients, AdamW state;",
+             f"LoRA rank {r} on all 7 linear layers of every block, {adapter_dtype} adapters",
              header, "-" * len(header)]
     for shape in shapes:
-        totals = {name: sum(parts.values()) / GIB for name, parts in training_bytes(shape, r).items()}
+        totals = setup_totals(training_bytes(shape, r, adapter_dtype))
         lines.append(f"{shape.name:14} {shape.parameters / 1e9:7.2f}B "
                      + " ".join(f"{totals[name]:17.1f}" for name in SETUPS))
     return "\n".join(lines)
@@ -107,7 +135,7 @@ def format_bar_chart(values, width=50, unit="GiB"):
     return "\n".join(lines)
 
 
-def setup_bar_chart(shape, r=16, width=50):
+def setup_bar_chart(shape, r=16, adapter_dtype="fp32", width=50):
     """Bar chart of the four set-ups' totals for one model."""
-    totals = {name: sum(parts.values()) / GIB for name, parts in training_bytes(shape, r).items()}
-    return f"{shape.name}, LoRA rank {r}:\n" + format_bar_chart(totals, width)
+    totals = setup_totals(training_bytes(shape, r, adapter_dtype))
+    return f"{shape.name}, LoRA rank {r}, {adapter_dtype} adapters:\n" + format_bar_chart(totals, width)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .errors import InvalidValueError, ShapeError
+from .errors import InvalidValueError, ShapeError, StateDictError
 
 
 class AdamW:
@@ -81,6 +81,11 @@ class AdamW:
 
     def load_state_dict(self, state_dict):
         """Restore :meth:`state_dict` output; moments must match the parameters' shapes."""
+        missing = {"lr", "betas", "eps", "weight_decay", "state"} - set(state_dict)
+        missing |= {f"state.{name}.{key}" for name, saved in state_dict.get("state", {}).items()
+                    for key in ("step", "exp_avg", "exp_avg_sq") if key not in saved}
+        if missing:
+            raise StateDictError(f"optimizer state dict is missing {sorted(missing)}")
         state = {}
         for name, saved in state_dict["state"].items():
             if name not in self.params:
@@ -131,18 +136,22 @@ def constant_schedule(lr):
 
 
 def warmup_cosine_schedule(lr, warmup_steps, total_steps, min_lr=0.0):
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then a half cosine down to ``min_lr``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then a half cosine down to ``min_lr``."""
     return _warmup_then(lr, warmup_steps, total_steps, min_lr,
                         lambda progress: 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def warmup_linear_schedule(lr, warmup_steps, total_steps, min_lr=0.0):
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then a straight line down to ``min_lr``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then a straight line down to ``min_lr``."""
     return _warmup_then(lr, warmup_steps, total_steps, min_lr, lambda progress: 1 - progress)
 
 
 def _warmup_then(lr, warmup_steps, total_steps, min_lr, decay):
-    """Schedule: warm-up, then min_lr + (lr − min_lr)·decay(progress), progress 0 → 1 and held at 1."""
+    """Schedule: warm-up, then min_lr + (lr − min_lr)·decay(progress), progress 0 → 1 and held at 1.
+
+    Warm-up is lr·(step + 1)/warmup_steps: it starts at lr/warmup_steps rather than 0,
+    so the first step already trains, and reaches lr at step warmup_steps − 1.
+    """
     if warmup_steps < 0 or total_steps < warmup_steps:
         raise InvalidValueError(f"need 0 ≤ warmup_steps ≤ total_steps, got {warmup_steps}, {total_steps}")
 
@@ -152,6 +161,34 @@ def _warmup_then(lr, warmup_steps, total_steps, min_lr, decay):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr + (lr - min_lr) * decay(progress)
     return schedule
+
+
+class LRScheduler:
+    """Sets ``optimizer.lr`` from a schedule: call :meth:`step` once per optimizer step.
+
+    The first lr is set on construction (step 0); each :meth:`step` moves to the next.
+    """
+
+    def __init__(self, optimizer, schedule):
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.last_step = 0
+        optimizer.lr = float(schedule(0))
+
+    def step(self):
+        """Move to the next step's lr (and return it)."""
+        self.last_step += 1
+        self.optimizer.lr = float(self.schedule(self.last_step))
+        return self.optimizer.lr
+
+    def state_dict(self):
+        """The step reached, to resume the schedule where it was."""
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict):
+        """Resume at the saved step (and set the optimizer's lr for it)."""
+        self.last_step = int(state_dict["last_step"])
+        self.optimizer.lr = float(self.schedule(self.last_step))
 
 
 def _named(params):

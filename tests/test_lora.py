@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qlora_np
 from qlora_np import LoRALinear
@@ -67,14 +69,15 @@ def test_lora_gradients_match_finite_differences(bias, train_bias, use_rslora):
 
 @pytest.mark.parametrize("mode", ["qlora", "quant"])
 @pytest.mark.parametrize("use_rslora", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_quantized_modes_match_finite_differences(mode, use_rslora, bias):
+@pytest.mark.parametrize("bias, train_bias", [(False, False), (True, False), (True, True)])
+def test_quantized_modes_match_finite_differences(mode, use_rslora, bias, train_bias):
     # The 4-bit products run in float32, so a float64 finite difference through them
     # would measure float32 rounding. Instead: (1) adapter gradients are checked by
-    # finite differences directly (the base term cancels exactly in them); (2) grad_x
+    # finite differences directly (the base term is the same float32 numbers in every
+    # evaluation, so it cancels in the difference up to float64 rounding); (2) grad_x
     # is checked against the float64 twin layer whose W is the decoded 4-bit weight,
     # itself checked by finite differences above, to float32 accuracy.
-    layer = _layer(mode, bias, use_rslora)
+    layer = _layer(mode, bias, use_rslora, train_bias)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, IN))
     upstream = rng.standard_normal((2, 3, OUT))
@@ -83,13 +86,35 @@ def test_quantized_modes_match_finite_differences(mode, use_rslora, bias):
     grad_x = layer.backward(upstream)
     twin = _dense_twin(layer)
     twin.forward(x)
-    np.testing.assert_allclose(layer.forward(x, cache=False), twin.forward(x, cache=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.forward(x, cache=False), twin.forward(x, cache=False),
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_x, twin.backward(upstream), rtol=1e-5, atol=1e-5)
     if mode == "qlora":
-        np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(layer.grad_lora_b, _numeric_gradient(loss, layer.lora_b), rtol=1e-6, atol=1e-6)
+        for grad, value in ((layer.grad_lora_a, layer.lora_a), (layer.grad_lora_b, layer.lora_b)):
+            np.testing.assert_allclose(grad, _numeric_gradient(loss, value), rtol=1e-6, atol=1e-6)
     else:
-        assert layer.parameters() == {} and layer.lora_a is None
+        assert layer.lora_a is None and set(layer.parameters()) <= {"bias"}
+    if train_bias:
+        np.testing.assert_allclose(layer.grad_bias, _numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-6)
+
+
+@given(lead=st.lists(st.integers(1, 4), min_size=0, max_size=3), r=st.integers(1, 5),
+       use_rslora=st.booleans())
+@settings(max_examples=30)
+def test_any_leading_dimensions_match_the_formula(lead, r, use_rslora):
+    rng = np.random.default_rng(len(lead) * 10 + r)
+    layer = LoRALinear.from_weight(rng.standard_normal((5, 12)), bias=rng.standard_normal(5), r=r,
+                                   alpha=3, mode="lora", use_rslora=use_rslora, dtype=np.float64)
+    layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape)
+    x = rng.standard_normal(tuple(lead) + (12,))
+    upstream = rng.standard_normal(tuple(lead) + (5,))
+    scale = 3 / np.sqrt(r) if use_rslora else 3 / r
+    delta = scale * layer.lora_b @ layer.lora_a                           # (5, 12)
+    np.testing.assert_allclose(layer.forward(x), x @ (layer.base + delta).T + layer.bias, atol=1e-12)
+    np.testing.assert_allclose(layer.backward(upstream), upstream @ (layer.base + delta), atol=1e-12)
+    rows, grads = x.reshape(-1, 12), upstream.reshape(-1, 5)
+    np.testing.assert_allclose(layer.grad_lora_a, scale * layer.lora_b.T @ grads.T @ rows, atol=1e-12)
+    np.testing.assert_allclose(layer.grad_lora_b, scale * grads.T @ rows @ layer.lora_a.T, atol=1e-12)
 
 
 def test_new_layer_computes_the_base_product_and_scale_follows_rslora():
@@ -110,17 +135,21 @@ def test_dropout_mask_is_shared_by_forward_and_backward_and_off_in_eval():
     x = np.random.default_rng(5).standard_normal((4, IN))
     upstream = np.random.default_rng(6).standard_normal((4, OUT))
     y = layer.forward(x)
-    _, mask, _, _ = layer._cache
-    assert mask is not None and set(np.unique(mask)) <= {0.0, 2.0}
-    layer.backward(upstream)
+    keep = layer._cache.keep                                   # (4, IN) bool, drawn by this forward
+    assert keep.dtype == bool and 0 < keep.mean() < 1
 
-    # the same layer with the mask fixed is a plain function: check by finite differences
-    layer.zero_grad()
-    layer._dropout_mask = lambda shape: mask
-    loss = lambda: float(np.sum(layer.forward(x, cache=False) * upstream))   # noqa: E731
-    np.testing.assert_allclose(layer.forward(x), y)
-    layer.backward(upstream)
-    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-7)
+    # the layer's function with this mask fixed, written out: forward and gradients follow it
+    def with_mask(lora_a):
+        dropped = x * keep / 0.5
+        return x @ layer.base.T + layer.bias + layer.scale * (dropped @ lora_a.T) @ layer.lora_b.T
+    np.testing.assert_allclose(y, with_mask(layer.lora_a), rtol=1e-12, atol=1e-12)
+    grad_x = layer.backward(upstream)
+    lora_a = layer.lora_a.copy()
+    loss = lambda: float(np.sum(with_mask(lora_a) * upstream))   # noqa: E731
+    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, lora_a), rtol=1e-6, atol=1e-7)
+    grad_dropped = layer.scale * (upstream @ layer.lora_b) @ layer.lora_a
+    expected_grad_x = upstream @ layer.base + grad_dropped * keep / 0.5
+    np.testing.assert_allclose(grad_x, expected_grad_x, rtol=1e-12, atol=1e-12)
 
     layer.eval()
     no_dropout = layer.forward(x)
@@ -128,6 +157,53 @@ def test_dropout_mask_is_shared_by_forward_and_backward_and_off_in_eval():
     assert layer._cache is None
     with pytest.raises(InvalidValueError, match="needs a forward pass"):
         layer.backward(upstream)
+
+
+def test_dropout_keeps_one_minus_p_of_the_values():
+    layer = LoRALinear.from_weight(np.ones((4, 64), np.float32), r=2, dropout=0.25, mode="lora", seed=0)
+    layer.forward(np.ones((500, 64), np.float32))
+    assert layer._cache.keep.mean() == pytest.approx(0.75, abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["qlora", "lora", "quant"])
+def test_float32_layers_compute_in_float32_with_dropout(mode):
+    weight = np.random.default_rng(10).standard_normal((16, 64)).astype(np.float32)
+    layer = LoRALinear.from_weight(weight, bias=np.ones(16), r=4, dropout=0.1, mode=mode,
+                                   seed=0, train_bias=True)
+    x = np.random.default_rng(11).standard_normal((2, 5, 64)).astype(np.float32)
+    y = layer.forward(x)
+    grad_x = layer.backward(np.ones((2, 5, 16), np.float32))
+    assert y.dtype == grad_x.dtype == np.float32 and grad_x.shape == x.shape
+    for param in layer.parameters().values():
+        assert param.value.dtype == param.grad.dtype == np.float32
+    assert layer.forward(x.astype(np.float64), cache=False).dtype == np.float64   # float64 in, float64 out
+
+
+def test_layers_without_active_adapters_cache_no_arrays():
+    weight = np.random.default_rng(12).standard_normal((8, 64)).astype(np.float32)
+    x = np.ones((3, 64), np.float32)
+    quant = LoRALinear.from_weight(weight, mode="quant")
+    quant.forward(x)
+    assert quant._cache.dropped is None and quant._cache.hidden is None
+    np.testing.assert_allclose(quant.backward(np.ones((3, 8), np.float32)),
+                               np.ones((3, 8)) @ qlora_np.dequantize(quant.base), rtol=1e-5, atol=1e-5)
+    merged = LoRALinear.from_weight(weight, mode="lora")
+    merged.merge()
+    merged.forward(x)
+    assert merged._cache.hidden is None
+    merged.backward(np.ones((3, 8), np.float32))
+    assert merged.grad_lora_a is None                          # a merged layer trains nothing
+
+
+def test_backward_uses_up_the_cache_of_the_last_caching_forward():
+    layer = _layer("lora")
+    x = np.random.default_rng(13).standard_normal((2, IN))
+    layer.forward(x)
+    layer.forward(np.ones((2, IN)), cache=False)                # leaves the cache of x alone
+    layer.backward(np.ones((2, OUT)))
+    np.testing.assert_allclose(layer.grad_lora_b, layer.scale * np.ones((OUT, 2)) @ (x @ layer.lora_a.T))
+    with pytest.raises(InvalidValueError, match="needs a forward pass"):
+        layer.backward(np.ones((2, OUT)))
 
 
 def test_gradients_accumulate_until_zero_grad():
@@ -202,6 +278,8 @@ def test_bad_inputs_raise_typed_errors():
     layer.forward(np.ones((2, IN)))
     with pytest.raises(ShapeError, match=r"grad_out must have shape \(2, 6\)"):
         layer.backward(np.ones((2, 5)))
+    with pytest.raises(DTypeError):
+        layer.backward(np.ones((2, OUT), np.int64))
     weight = np.ones((8, 64), np.float32)
     with pytest.raises(ShapeError, match="2-D"):
         LoRALinear.from_weight(np.ones(64, np.float32))
@@ -219,3 +297,5 @@ def test_bad_inputs_raise_typed_errors():
         LoRALinear(weight, None, np.ones((2, 64)), np.ones((8, 2)), mode="qlora")
     with pytest.raises(InvalidValueError, match="no adapters"):
         LoRALinear.from_weight(weight, mode="quant").merge()
+    with pytest.raises(InvalidValueError, match="requantize needs a 4-bit base"):
+        LoRALinear.from_weight(weight, mode="lora").merge(requantize=True)

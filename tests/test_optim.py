@@ -6,28 +6,33 @@ import numpy as np
 import pytest
 
 from qlora_np import Parameter
-from qlora_np.errors import InvalidValueError, ShapeError
-from qlora_np.optim import (AdamW, clip_grad_norm, constant_schedule, warmup_cosine_schedule,
-                            warmup_linear_schedule)
+from qlora_np.errors import InvalidValueError, ShapeError, StateDictError
+from qlora_np.optim import (AdamW, LRScheduler, clip_grad_norm, constant_schedule,
+                            warmup_cosine_schedule, warmup_linear_schedule)
 
 
 def test_adamw_matches_a_hand_computed_sequence():
-    lr, (b1, b2), eps, wd = 0.1, (0.9, 0.99), 1e-8, 0.5
+    (b1, b2), eps, wd = (0.9, 0.99), 1e-8, 0.5
     param = Parameter("w", np.array([1.0, -2.0]))
-    optimizer = AdamW([param], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
-    grads = [[0.5, -1.0], [0.1, 0.3], [-0.4, 0.0]]
-    # by hand, one number at a time, in plain Python floats
+    optimizer = AdamW([param], lr=0.1, betas=(b1, b2), eps=eps, weight_decay=wd)
+    grads = [[0.5, -1.0], [0.1, 0.3], [-0.4, 0.0], [2.0, -0.25]]
+    lrs = [0.1, 0.1, 0.05, 0.2]                               # lr may change between steps
+    # by hand, one number at a time, in plain Python floats, as torch.optim.AdamW documents it
     p, m, v = [1.0, -2.0], [0.0, 0.0], [0.0, 0.0]
-    for t, g in enumerate(grads, start=1):
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
         for i in range(2):
             p[i] *= 1 - lr * wd
-            m[i] = m[i] + (1 - b1) * (g[i] - m[i])
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
             v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
             denom = math.sqrt(v[i]) / math.sqrt(1 - b2 ** t) + eps
             p[i] -= lr / (1 - b1 ** t) * m[i] / denom
         param.grad = np.array(g)
+        optimizer.lr = lr
         optimizer.step()
         np.testing.assert_allclose(param.value, p, rtol=1e-14)
+    np.testing.assert_allclose(optimizer.state["0.w"]["exp_avg"], m, rtol=1e-14)
+    np.testing.assert_allclose(optimizer.state["0.w"]["exp_avg_sq"], v, rtol=1e-14)
+    assert optimizer.state["0.w"]["step"] == 4
 
 
 def test_parameters_without_gradient_are_skipped():
@@ -76,6 +81,9 @@ def test_load_state_dict_checks_names_and_shapes():
         AdamW({"w": Parameter("w", np.ones(4))}).load_state_dict(saved)
     with pytest.raises(InvalidValueError, match="betas"):
         AdamW({"w": param}, betas=(0.9, 1.0))
+    del saved["state"]["w"]["exp_avg_sq"]
+    with pytest.raises(StateDictError, match="state.w.exp_avg_sq"):
+        AdamW({"w": param}).load_state_dict(saved)
 
 
 def test_schedules():
@@ -88,6 +96,17 @@ def test_schedules():
     assert linear(0) == 2.0 and linear(50) == pytest.approx(1.0) and linear(100) == 0.0
     with pytest.raises(InvalidValueError):
         warmup_linear_schedule(1.0, warmup_steps=20, total_steps=10)
+
+
+def test_scheduler_sets_the_optimizer_lr_each_step_and_resumes():
+    optimizer = AdamW([Parameter("w", np.zeros(1))], lr=123.0)
+    scheduler = LRScheduler(optimizer, warmup_linear_schedule(1.0, warmup_steps=4, total_steps=8))
+    seen = [optimizer.lr] + [scheduler.step() for _ in range(8)]
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    assert optimizer.lr == 0.0
+    resumed = LRScheduler(optimizer, warmup_linear_schedule(1.0, warmup_steps=4, total_steps=8))
+    resumed.load_state_dict({"last_step": 5})
+    assert optimizer.lr == pytest.approx(0.75) and resumed.step() == pytest.approx(0.5)
 
 
 def test_clip_grad_norm_scales_to_the_limit_like_torch():
