@@ -179,8 +179,10 @@ def matmul_t(grad, qt, backend="numba"):
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
     result = np.zeros((g2d.shape[0], in_features), np.float32)        # (rows, in)
+    partial = np.empty_like(result)                                    # one product's worth, reused
     for row_start, tile in _weight_row_tiles(qt, backend, g2d.shape[0]):
-        result += g2d[:, row_start:row_start + tile.shape[0]] @ tile
+        np.matmul(g2d[:, row_start:row_start + tile.shape[0]], tile, out=partial)
+        result += partial
     return result.reshape(lead + (in_features,))
 
 
