@@ -122,6 +122,39 @@ class LlamaModel:
                                 double_quant, tokenizer)
 
     @classmethod
+    def from_hf(cls, folder, quant_type="nf4", blocksize=64, double_quant=True):
+        """Load a Hugging Face Llama checkpoint: ``config.json`` + ``model.safetensors`` (or shards).
+
+        HF keeps q and k rows in rotate-half order; they are permuted to the GGUF
+        (adjacent-pair) order used here. A ``tokenizer.json`` is not read: pass token ids.
+        """
+        import json
+        import os
+
+        from .safetensors_io import CheckpointError, read_safetensors
+
+        try:
+            with open(os.path.join(folder, "config.json")) as stream:
+                hf = json.load(stream)
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{folder}: cannot read config.json: {error}") from None
+        config = LlamaConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                             num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                             intermediate_size=hf["intermediate_size"],
+                             rope_theta=float(hf.get("rope_theta", 10000.0)),
+                             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                             context_length=int(hf.get("max_position_embeddings", 2048)))
+        index = os.path.join(folder, "model.safetensors.index.json")
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
+            else ["model.safetensors"]
+        tensors = {}
+        for name in files:
+            tensors.update(read_safetensors(os.path.join(folder, name)))
+        return cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
+                                double_quant)
+
+    @classmethod
     def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,
                      tokenizer=None):
         """Build from float weights under GGUF names (``blk.N.attn_q.weight`` …, (out, in) arrays)."""
@@ -226,6 +259,46 @@ class LlamaModel:
             if cache.length >= cache.max_len:
                 return
             logits = self.forward(np.array([token]), cache, last_only=True)[0]
+
+
+HF_LINEAR_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                   "ffn_down": "mlp.down_proj"}
+
+
+def hf_to_gguf_weights(tensors, config):
+    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
+    from .safetensors_io import CheckpointError
+
+    def get(name):
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}")
+        return np.asarray(tensors[name], np.float32)
+
+    weights = {"token_embd.weight": get("model.embed_tokens.weight"), "output_norm.weight": get("model.norm.weight")}
+    if "lm_head.weight" in tensors:
+        weights["output.weight"] = get("lm_head.weight")
+    for layer in range(config.num_layers):
+        hf, gg = f"model.layers.{layer}.", f"blk.{layer}."
+        for name, hf_name in HF_LINEAR_NAMES.items():
+            weight = get(hf + hf_name + ".weight")
+            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
+            weights[gg + name + ".weight"] = weight if heads is None else permute_rope_rows(weight, heads)
+        weights[gg + "attn_norm.weight"] = get(hf + "input_layernorm.weight")
+        weights[gg + "ffn_norm.weight"] = get(hf + "post_attention_layernorm.weight")
+    return weights
+
+
+def permute_rope_rows(weight, heads):
+    """HF rotate-half row order → GGUF adjacent-pair order within each head (q or k weight, or a LoRA B)."""
+    out = weight.shape[0]
+    return weight.reshape(heads, 2, out // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rope_rows(weight, heads):
+    """GGUF adjacent-pair row order → HF rotate-half order (the inverse of :func:`permute_rope_rows`)."""
+    out = weight.shape[0]
+    return weight.reshape(heads, out // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 class _LazyWeights:

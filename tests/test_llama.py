@@ -263,3 +263,86 @@ def test_lora_training_steps_lower_the_loss_of_the_real_model(smollm2_path):
         optimizer.step()
         optimizer.zero_grad()
     assert losses[2] < losses[1] < losses[0]
+
+
+# ---------------------------------------------------------------------------
+# The same tiny model from a GGUF file and from a Hugging Face folder
+# ---------------------------------------------------------------------------
+
+def _write_gguf(path, weights, config=TINY):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    for name, value in weights.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_hf(folder, weights, config=TINY):
+    from safetensors.numpy import save_file
+
+    from qlora_np.llama import HF_LINEAR_NAMES, unpermute_rope_rows
+
+    tensors = {"model.embed_tokens.weight": weights["token_embd.weight"],
+               "model.norm.weight": weights["output_norm.weight"]}
+    if "output.weight" in weights:
+        tensors["lm_head.weight"] = weights["output.weight"]
+    for layer in range(config.num_layers):
+        for name, hf_name in HF_LINEAR_NAMES.items():
+            weight = weights[f"blk.{layer}.{name}.weight"]
+            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
+            tensors[f"model.layers.{layer}.{hf_name}.weight"] = (
+                weight if heads is None else unpermute_rope_rows(weight, heads))
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = weights[f"blk.{layer}.attn_norm.weight"]
+        tensors[f"model.layers.{layer}.post_attention_layernorm.weight"] = weights[f"blk.{layer}.ffn_norm.weight"]
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size,
+        "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.context_length, "tie_word_embeddings": "output.weight" not in weights}))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_and_hugging_face_loading_of_the_same_model_agree(tmp_path, tied):
+    from qlora_np.llama import permute_rope_rows, unpermute_rope_rows
+
+    weights = tiny_weights(tied=tied)
+    _write_gguf(tmp_path / "tiny.gguf", weights)
+    (tmp_path / "hf").mkdir()
+    _write_hf(tmp_path / "hf", weights)
+    from_gguf = LlamaModel.from_gguf(tmp_path / "tiny.gguf", quant_type=None)
+    from_hf = LlamaModel.from_hf(tmp_path / "hf", quant_type=None)
+    direct = LlamaModel.from_weights(TINY, weights, quant_type=None)
+    ids = np.array([5, 1, 33, 7, 20, 9])
+    expected = direct.forward(ids)
+    np.testing.assert_array_equal(from_gguf.forward(ids), expected)
+    np.testing.assert_array_equal(from_hf.forward(ids), expected)
+    assert from_hf.tied_output == tied
+    q = weights["blk.0.attn_q.weight"]
+    np.testing.assert_array_equal(permute_rope_rows(unpermute_rope_rows(q, 4), 4), q)
+    assert not np.array_equal(unpermute_rope_rows(q, 4), q)
+
+
+def test_hugging_face_loading_reports_missing_files(tmp_path):
+    from qlora_np.safetensors_io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="config.json"):
+        LlamaModel.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    from qlora_np.safetensors_io import read_safetensors
+    with pytest.raises(CheckpointError, match="does not fit"):
+        read_safetensors(tmp_path / "model.safetensors")

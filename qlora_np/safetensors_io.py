@@ -1,0 +1,63 @@
+"""Read .safetensors files with NumPy: a JSON header, then raw little-endian tensors.
+
+Written here (instead of using the ``safetensors`` package) so that bfloat16 tensors
+load as ``ml_dtypes.bfloat16`` and nothing but NumPy is needed. The reader checks every
+offset against the file size and never executes anything it reads.
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from .errors import QLoraError
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+          "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+MAX_HEADER_BYTES = 100 * 2 ** 20
+
+
+class CheckpointError(QLoraError, OSError):
+    """A checkpoint file is missing, truncated or malformed."""
+
+
+def read_safetensors(path):
+    """name → ndarray for every tensor of a .safetensors file (memory-mapped, read-only)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path}: too short for a safetensors header")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: header of {header_size} bytes does not fit the file")
+        try:
+            header = json.loads(stream.read(header_size).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object")
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + header_size) if size > 8 + header_size \
+        else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor(path, name, info, data)
+    return tensors
+
+
+def _tensor(path, name, info, data):
+    try:
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        start, stop = (int(v) for v in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry {info!r}") from None
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if any(d < 0 for d in shape) or not 0 <= start <= stop <= data.size or stop - start != count * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not match "
+                              f"its byte range {start}…{stop} of {data.size}")
+    return data[start:stop].view(dtype).reshape(shape)
