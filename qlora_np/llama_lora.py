@@ -92,11 +92,14 @@ def print_trainable_parameters(model, out=print):
 # Training forward and backward
 # ---------------------------------------------------------------------------
 
-def loss_and_backward(model, ids, labels, dtype=np.float32):
+def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False):
     """Mean cross-entropy of ``model`` on ids (B, T) predicting labels (B, T), and its gradients.
 
     labels[b, t] is the token expected after ids[b, :t+1] (IGNORE_INDEX to skip). The
     adapters' ``grad`` fields accumulate the gradient. Returns the loss (float).
+    ``checkpoint=True`` keeps only each block's input and recomputes the block's
+    activations during the backward pass (gradient checkpointing: less memory, one
+    more forward); dropout masks are replayed so the gradients are the same.
     """
     ids, labels = np.asarray(ids), np.asarray(labels)
     if ids.ndim != 2 or ids.shape != labels.shape:
@@ -104,43 +107,52 @@ def loss_and_backward(model, ids, labels, dtype=np.float32):
     count = int(np.count_nonzero(labels != IGNORE_INDEX))
     if count == 0:
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
-    saved, logits = _forward(model, ids, dtype)
+    saved, logits = _forward(model, ids, dtype, checkpoint)
     loss, grad_logits = _cross_entropy(logits, labels, count)
     _backward(model, saved, grad_logits)
     return loss
 
 
-def _forward(model, ids, dtype):
+def _forward(model, ids, dtype, checkpoint):
     cfg = model.config
-    B, T = ids.shape
-    positions = np.arange(T)
-    cos, sin = (t.astype(dtype) for t in rope_tables(positions, cfg.head_dim, cfg.rope_theta))
+    T = ids.shape[1]
+    cos, sin = (t.astype(dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
     saved = []
     for block in model.blocks:
-        lin = block.linears
-        step = {"x": x}
-        n, step["rms1"] = _rms_norm(x, block.attn_norm, cfg.rms_norm_eps)
-        q = _train(lin["attn_q"], n).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = _train(lin["attn_k"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q.reshape(B * T, *q.shape[2:]), np.tile(cos, (B, 1)), np.tile(sin, (B, 1))), \
-            apply_rope(k.reshape(B * T, *k.shape[2:]), np.tile(cos, (B, 1)), np.tile(sin, (B, 1)))
-        q = q.reshape(B, T, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)      # (B, H, T, hd)
-        k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
-        v = v.transpose(0, 2, 1, 3)                                                 # (B, KV, T, hd)
-        attention, probs = _attention(q, k, v)                                      # (B, H, T, hd)
-        step.update(q=q, k=k, v=v, probs=probs)
-        x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
-        step["x_mid"] = x
-        m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
-        gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
-        step.update(gate=gate, up=up)
-        x = x + _train(lin["ffn_down"], _silu(gate) * up)
+        if checkpoint:                   # remember the input and the dropout generators only
+            states = {name: layer._rng.bit_generator.state for name, layer in block.linears.items()}
+            step = {"x": x, "rng_states": states}
+            x, _ = _block_forward(cfg, block, x, cos, sin)
+        else:
+            x, step = _block_forward(cfg, block, x, cos, sin)
         saved.append(step)
     final, rms = _rms_norm(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
     return saved, model.output.forward(final, cache=True)                  # (B, T, vocab)
+
+
+def _block_forward(cfg, block, x, cos, sin):
+    """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
+    B, T, _ = x.shape
+    lin = block.linears
+    step = {"x": x}
+    n, step["rms1"] = _rms_norm(x, block.attn_norm, cfg.rms_norm_eps)
+    q = _train(lin["attn_q"], n).reshape(B * T, cfg.num_heads, cfg.head_dim)
+    k = _train(lin["attn_k"], n).reshape(B * T, cfg.num_kv_heads, cfg.head_dim)
+    v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    cos_bt, sin_bt = np.tile(cos, (B, 1)), np.tile(sin, (B, 1))                     # (B·T, hd/2)
+    q = apply_rope(q, cos_bt, sin_bt).reshape(B, T, cfg.num_heads, -1).transpose(0, 2, 1, 3)      # (B, H, T, hd)
+    k = apply_rope(k, cos_bt, sin_bt).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
+    v = v.transpose(0, 2, 1, 3)                                                     # (B, KV, T, hd)
+    attention, probs = _attention(q, k, v)                                          # (B, H, T, hd)
+    step.update(q=q, k=k, v=v, probs=probs)
+    x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
+    step["x_mid"] = x
+    m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
+    gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
+    step.update(gate=gate, up=up)
+    return x + _train(lin["ffn_down"], _silu(gate) * up), step
 
 
 def _backward(model, saved, grad_logits):
@@ -150,6 +162,11 @@ def _backward(model, saved, grad_logits):
     for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
         lin = block.linears
         B, T, _ = grad.shape
+        if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
+            for name, layer in lin.items():
+                layer._rng.bit_generator.state = step["rng_states"][name]
+            cos, sin = (t.astype(grad.dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
+            _, step = _block_forward(cfg, block, step["x"], cos, sin)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad)
         gate, up = step["gate"], step["up"]

@@ -346,3 +346,22 @@ def test_hugging_face_loading_reports_missing_files(tmp_path):
     from qlora_np.safetensors_io import read_safetensors
     with pytest.raises(CheckpointError, match="does not fit"):
         read_safetensors(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    from qlora_np.llama_lora import inject_lora, loss_and_backward
+
+    results = []
+    for checkpoint in (False, True):
+        model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4")
+        params = inject_lora(model, "all-linear", r=2, alpha=4, dropout=dropout, seed=4)
+        for index, param in enumerate(params.values()):
+            param.value[...] = np.random.default_rng(index).standard_normal(param.value.shape) * 0.2
+        ids, labels = _batch()
+        loss = loss_and_backward(model, ids, labels, checkpoint=checkpoint)
+        results.append((loss, {name: p.grad for name, p in params.items()}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert loss == loss_ckpt
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads_ckpt[name], err_msg=name)
