@@ -9,6 +9,8 @@ import pytest
 from qlora_np.errors import InvalidValueError, ShapeError
 from qlora_np.llama import KVCache, LlamaConfig, LlamaModel, causal_attention, sample
 
+from .gradcheck import numeric_gradient
+
 LLAMACPP_DIR = pathlib.Path(__file__).parent / "data" / "llamacpp"
 TINY = LlamaConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=48, rope_theta=10000.0, rms_norm_eps=1e-5, context_length=64)
@@ -141,20 +143,6 @@ def test_nf4_model_knows_the_capital_of_france(smollm2_path):
 # LoRA through the whole model
 # ---------------------------------------------------------------------------
 
-def _numeric_gradient(loss, array, eps=1e-6):
-    grad = np.zeros_like(array)
-    flat, out = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        plus = loss()
-        flat[i] = saved - eps
-        minus = loss()
-        flat[i] = saved
-        out[i] = (plus - minus) / (2 * eps)
-    return grad
-
-
 def _lora_model(weights, quant_type):
     from qlora_np.llama_lora import inject_lora
 
@@ -206,7 +194,7 @@ def test_whole_model_lora_gradients_match_finite_differences():
                "blk.0.attn_output.lora_b", "blk.1.ffn_gate.lora_a", "blk.0.ffn_up.lora_b",
                "blk.1.ffn_down.lora_a"]
     for name in checked:
-        numeric = _numeric_gradient(loss, params[name].value)
+        numeric = numeric_gradient(loss, params[name].value)
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-4, atol=1e-7, err_msg=name)
 
 

@@ -9,6 +9,8 @@ import qlora_np
 from qlora_np import LoRALinear
 from qlora_np.errors import DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 
+from .gradcheck import numeric_gradient
+
 OUT, IN, R = 6, 64, 3
 
 
@@ -34,20 +36,6 @@ def _dense_twin(layer):
                       use_rslora=layer.use_rslora)
 
 
-def _numeric_gradient(loss, array, eps=1e-6):
-    grad = np.zeros_like(array)
-    flat, out = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        plus = loss()
-        flat[i] = saved - eps
-        minus = loss()
-        flat[i] = saved
-        out[i] = (plus - minus) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("bias, train_bias", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lora_gradients_match_finite_differences(bias, train_bias, use_rslora):
@@ -58,11 +46,11 @@ def test_lora_gradients_match_finite_differences(bias, train_bias, use_rslora):
     loss = lambda: float(np.sum(layer.forward(x, cache=False) * upstream))   # noqa: E731
     layer.forward(x)
     grad_x = layer.backward(upstream)
-    np.testing.assert_allclose(grad_x, _numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(layer.grad_lora_b, _numeric_gradient(loss, layer.lora_b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad_x, numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.grad_lora_a, numeric_gradient(loss, layer.lora_a), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.grad_lora_b, numeric_gradient(loss, layer.lora_b), rtol=1e-6, atol=1e-7)
     if train_bias:
-        np.testing.assert_allclose(layer.grad_bias, _numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(layer.grad_bias, numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-7)
     else:
         assert layer.grad_bias is None and "bias" not in layer.parameters()
 
@@ -91,11 +79,11 @@ def test_quantized_modes_match_finite_differences(mode, use_rslora, bias, train_
     np.testing.assert_allclose(grad_x, twin.backward(upstream), rtol=1e-5, atol=1e-5)
     if mode == "qlora":
         for grad, value in ((layer.grad_lora_a, layer.lora_a), (layer.grad_lora_b, layer.lora_b)):
-            np.testing.assert_allclose(grad, _numeric_gradient(loss, value), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(grad, numeric_gradient(loss, value), rtol=1e-6, atol=1e-6)
     else:
         assert layer.lora_a is None and set(layer.parameters()) <= {"bias"}
     if train_bias:
-        np.testing.assert_allclose(layer.grad_bias, _numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(layer.grad_bias, numeric_gradient(loss, layer.bias), rtol=1e-6, atol=1e-6)
 
 
 @given(lead=st.lists(st.integers(1, 4), min_size=0, max_size=3), r=st.integers(1, 5),
@@ -146,7 +134,7 @@ def test_dropout_mask_is_shared_by_forward_and_backward_and_off_in_eval():
     grad_x = layer.backward(upstream)
     lora_a = layer.lora_a.copy()
     loss = lambda: float(np.sum(with_mask(lora_a) * upstream))   # noqa: E731
-    np.testing.assert_allclose(layer.grad_lora_a, _numeric_gradient(loss, lora_a), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.grad_lora_a, numeric_gradient(loss, lora_a), rtol=1e-6, atol=1e-7)
     grad_dropped = layer.scale * (upstream @ layer.lora_b) @ layer.lora_a
     expected_grad_x = upstream @ layer.base + grad_dropped * keep / 0.5
     np.testing.assert_allclose(grad_x, expected_grad_x, rtol=1e-12, atol=1e-12)
