@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
 from .lora import LoRALinear
-from .ops import quantize
+from .kernels import products
+from .ops import FUSED_MAX_ROWS, quantize, scales
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -195,14 +196,14 @@ class LlamaModel:
             cache.length = start + ids.size
         if last_only:
             x = x[-1:]
-        return self.output.forward(rms_norm(x, self.output_norm, self.config.rms_norm_eps), cache=False)
+        return project(self.output, rms_norm(x, self.output_norm, self.config.rms_norm_eps))
 
     def _attention(self, block, n, positions, cache, layer):
         cfg = self.config
         T, hd = n.shape[0], cfg.head_dim
-        q = block.linears["attn_q"].forward(n, cache=False).reshape(T, cfg.num_heads, hd)
-        k = block.linears["attn_k"].forward(n, cache=False).reshape(T, cfg.num_kv_heads, hd)
-        v = block.linears["attn_v"].forward(n, cache=False).reshape(T, cfg.num_kv_heads, hd)
+        q = project(block.linears["attn_q"], n).reshape(T, cfg.num_heads, hd)
+        k = project(block.linears["attn_k"], n).reshape(T, cfg.num_kv_heads, hd)
+        v = project(block.linears["attn_v"], n).reshape(T, cfg.num_kv_heads, hd)
         cos, sin = rope_tables(positions, hd, cfg.rope_theta)           # (T, hd/2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:                                           # keys/values of all positions so far
@@ -214,12 +215,12 @@ class LlamaModel:
         else:
             keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         out = causal_attention(q.transpose(1, 0, 2), keys, values, positions)   # (H, T, hd)
-        return block.linears["attn_output"].forward(out.transpose(1, 0, 2).reshape(T, -1), cache=False)
+        return project(block.linears["attn_output"], out.transpose(1, 0, 2).reshape(T, -1))
 
     def _mlp(self, block, m):
-        gate = block.linears["ffn_gate"].forward(m, cache=False)
-        up = block.linears["ffn_up"].forward(m, cache=False)
-        return block.linears["ffn_down"].forward(silu(gate) * up, cache=False)
+        gate = project(block.linears["ffn_gate"], m)
+        up = project(block.linears["ffn_up"], m)
+        return project(block.linears["ffn_down"], silu(gate) * up)
 
     # -- generation -------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -319,6 +320,22 @@ class _LazyWeights:
 # ---------------------------------------------------------------------------
 # The pieces of a block, as plain functions
 # ---------------------------------------------------------------------------
+
+def project(layer, x):
+    """layer(x) for inference, x (T, in) float32 → (T, out).
+
+    A plain 4-bit layer with few rows goes straight to the fused kernel: the model has
+    already checked shapes and dtypes, and for a 135 M model the checks of the general
+    path cost as much per token as the products themselves.
+    """
+    base = layer.base
+    if (layer.mode == "quant" and layer.bias is None and x.shape[0] <= FUSED_MAX_ROWS
+            and products.supports(base.shape, base.blocksize)):
+        shifts = None if base.zero_point is None else base.zero_point.astype(np.float32)
+        return products.gemv(x, base.packed, scales(base), shifts, base.codebook, layer.out_features,
+                             base.blocksize)
+    return layer.forward(x, cache=False)
+
 
 def rms_norm(x, weight, eps):
     """x / sqrt(mean(x²) + eps) · weight over the last axis."""
