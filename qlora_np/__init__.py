@@ -12,6 +12,8 @@ from .errors import (BlocksizeError, DTypeError, InvalidValueError, QLoraError, 
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
 from .lora import LoRALinear, MergeReport, Parameter
+from .llama import LlamaModel
+from .llama_lora import inject_lora, loss_and_backward, print_trainable_parameters
 from . import memory, optim
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "dequantize", "matmul", "matmul_t", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
     "LoRALinear", "Parameter", "MergeReport", "optim", "memory",
+    "LlamaModel", "inject_lora", "loss_and_backward", "print_trainable_parameters",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
     "UnknownFormatError", "StateDictError",

@@ -12,6 +12,7 @@ Per block, with n = RMSNorm(x)·g:
 logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
 """
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +110,14 @@ class LlamaModel:
 
         from .tokenizer import Tokenizer
 
-        reader = gguf.GGUFReader(path)
+        from .safetensors_io import CheckpointError
+
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no GGUF file at {path}")
+        try:
+            reader = gguf.GGUFReader(path)
+        except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
+            raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
         config = LlamaConfig.from_gguf(reader)
         tensors = {t.name: t for t in reader.tensors}
 

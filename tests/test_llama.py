@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qlora_np.errors import InvalidValueError, ShapeError
 from qlora_np.llama import KVCache, LlamaConfig, LlamaModel, causal_attention, sample
@@ -353,3 +354,49 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     assert loss == loss_ckpt
     for name in grads:
         np.testing.assert_array_equal(grads[name], grads_ckpt[name], err_msg=name)
+
+
+def test_missing_or_malformed_gguf_files_raise_checkpoint_errors(tmp_path):
+    from qlora_np.safetensors_io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no GGUF file"):
+        LlamaModel.from_gguf(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(60)))
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        LlamaModel.from_gguf(tmp_path / "junk.gguf")
+
+
+@st.composite
+def _corrupted_gguf(draw):
+    blob = bytearray(_TINY_GGUF_BYTES())
+    for _ in range(draw(st.integers(1, 6))):
+        position = draw(st.integers(0, len(blob) - 1))
+        blob[position] = draw(st.integers(0, 255))
+    cut = draw(st.integers(len(blob) // 2, len(blob)))
+    return bytes(blob[:cut])
+
+
+_CACHE = {}
+
+
+def _TINY_GGUF_BYTES():
+    if "blob" not in _CACHE:
+        import tempfile
+        with tempfile.TemporaryDirectory() as folder:
+            path = pathlib.Path(folder) / "tiny.gguf"
+            _write_gguf(path, tiny_weights())
+            _CACHE["blob"] = path.read_bytes()
+    return _CACHE["blob"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(blob=_corrupted_gguf())
+def test_corrupted_gguf_files_raise_qlora_errors_or_load(tmp_path_factory, blob):
+    from qlora_np.errors import QLoraError
+
+    path = tmp_path_factory.mktemp("gguf") / "corrupt.gguf"
+    path.write_bytes(blob)
+    try:
+        LlamaModel.from_gguf(path, quant_type=None)
+    except QLoraError:
+        pass
