@@ -118,7 +118,12 @@ class LlamaModel:
             reader = gguf.GGUFReader(path)
         except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
-        config = LlamaConfig.from_gguf(reader)
+        try:
+            config = LlamaConfig.from_gguf(reader)
+        except (TypeError, ValueError) as error:
+            if isinstance(error, UnknownFormatError):
+                raise
+            raise CheckpointError(f"{path}: missing or malformed llama.* metadata: {error}") from None
         tensors = {t.name: t for t in reader.tensors}
 
         def load(name):

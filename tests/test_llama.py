@@ -400,3 +400,17 @@ def test_corrupted_gguf_files_raise_qlora_errors_or_load(tmp_path_factory, blob)
         LlamaModel.from_gguf(path, quant_type=None)
     except QLoraError:
         pass
+
+
+def test_gguf_without_model_sizes_is_refused(tmp_path):
+    import gguf
+
+    from qlora_np.safetensors_io import CheckpointError
+
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="llama.\\* metadata"):
+        LlamaModel.from_gguf(tmp_path / "bare.gguf")
