@@ -19,8 +19,7 @@ import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
 from .lora import LoRALinear
-from .kernels import products
-from .ops import FUSED_MAX_ROWS, quantize, scales
+from .ops import fused_matmul, quantize, uses_fused
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -341,12 +340,8 @@ def project(layer, x):
     already checked shapes and dtypes, and for a 135 M model the checks of the general
     path cost as much per token as the products themselves.
     """
-    base = layer.base
-    if (layer.mode == "quant" and layer.bias is None and x.shape[0] <= FUSED_MAX_ROWS
-            and products.supports(base.shape, base.blocksize)):
-        shifts = None if base.zero_point is None else base.zero_point.astype(np.float32)
-        return products.gemv(x, base.packed, scales(base), shifts, base.codebook, layer.out_features,
-                             base.blocksize)
+    if layer.mode == "quant" and layer.bias is None and uses_fused(x.shape[0], layer.base):
+        return fused_matmul(x, layer.base)
     return layer.forward(x, cache=False)
 
 

@@ -157,10 +157,8 @@ def matmul(x, qt, backend="numba"):
     """
     x2d, lead = _as_rows(x, qt, axis_size=_weight_shape(qt)[1], name="x")
     out_features = qt.shape[0]
-    if _use_fused(x2d, qt, backend):
-        y = products.gemv(x2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, out_features,
-                          qt.blocksize)
-        return y.reshape(lead + (out_features,))
+    if uses_fused(x2d.shape[0], qt, backend):
+        return fused_matmul(x2d, qt).reshape(lead + (out_features,))
     y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
     for row_start, tile in _weight_row_tiles(qt, backend, x2d.shape[0]):
         y[:, row_start:row_start + tile.shape[0]] = x2d @ tile.T
@@ -174,7 +172,7 @@ def matmul_t(grad, qt, backend="numba"):
     """
     g2d, lead = _as_rows(grad, qt, axis_size=_weight_shape(qt)[0], name="grad")
     in_features = qt.shape[1]
-    if _use_fused(g2d, qt, backend, FUSED_MAX_ROWS_T):
+    if uses_fused(g2d.shape[0], qt, backend, FUSED_MAX_ROWS_T):
         result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
@@ -186,10 +184,19 @@ def matmul_t(grad, qt, backend="numba"):
     return result.reshape(lead + (in_features,))
 
 
-def _use_fused(rows, qt, backend, max_rows=None):
-    max_rows = FUSED_MAX_ROWS if max_rows is None else max_rows
-    return (backend == "numba" and rows.shape[0] <= max_rows
-            and products.supports(qt.shape, qt.blocksize))
+def uses_fused(rows, qt, backend="numba", max_rows=FUSED_MAX_ROWS):
+    """Whether a product with ``rows`` rows and weight ``qt`` runs on the fused kernels."""
+    return backend == "numba" and rows <= max_rows and products.supports(qt.shape, qt.blocksize)
+
+
+def fused_matmul(x2d, qt):
+    """x2d (rows, in) float32 @ W.T on the fused kernel, without checking the arguments.
+
+    For callers that have checked them already and call it per token (see
+    :func:`qlora_np.llama.project`); :func:`uses_fused` says when it applies.
+    """
+    return products.gemv(x2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, qt.shape[0],
+                         qt.blocksize)
 
 
 def _shifts(qt):
