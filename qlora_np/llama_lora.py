@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
 from .llama import LINEAR_NAMES, apply_rope, rope_tables
-from .lora import LoRALinear
+from .lora import LoRALinear, init_adapters
 from .tensor import QuantizedTensor
 
 IGNORE_INDEX = -100
@@ -41,12 +41,7 @@ def inject_lora(model, target_modules=("q_proj", "v_proj"), r=8, alpha=16, dropo
                 raise InvalidValueError(f"{name} already has adapters")
             base = layer.base
             mode = "qlora" if isinstance(base, QuantizedTensor) else "lora"
-            if init == "kaiming":
-                bound = 1.0 / np.sqrt(layer.in_features)
-                lora_a = rng.uniform(-bound, bound, (r, layer.in_features)).astype(dtype)
-            else:
-                lora_a = rng.normal(0.0, 1.0 / r, (r, layer.in_features)).astype(dtype)
-            lora_b = np.zeros((layer.out_features, r), dtype)
+            lora_a, lora_b = init_adapters(rng, r, layer.in_features, layer.out_features, init, dtype)
             block.linears[name] = LoRALinear(base, layer.bias, lora_a, lora_b, alpha, dropout, mode,
                                              use_rslora, seed=int(rng.integers(2**31)))
     return trainable_parameters(model)

@@ -122,24 +122,14 @@ class LoRALinear:
         float_dtype_name(weight.dtype)
         if weight.ndim != 2:
             raise ShapeError(f"weight must be 2-D (out, in), got shape {weight.shape}")
-        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
-            raise InvalidValueError(f"rank r must be a positive int, got {r!r}")
-        if init not in INITS:
-            raise UnknownFormatError(f"init must be one of {INITS}, got {init!r}")
-        out_features, in_features = weight.shape
+        lora_a, lora_b = init_adapters(np.random.default_rng(seed), r, *reversed(weight.shape),
+                                       init, dtype)
+        if mode not in ADAPTER_MODES:
+            lora_a = lora_b = None
         if mode in ("qlora", "quant"):
             base = quantize(weight, quant_type, blocksize, double_quant)
         else:
             base = np.array(weight, dtype=np.float64 if weight.dtype == np.float64 else np.float32)
-        rng = np.random.default_rng(seed)
-        lora_a = lora_b = None
-        if mode in ADAPTER_MODES:
-            if init == "kaiming":
-                bound = 1.0 / np.sqrt(in_features)
-                lora_a = rng.uniform(-bound, bound, (r, in_features)).astype(dtype)
-            else:
-                lora_a = rng.normal(0.0, 1.0 / r, (r, in_features)).astype(dtype)
-            lora_b = np.zeros((out_features, r), dtype)
         if bias is not None:
             bias = np.array(bias, dtype=dtype)
         return cls(base, bias, lora_a, lora_b, alpha, dropout, mode, use_rslora, train_bias,
@@ -373,6 +363,21 @@ class LoRALinear:
     def __repr__(self):
         return (f"LoRALinear(in={self.in_features}, out={self.out_features}, mode={self.mode!r}, "
                 f"r={self.r}, alpha={self.alpha}, merged={self.merged})")
+
+
+def init_adapters(rng, r, in_features, out_features, init="kaiming", dtype=np.float32):
+    """New adapters (A (r, in), B (out, r)) as PEFT starts them: B = 0, A Kaiming-uniform
+    with a = √5, i.e. U(±1/√in) ("kaiming"), or N(0, 1/r) ("gaussian")."""
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
+        raise InvalidValueError(f"rank r must be a positive int, got {r!r}")
+    if init not in INITS:
+        raise UnknownFormatError(f"init must be one of {INITS}, got {init!r}")
+    if init == "kaiming":
+        bound = 1.0 / np.sqrt(in_features)
+        lora_a = rng.uniform(-bound, bound, (r, in_features)).astype(dtype)
+    else:
+        lora_a = rng.normal(0.0, 1.0 / r, (r, in_features)).astype(dtype)
+    return lora_a, np.zeros((out_features, r), dtype)
 
 
 def _checked(array, name, shape):
