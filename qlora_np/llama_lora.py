@@ -14,7 +14,7 @@ out below, in the reverse order of the forward:
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
-from .llama import LINEAR_NAMES, apply_rope, rope_tables
+from .llama import LINEAR_NAMES, apply_rope, rope_tables, silu
 from .lora import LoRALinear, init_adapters
 from .tensor import QuantizedTensor
 
@@ -147,20 +147,21 @@ def _block_forward(cfg, block, x, cos, sin):
     m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
     step.update(gate=gate, up=up)
-    return x + _train(lin["ffn_down"], _silu(gate) * up), step
+    return x + _train(lin["ffn_down"], silu(gate) * up), step
 
 
 def _backward(model, saved, grad_logits):
     cfg = model.config
     last = saved[-1]
     grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, model.output.backward(grad_logits))
+    B, T, _ = grad.shape
+    cos, sin = (t.astype(grad.dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
+    cos_bt, minus_sin_bt = np.tile(cos, (B, 1)), np.tile(-sin, (B, 1))     # RoPE's inverse rotation
     for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
         lin = block.linears
-        B, T, _ = grad.shape
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
             for name, layer in lin.items():
                 layer._rng.bit_generator.state = step["rng_states"][name]
-            cos, sin = (t.astype(grad.dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
             _, step = _block_forward(cfg, block, step["x"], cos, sin)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad)
@@ -174,10 +175,9 @@ def _backward(model, saved, grad_logits):
         grad_o = lin["attn_output"].backward(grad).reshape(B, T, cfg.num_heads, cfg.head_dim)
         grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
                                                      grad_o.transpose(0, 2, 1, 3))
-        cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta)
-        cos, sin = np.tile(cos, (B, 1)).astype(grad.dtype), np.tile(-sin, (B, 1)).astype(grad.dtype)
-        grad_q = apply_rope(grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1), cos, sin)
-        grad_k = apply_rope(grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1), cos, sin)
+        grad_q = grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1)
+        grad_k = grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1)
+        grad_q, grad_k = apply_rope(grad_q, cos_bt, minus_sin_bt), apply_rope(grad_k, cos_bt, minus_sin_bt)
         grad_n = (lin["attn_q"].backward(grad_q.reshape(B, T, -1))
                   + lin["attn_k"].backward(grad_k.reshape(B, T, -1))
                   + lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1)))
@@ -229,10 +229,6 @@ def _attention_backward(q, k, v, probs, grad_out):
     grad_k = grad_k_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
     grad_v = grad_v_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
     return grad_q, grad_k, grad_v
-
-
-def _silu(x):
-    return x / (1 + np.exp(-x))
 
 
 def _cross_entropy(logits, labels, count):
