@@ -7,7 +7,7 @@ every step to read.
 
 from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
 from .dtypes import bfloat16_from_bits
-from .errors import (BlocksizeError, DTypeError, InvalidValueError, QLoraError, ShapeError,
+from .errors import (BlocksizeError, CheckpointError, DTypeError, InvalidValueError, QLoraError, ShapeError,
                      StateDictError, UnknownFormatError)
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
@@ -24,5 +24,5 @@ __all__ = [
     "LlamaModel", "inject_lora", "loss_and_backward", "print_trainable_parameters",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
-    "UnknownFormatError", "StateDictError",
+    "UnknownFormatError", "StateDictError", "CheckpointError",
 ]

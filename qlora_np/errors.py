@@ -32,3 +32,7 @@ class UnknownFormatError(QLoraError, ValueError):
 
 class StateDictError(QLoraError, ValueError):
     """A checkpoint / state dict that is missing keys or disagrees with itself."""
+
+
+class CheckpointError(QLoraError, OSError):
+    """A model or checkpoint file that is missing, truncated or malformed."""

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownFormatError
+from .gguf_io import decode_tensor, field_value
 from .lora import LoRALinear
 from .ops import fused_matmul, quantize, uses_fused
 
@@ -45,8 +46,7 @@ class LlamaConfig:
     @classmethod
     def from_gguf(cls, reader):
         def value(key, default=None):
-            field = reader.fields.get(key)
-            return default if field is None else field.contents()
+            return field_value(reader, key, default)
         arch = value("general.architecture")
         if arch != "llama":
             raise UnknownFormatError(f"only 'llama' architecture GGUF files are supported, got {arch!r}")
@@ -109,8 +109,6 @@ class LlamaModel:
 
         from .tokenizer import Tokenizer
 
-        from .safetensors_io import CheckpointError
-
         if not os.path.isfile(path):
             raise CheckpointError(f"no GGUF file at {path}")
         try:
@@ -124,14 +122,8 @@ class LlamaModel:
                 raise
             raise CheckpointError(f"{path}: missing or malformed llama.* metadata: {error}") from None
         tensors = {t.name: t for t in reader.tensors}
-
-        def load(name):
-            tensor = tensors[name]
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            return np.ascontiguousarray(values, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
-
         tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
-        return cls.from_weights(config, _LazyWeights(tensors, load, path), quant_type, blocksize,
+        return cls.from_weights(config, _LazyWeights(tensors, path), quant_type, blocksize,
                                 double_quant, tokenizer)
 
     @classmethod
@@ -144,7 +136,7 @@ class LlamaModel:
         import json
         import os
 
-        from .safetensors_io import CheckpointError, read_safetensors
+        from .safetensors_io import read_safetensors
 
         try:
             with open(os.path.join(folder, "config.json")) as stream:
@@ -281,8 +273,6 @@ HF_LINEAR_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "
 
 def hf_to_gguf_weights(tensors, config):
     """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
-    from .safetensors_io import CheckpointError
-
     def get(name):
         if name not in tensors:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
@@ -317,8 +307,8 @@ def unpermute_rope_rows(weight, heads):
 class _LazyWeights:
     """name → float32 array, decoded from a GGUF file when first asked for."""
 
-    def __init__(self, tensors, load, path):
-        self._tensors, self._load, self._path = tensors, load, path
+    def __init__(self, tensors, path):
+        self._tensors, self._path = tensors, path
 
     def __contains__(self, name):
         return name in self._tensors
@@ -326,7 +316,7 @@ class _LazyWeights:
     def __getitem__(self, name):
         if name not in self._tensors:
             raise ShapeError(f"{self._path}: tensor {name!r} is missing")
-        return self._load(name)
+        return decode_tensor(self._tensors[name])
 
 
 # ---------------------------------------------------------------------------

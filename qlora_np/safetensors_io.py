@@ -11,16 +11,12 @@ import os
 import ml_dtypes
 import numpy as np
 
-from .errors import QLoraError
+from .errors import CheckpointError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 MAX_HEADER_BYTES = 100 * 2 ** 20
-
-
-class CheckpointError(QLoraError, OSError):
-    """A checkpoint file is missing, truncated or malformed."""
 
 
 def read_safetensors(path):

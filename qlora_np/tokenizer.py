@@ -9,6 +9,7 @@ byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
 from dataclasses import dataclass
 
 from .errors import UnknownFormatError
+from .gguf_io import field_value
 
 CONTROL_TOKEN_TYPE = 3
 SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
@@ -59,8 +60,7 @@ class Tokenizer:
     def from_gguf(cls, reader):
         """Build from a ``gguf.GGUFReader`` (tokenizer.ggml.* keys)."""
         def value(key, default=None):
-            field = reader.fields.get(key)
-            return default if field is None else field.contents()
+            return field_value(reader, key, default)
 
         model = value("tokenizer.ggml.model")
         if model != "gpt2":
