@@ -111,23 +111,29 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False):
 def _forward(model, ids, dtype, checkpoint):
     cfg = model.config
     T = ids.shape[1]
-    cos, sin = (t.astype(dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
+    rope = _rope_rows(cfg, ids.shape[0], T, dtype)
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
     saved = []
     for block in model.blocks:
         if checkpoint:                   # remember the input and the dropout generators only
             states = {name: layer._rng.bit_generator.state for name, layer in block.linears.items()}
             step = {"x": x, "rng_states": states}
-            x, _ = _block_forward(cfg, block, x, cos, sin)
+            x, _ = _block_forward(cfg, block, x, rope)
         else:
-            x, step = _block_forward(cfg, block, x, cos, sin)
+            x, step = _block_forward(cfg, block, x, rope)
         saved.append(step)
     final, rms = _rms_norm(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
     return saved, model.output.forward(final, cache=True)                  # (B, T, vocab)
 
 
-def _block_forward(cfg, block, x, cos, sin):
+def _rope_rows(cfg, batch, seq, dtype):
+    """RoPE's cos and sin for every row of a (batch·seq, heads, head_dim) view: (batch·seq, hd/2) each."""
+    cos, sin = rope_tables(np.arange(seq), cfg.head_dim, cfg.rope_theta)
+    return np.tile(cos, (batch, 1)).astype(dtype), np.tile(sin, (batch, 1)).astype(dtype)
+
+
+def _block_forward(cfg, block, x, rope):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
     lin = block.linears
@@ -136,9 +142,8 @@ def _block_forward(cfg, block, x, cos, sin):
     q = _train(lin["attn_q"], n).reshape(B * T, cfg.num_heads, cfg.head_dim)
     k = _train(lin["attn_k"], n).reshape(B * T, cfg.num_kv_heads, cfg.head_dim)
     v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    cos_bt, sin_bt = np.tile(cos, (B, 1)), np.tile(sin, (B, 1))                     # (B·T, hd/2)
-    q = apply_rope(q, cos_bt, sin_bt).reshape(B, T, cfg.num_heads, -1).transpose(0, 2, 1, 3)      # (B, H, T, hd)
-    k = apply_rope(k, cos_bt, sin_bt).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
+    q = apply_rope(q, *rope).reshape(B, T, cfg.num_heads, -1).transpose(0, 2, 1, 3)      # (B, H, T, hd)
+    k = apply_rope(k, *rope).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
     v = v.transpose(0, 2, 1, 3)                                                     # (B, KV, T, hd)
     attention, probs = _attention(q, k, v)                                          # (B, H, T, hd)
     step.update(q=q, k=k, v=v, probs=probs)
@@ -155,14 +160,14 @@ def _backward(model, saved, grad_logits):
     last = saved[-1]
     grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, model.output.backward(grad_logits))
     B, T, _ = grad.shape
-    cos, sin = (t.astype(grad.dtype) for t in rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta))
-    cos_bt, minus_sin_bt = np.tile(cos, (B, 1)), np.tile(-sin, (B, 1))     # RoPE's inverse rotation
+    rope = _rope_rows(cfg, B, T, grad.dtype)
+    inverse_rope = rope[0], -rope[1]                                       # rotation by −angle
     for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
         lin = block.linears
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
             for name, layer in lin.items():
                 layer._rng.bit_generator.state = step["rng_states"][name]
-            _, step = _block_forward(cfg, block, step["x"], cos, sin)
+            _, step = _block_forward(cfg, block, step["x"], rope)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad)
         gate, up = step["gate"], step["up"]
@@ -177,7 +182,7 @@ def _backward(model, saved, grad_logits):
                                                      grad_o.transpose(0, 2, 1, 3))
         grad_q = grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1)
         grad_k = grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1)
-        grad_q, grad_k = apply_rope(grad_q, cos_bt, minus_sin_bt), apply_rope(grad_k, cos_bt, minus_sin_bt)
+        grad_q, grad_k = apply_rope(grad_q, *inverse_rope), apply_rope(grad_k, *inverse_rope)
         grad_n = (lin["attn_q"].backward(grad_q.reshape(B, T, -1))
                   + lin["attn_k"].backward(grad_k.reshape(B, T, -1))
                   + lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1)))
