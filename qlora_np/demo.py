@@ -70,11 +70,14 @@ def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=p
                                     "max_err": 0.0})
     quantize_seconds = 0.0
     source_types = set()
+    checked = None                       # the first ffn_down weight, for the product check below
     for name, source_type, weights in read_gguf_weights(path):
         source_types.add(source_type)
         start = time.perf_counter()
         qt = quantize(weights, quant_type, blocksize, double_quant)
         quantize_seconds += time.perf_counter() - start
+        if checked is None and layer_kind(name) == "ffn_down":
+            checked = name, qt
         error = dequantize(qt) - weights
         stats = per_kind[layer_kind(name)]
         stats["tensors"] += 1
@@ -102,9 +105,8 @@ def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=p
         f"({quantize_seconds:.2f} s for {total_params / 1e6:.1f} M params)")
 
     # a product with a quantized weight agrees with the dense product of its decoded values
-    name, _, weights = next(w for w in read_gguf_weights(path) if layer_kind(w[0]) == "ffn_down")
-    qt = quantize(weights, quant_type, blocksize, double_quant)
-    x = np.random.default_rng(0).standard_normal((4, weights.shape[1])).astype(np.float32)
+    name, qt = checked
+    x = np.random.default_rng(0).standard_normal((4, qt.shape[1])).astype(np.float32)
     product_error = float(np.abs(matmul(x, qt) - x @ dequantize(qt).T).max())
     out(f"check: matmul(x, {name}) vs x @ dequantize(W).T: max |diff| = {product_error:.2e}")
 
