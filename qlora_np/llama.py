@@ -55,7 +55,8 @@ class LlamaConfig:
                    hidden_size=int(value("llama.embedding_length")),
                    num_layers=int(value("llama.block_count")),
                    num_heads=int(value("llama.attention.head_count")),
-                   num_kv_heads=int(value("llama.attention.head_count_kv", value("llama.attention.head_count"))),
+                   num_kv_heads=int(value("llama.attention.head_count_kv",
+                                          value("llama.attention.head_count"))),
                    intermediate_size=int(value("llama.feed_forward_length")),
                    rope_theta=float(value("llama.rope.freq_base", 10000.0)),
                    rms_norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -172,8 +173,8 @@ class LlamaModel:
         for layer in range(config.num_layers):
             prefix = f"blk.{layer}."
             linears = {name: linear(weights[prefix + name + ".weight"]) for name in LINEAR_NAMES}
-            blocks.append(LlamaBlock(weights[prefix + "attn_norm.weight"], weights[prefix + "ffn_norm.weight"],
-                                     linears))
+            blocks.append(LlamaBlock(weights[prefix + "attn_norm.weight"],
+                                     weights[prefix + "ffn_norm.weight"], linears))
         embedding = np.asarray(weights["token_embd.weight"], np.float32)
         output_weight = weights["output.weight"] if "output.weight" in weights else embedding   # tied
         return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
@@ -186,7 +187,8 @@ class LlamaModel:
         if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
             raise ShapeError(f"ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise InvalidValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}…{ids.max()}")
+            raise InvalidValueError(f"token ids must be in [0, {self.config.vocab_size}), "
+                                    f"got {ids.min()}…{ids.max()}")
         start = 0 if cache is None else cache.length
         if cache is not None and start + ids.size > cache.max_len:
             raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
@@ -278,7 +280,8 @@ def hf_to_gguf_weights(tensors, config):
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
         return np.asarray(tensors[name], np.float32)
 
-    weights = {"token_embd.weight": get("model.embed_tokens.weight"), "output_norm.weight": get("model.norm.weight")}
+    weights = {"token_embd.weight": get("model.embed_tokens.weight"),
+               "output_norm.weight": get("model.norm.weight")}
     if "lm_head.weight" in tensors:
         weights["output.weight"] = get("lm_head.weight")
     for layer in range(config.num_layers):

@@ -79,7 +79,8 @@ def print_trainable_parameters(model, out=print):
         total += sum(layer.total_parameters() for layer in block.linears.values())
     if not model.tied_output:
         total += model.output.total_parameters()
-    out(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    out(f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}")
     return trainable, total
 
 

@@ -34,7 +34,8 @@ class AdamW:
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = _named(params)
         if lr < 0 or eps < 0 or weight_decay < 0:
-            raise InvalidValueError(f"lr, eps and weight_decay must be ≥ 0, got {lr}, {eps}, {weight_decay}")
+            raise InvalidValueError(f"lr, eps and weight_decay must be ≥ 0, "
+                                    f"got {lr}, {eps}, {weight_decay}")
         if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
             raise InvalidValueError(f"betas must be two numbers in [0, 1), got {betas}")
         self.lr = float(lr)

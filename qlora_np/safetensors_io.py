@@ -53,7 +53,8 @@ def _tensor(path, name, info, data):
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry {info!r}") from None
     count = int(np.prod(shape, dtype=object)) if shape else 1
-    if any(d < 0 for d in shape) or not 0 <= start <= stop <= data.size or stop - start != count * dtype.itemsize:
+    fits = 0 <= start <= stop <= data.size and stop - start == count * dtype.itemsize
+    if any(d < 0 for d in shape) or not fits:
         raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not match "
                               f"its byte range {start}…{stop} of {data.size}")
     return data[start:stop].view(dtype).reshape(shape)

@@ -154,7 +154,8 @@ class QuantizedTensor:
             quant_state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
                                nested_offset=float(self.offset))
         json_bytes = json.dumps(quant_state).encode("utf-8")
-        state[f"{prefix}.quant_state.bitsandbytes__{fmt.bnb_name}"] = np.frombuffer(json_bytes, np.uint8).copy()
+        quant_state_key = f"{prefix}.quant_state.bitsandbytes__{fmt.bnb_name}"
+        state[quant_state_key] = np.frombuffer(json_bytes, np.uint8).copy()
         return state
 
     @classmethod
@@ -247,7 +248,8 @@ def _get(state, key):
 def _parse_quant_state(array, key):
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim != 1:
-        raise StateDictError(f"{key} must be a 1-D uint8 array of JSON bytes, got {array.dtype} {array.shape}")
+        raise StateDictError(f"{key} must be a 1-D uint8 array of JSON bytes, "
+                             f"got {array.dtype} {array.shape}")
     try:
         quant_state = json.loads(array.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

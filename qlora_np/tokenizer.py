@@ -13,6 +13,10 @@ from .gguf_io import field_value
 
 CONTROL_TOKEN_TYPE = 3
 SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
+END_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|end|>", "<|eot_id|>", "<end_of_turn>", "<reponame>",
+               "<|fim_repo|>")
+"""Control tokens llama.cpp also ends generation at, the FIM repo-name marker included
+(SmolLM2: ids 0, 2 and 4)."""
 
 
 @dataclass
@@ -64,14 +68,12 @@ class Tokenizer:
 
         model = value("tokenizer.ggml.model")
         if model != "gpt2":
-            raise UnknownFormatError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model!r}")
+            raise UnknownFormatError("only byte-level BPE ('gpt2') GGUF tokenizers are supported, "
+                                     f"got {model!r}")
         eos = value("tokenizer.ggml.eos_token_id")
         end_ids = {eos, value("tokenizer.ggml.eot_token_id", eos), value("tokenizer.ggml.eom_token_id", eos)}
         tokens = value("tokenizer.ggml.tokens")
-        # llama.cpp also ends generation at control tokens named like end markers, including
-        # the FIM repo-name marker (SmolLM2: ids 0, 2, 4)
-        end_ids |= {i for i, t in enumerate(tokens[:64]) if t in ("<|endoftext|>", "<|im_end|>", "<|end|>",
-                                                                   "<|eot_id|>", "<end_of_turn>", "<reponame>", "<|fim_repo|>")}
+        end_ids |= {i for i, t in enumerate(tokens[:64]) if t in END_MARKERS}
         return cls(tokens, value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type"),
                    value("tokenizer.ggml.bos_token_id"), eos, end_ids,
                    add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),

@@ -103,6 +103,11 @@ class _Builder:
     def pointer(self, address, element):
         return self.b.inttoptr(address, element.as_pointer())
 
+    def row_pointer(self, address, stride, row):
+        """float32 pointer to row ``row`` of a matrix at ``address`` with ``stride`` floats a row."""
+        offset = self.b.mul(ir.Constant(stride.type, 4 * row), stride)
+        return self.pointer(self.b.add(address, offset), _F32)
+
     def load_v8f(self, base, index):
         return self.b.load(self.b.bitcast(self.b.gep(base, [index]), _V8F.as_pointer()), align=4)
 
@@ -160,8 +165,7 @@ def _make_dot_rows(rows):
              out_stride) = args
             ir_ = _Builder(builder, planes_at)
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
-            x_rows = [ir_.pointer(builder.add(x_at, builder.mul(ir.Constant(x_stride.type, 4 * r), x_stride)), _F32)
-                      for r in range(rows)]
+            x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
             zero = ir.Constant(_V8F, None)
             sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(rows)]
             with cgutils.for_range(builder, nblocks) as block_loop:
@@ -213,8 +217,7 @@ def _make_axpy_rows(rows):
             ir_ = _Builder(builder, planes_at)
             packed, coefs, shifts = (ir_.pointer(packed_at, _I8), ir_.pointer(coefs_at, _F32),
                                      ir_.pointer(shifts_at, _F32))
-            outs = [ir_.pointer(builder.add(out_at, builder.mul(ir.Constant(out_stride.type, 4 * r), out_stride)), _F32)
-                    for r in range(rows)]
+            outs = [ir_.row_pointer(out_at, out_stride, r) for r in range(rows)]
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
                 first = builder.mul(block, block_bytes)
