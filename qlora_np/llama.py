@@ -14,6 +14,7 @@ logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -45,8 +46,7 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf(cls, reader):
-        def value(key, default=None):
-            return field_value(reader, key, default)
+        value = partial(field_value, reader)
         arch = value("general.architecture")
         if arch != "llama":
             raise UnknownFormatError(f"only 'llama' architecture GGUF files are supported, got {arch!r}")

@@ -7,6 +7,7 @@ byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 from .errors import UnknownFormatError
 from .gguf_io import field_value
@@ -63,8 +64,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader):
         """Build from a ``gguf.GGUFReader`` (tokenizer.ggml.* keys)."""
-        def value(key, default=None):
-            return field_value(reader, key, default)
+        value = partial(field_value, reader)
 
         model = value("tokenizer.ggml.model")
         if model != "gpt2":
