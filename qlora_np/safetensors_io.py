@@ -1,12 +1,15 @@
-"""Read .safetensors files with NumPy: a JSON header, then raw little-endian tensors.
+"""Read and write .safetensors files with NumPy: a JSON header, then raw little-endian tensors.
 
 Written here (instead of using the ``safetensors`` package) so that bfloat16 tensors
 load as ``ml_dtypes.bfloat16`` and nothing but NumPy is needed. The reader checks every
-offset against the file size and never executes anything it reads.
+offset against the file size and never executes anything it reads; the writer replaces
+the target atomically (a crash leaves the old file or the new one, never half of one).
 """
 
+import contextlib
 import json
 import os
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -16,7 +19,9 @@ from .errors import CheckpointError
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 2 ** 20
+HEADER_ALIGNMENT = 8
 
 
 def read_safetensors(path):
@@ -58,3 +63,49 @@ def _tensor(path, name, info, data):
         raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not match "
                               f"its byte range {start}…{stop} of {data.size}")
     return data[start:stop].view(dtype).reshape(shape)
+
+
+def save_safetensors(path, tensors, metadata=None):
+    """Write name → ndarray (and optional str → str ``metadata``) to ``path`` atomically.
+
+    Tensors are stored little-endian, C order, in name order; the header is padded with
+    spaces to a multiple of 8 bytes as the format recommends.
+    """
+    header, arrays, offset = {}, [], 0
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        if array.dtype.newbyteorder("<") not in DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r}: dtype {array.dtype} has no safetensors name")
+        array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+        header[name] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array)
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    with atomic_write(path) as stream:
+        stream.write(len(encoded).to_bytes(8, "little"))
+        stream.write(encoded)
+        for array in arrays:
+            stream.write(array.tobytes())
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(descriptor, mode) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
