@@ -48,3 +48,32 @@ def test_corrupt_files_raise_checkpoint_error_or_load(tmp_path_factory, cut, pos
         return
     for array in tensors.values():
         np.asarray(array).sum()
+
+
+def test_writer_round_trips_and_the_package_reads_it(tmp_path):
+    from safetensors.numpy import load_file
+    from qlora_np.safetensors_io import save_safetensors
+
+    arrays = {"w": np.arange(6, dtype=">f4").reshape(2, 3), "bf": np.ones(3, ml_dtypes.bfloat16),
+              "empty": np.zeros((0, 2), np.int64), "flag": np.array([True, False])}
+    path = tmp_path / "out.safetensors"
+    save_safetensors(path, arrays, metadata={"format": "np"})
+    for loaded in (read_safetensors(path), load_file(str(path))):
+        for name, array in arrays.items():
+            assert loaded[name].shape == array.shape
+            np.testing.assert_array_equal(np.asarray(loaded[name], np.float64), array.astype(np.float64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]     # no temp file left
+
+
+def test_writer_failure_keeps_the_old_file(tmp_path):
+    from qlora_np.safetensors_io import save_safetensors
+
+    path = tmp_path / "out.safetensors"
+    save_safetensors(path, {"w": np.ones(2, np.float32)})
+    before = path.read_bytes()
+    try:
+        save_safetensors(path, {"ok": np.ones(2, np.float32), "bad": np.array(["text"])})
+    except CheckpointError:
+        pass
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
