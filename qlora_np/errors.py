@@ -36,3 +36,7 @@ class StateDictError(QLoraError, ValueError):
 
 class CheckpointError(QLoraError, OSError):
     """A model or checkpoint file that is missing, truncated or malformed."""
+
+
+class DataError(QLoraError, ValueError):
+    """A training-data file or record that cannot be used; the message names the file and line."""

@@ -180,6 +180,21 @@ class LlamaModel:
         return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
                    linear(output_weight), tokenizer, tied_output="output.weight" not in weights)
 
+    # -- modes ----------------------------------------------------------------
+    def linear_layers(self):
+        """Every linear layer: the blocks' (in order) and the LM head."""
+        return [layer for block in self.blocks for layer in block.linears.values()] + [self.output]
+
+    def train(self):
+        """Training mode: adapters' dropout is on and layers keep what backward needs."""
+        for layer in self.linear_layers():
+            layer.train()
+
+    def eval(self):
+        """Inference mode: no dropout, nothing kept for backward."""
+        for layer in self.linear_layers():
+            layer.eval()
+
     # -- forward --------------------------------------------------------------
     def forward(self, ids, cache=None, last_only=False):
         """Logits (T, vocab) for token ids (T,), continuing ``cache`` if given (and extending it)."""

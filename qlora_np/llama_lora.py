@@ -88,53 +88,103 @@ def print_trainable_parameters(model, out=print):
 # Training forward and backward
 # ---------------------------------------------------------------------------
 
-def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False):
+def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, positions=None,
+                      segments=None, normalizer=None):
     """Mean cross-entropy of ``model`` on ids (B, T) predicting labels (B, T), and its gradients.
 
     labels[b, t] is the token expected after ids[b, :t+1] (IGNORE_INDEX to skip). The
     adapters' ``grad`` fields accumulate the gradient. Returns the loss (float).
+
+    ``positions`` (B, T) are the RoPE positions (default 0 … T-1 in every row) and
+    ``segments`` (B, T) split rows into documents that do not attend to each other
+    (packing: several examples in one row, each starting again at position 0).
+    ``normalizer`` divides the summed token losses (default: this batch's label
+    count); gradient accumulation passes the label count of all its micro-batches so
+    that the accumulated gradient is the gradient of one mean over all of them.
     ``checkpoint=True`` keeps only each block's input and recomputes the block's
     activations during the backward pass (gradient checkpointing: less memory, one
     more forward); dropout masks are replayed so the gradients are the same.
     """
-    ids, labels = np.asarray(ids), np.asarray(labels)
-    if ids.ndim != 2 or ids.shape != labels.shape:
-        raise ShapeError(f"ids and labels must both be (batch, seq), got {ids.shape} and {labels.shape}")
-    count = int(np.count_nonzero(labels != IGNORE_INDEX))
+    ids, labels, positions, segments, count = _checked_batch(ids, labels, positions, segments)
     if count == 0:
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
-    saved, logits = _forward(model, ids, dtype, checkpoint)
-    loss, grad_logits = _cross_entropy(logits, labels, count)
-    _backward(model, saved, grad_logits)
+    rope = _rope_rows(model.config, positions, dtype)
+    mask = _attention_mask(ids.shape[1], segments)
+    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint)
+    rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
+    logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
+    loss, grad_logits = _cross_entropy(logits, labels.reshape(-1)[rows],
+                                       count if normalizer is None else normalizer)
+    grad_final = np.zeros((ids.size, final.shape[-1]), final.dtype)
+    grad_final[rows] = model.output.backward(grad_logits)
+    _backward(model, saved, grad_final.reshape(final.shape), rope, mask)
     return loss
 
 
-def _forward(model, ids, dtype, checkpoint):
+def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.float32):
+    """(sum of the token losses, label count) for a batch, forward only (for evaluation).
+
+    Runs the same batched forward as training; call ``model.eval()`` first to turn
+    dropout off.
+    """
+    ids, labels, positions, segments, count = _checked_batch(ids, labels, positions, segments)
+    if count == 0:
+        return 0.0, 0
+    rope = _rope_rows(model.config, positions, dtype)
+    _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False)
+    rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
+    logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
+    loss, _ = _cross_entropy(logits, labels.reshape(-1)[rows], 1)
+    return loss, count
+
+
+def _checked_batch(ids, labels, positions, segments):
+    """Arrays of one batch, shapes checked; default positions 0 … T-1; and the label count."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if ids.ndim != 2 or ids.shape != labels.shape:
+        raise ShapeError(f"ids and labels must both be (batch, seq), got {ids.shape} and {labels.shape}")
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape) if positions is None else positions
+    for name, array in (("positions", positions), ("segments", segments)):
+        if array is not None and np.shape(array) != ids.shape:
+            raise ShapeError(f"{name} must have the shape of ids {ids.shape}, got {np.shape(array)}")
+    return ids, labels, np.asarray(positions), segments, int(np.count_nonzero(labels != IGNORE_INDEX))
+
+
+def _forward(model, ids, rope, mask, dtype, checkpoint):
+    """Blocks and final norm in training mode: (what the backward needs, normed output (B, T, hidden))."""
     cfg = model.config
-    T = ids.shape[1]
-    rope = _rope_rows(cfg, ids.shape[0], T, dtype)
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
     saved = []
     for block in model.blocks:
         if checkpoint:                   # remember the input and the dropout generators only
-            states = {name: layer._rng.bit_generator.state for name, layer in block.linears.items()}
+            states = {name: layer.dropout_rng.bit_generator.state for name, layer in block.linears.items()}
             step = {"x": x, "rng_states": states}
-            x, _ = _block_forward(cfg, block, x, rope)
+            x, _ = _block_forward(cfg, block, x, rope, mask)
         else:
-            x, step = _block_forward(cfg, block, x, rope)
+            x, step = _block_forward(cfg, block, x, rope, mask)
         saved.append(step)
     final, rms = _rms_norm(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
-    return saved, model.output.forward(final, cache=True)                  # (B, T, vocab)
+    return saved, final
 
 
-def _rope_rows(cfg, batch, seq, dtype):
+def _rope_rows(cfg, positions, dtype):
     """RoPE's cos and sin for every row of a (batch·seq, heads, head_dim) view: (batch·seq, hd/2) each."""
-    cos, sin = rope_tables(np.arange(seq), cfg.head_dim, cfg.rope_theta)
-    return np.tile(cos, (batch, 1)).astype(dtype), np.tile(sin, (batch, 1)).astype(dtype)
+    cos, sin = rope_tables(np.asarray(positions).reshape(-1), cfg.head_dim, cfg.rope_theta)
+    return cos.astype(dtype), sin.astype(dtype)
 
 
-def _block_forward(cfg, block, x, rope):
+def _attention_mask(seq, segments):
+    """Which keys each query may see: causal (T, T), or (B, 1, T, T) causal within its segment."""
+    causal = np.tril(np.ones((seq, seq), bool))
+    if segments is None:
+        return causal
+    segments = np.asarray(segments)
+    same = segments[:, :, None] == segments[:, None, :]                    # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def _block_forward(cfg, block, x, rope, mask):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
     lin = block.linears
@@ -146,7 +196,7 @@ def _block_forward(cfg, block, x, rope):
     q = apply_rope(q, *rope).reshape(B, T, cfg.num_heads, -1).transpose(0, 2, 1, 3)      # (B, H, T, hd)
     k = apply_rope(k, *rope).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
     v = v.transpose(0, 2, 1, 3)                                                     # (B, KV, T, hd)
-    attention, probs = _attention(q, k, v)                                          # (B, H, T, hd)
+    attention, probs = _attention(q, k, v, mask)                                   # (B, H, T, hd)
     step.update(q=q, k=k, v=v, probs=probs)
     x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
     step["x_mid"] = x
@@ -156,19 +206,18 @@ def _block_forward(cfg, block, x, rope):
     return x + _train(lin["ffn_down"], silu(gate) * up), step
 
 
-def _backward(model, saved, grad_logits):
+def _backward(model, saved, grad_final, rope, mask):
     cfg = model.config
     last = saved[-1]
-    grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, model.output.backward(grad_logits))
+    grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, grad_final)
     B, T, _ = grad.shape
-    rope = _rope_rows(cfg, B, T, grad.dtype)
     inverse_rope = rope[0], -rope[1]                                       # rotation by −angle
     for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
         lin = block.linears
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
             for name, layer in lin.items():
-                layer._rng.bit_generator.state = step["rng_states"][name]
-            _, step = _block_forward(cfg, block, step["x"], rope)
+                layer.dropout_rng.bit_generator.state = step["rng_states"][name]
+            _, step = _block_forward(cfg, block, step["x"], rope, mask)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad)
         gate, up = step["gate"], step["up"]
@@ -191,8 +240,8 @@ def _backward(model, saved, grad_logits):
 
 
 def _train(layer, x):
-    """Forward through a linear layer, saving what its backward needs."""
-    return layer.forward(x, cache=True).astype(x.dtype, copy=False)
+    """Forward through a linear layer, saving what its backward needs when training."""
+    return layer.forward(x).astype(x.dtype, copy=False)
 
 
 def _rms_norm(x, weight, eps):
@@ -207,13 +256,17 @@ def _rms_norm_backward(x, inverse_rms, weight, grad_out):
     return inverse_rms * scaled - x * inverse_rms ** 3 * np.mean(scaled * x, axis=-1, keepdims=True)
 
 
-def _attention(q, k, v):
-    """Causal grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output, probabilities."""
+def _attention(q, k, v, mask):
+    """Masked grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output, probabilities.
+
+    ``mask`` (T, T) or (B, 1, T, T) says which keys each query sees; it always lets a
+    query see itself, so no row of the softmax is empty.
+    """
     B, H, T, d = q.shape
     group = H // k.shape[1]
     k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)        # (B, H, T, d)
     scores = q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(d).astype(q.dtype)          # (B, H, T, T)
-    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    scores = np.where(mask, scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -237,16 +290,14 @@ def _attention_backward(q, k, v, probs, grad_out):
     return grad_q, grad_k, grad_v
 
 
-def _cross_entropy(logits, labels, count):
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX, and dL/dlogits."""
-    valid = labels != IGNORE_INDEX
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    safe_labels = np.where(valid, labels, 0)
-    picked = np.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-    loss = -float(np.sum(np.where(valid, picked, 0))) / count
-    grad = np.exp(log_probs)
-    np.put_along_axis(grad, safe_labels[..., None],
-                      np.take_along_axis(grad, safe_labels[..., None], axis=-1) - 1, axis=-1)
-    grad *= (valid / count)[..., None]
-    return loss, grad.astype(logits.dtype)
+def _cross_entropy(logits, labels, normalizer):
+    """Summed cross-entropy of logits (n, vocab) at labels (n,), divided by ``normalizer``; and dL/dlogits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)                  # (n, vocab)
+    probs = np.exp(shifted)
+    total = probs.sum(axis=-1, keepdims=True)                               # (n, 1)
+    rows = np.arange(len(labels))
+    loss = float(np.sum(np.log(total[:, 0]) - shifted[rows, labels], dtype=np.float64)) / normalizer
+    probs /= total                                                          # softmax
+    probs[rows, labels] -= 1
+    probs /= probs.dtype.type(normalizer)
+    return loss, probs

@@ -95,7 +95,7 @@ class LoRALinear:
         self.use_rslora = use_rslora
         self.training = True
         self.merged = False
-        self._rng = np.random.default_rng(seed)
+        self.dropout_rng = np.random.default_rng(seed)
         self._cache = None
         self._unmerged_base = None
         self._params = {}
@@ -273,7 +273,7 @@ class LoRALinear:
         """Which values dropout keeps, (rows, in) bool, each kept with probability 1 − p; None if p = 0."""
         if self.dropout == 0:
             return None
-        return self._rng.random(shape) >= self.dropout
+        return self.dropout_rng.random(shape) >= self.dropout
 
     def _apply_dropout(self, values, keep):
         """Inverted dropout: dropped values are zero, kept ones scaled by 1/(1 − p).

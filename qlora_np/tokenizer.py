@@ -28,10 +28,37 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt=True):
         """Text for a list of {"role", "content"} dicts."""
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        messages = self._with_system(messages)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def pieces(self, messages):
+        """The rendered conversation as (text, is_reply) pieces, in order.
+
+        Joined, the texts are ``render(messages, add_generation_prompt=False)``; a reply
+        piece is an assistant turn's content with its end marker (what a model learns to
+        write), and each prompt piece before a reply ends exactly as the generation
+        prompt does, so training sees the same tokens as generation.
+        """
+        rendered = []
+        for message in self._with_system(messages):
+            header = f"<|im_start|>{message['role']}\n"
+            if message["role"] == "assistant":
+                rendered += [(header, False), (f"{message['content']}<|im_end|>", True), ("\n", False)]
+            else:
+                rendered.append((f"{header}{message['content']}<|im_end|>\n", False))
+        merged = []                                  # join neighbouring prompt pieces
+        for text, is_reply in rendered:
+            if merged and not is_reply and not merged[-1][1]:
+                merged[-1] = (merged[-1][0] + text, False)
+            else:
+                merged.append((text, is_reply))
+        return merged
+
+    def _with_system(self, messages):
+        if not messages or messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.default_system}] + list(messages)
+        return list(messages)
 
 
 class Tokenizer:
