@@ -40,3 +40,8 @@ class CheckpointError(QLoraError, OSError):
 
 class DataError(QLoraError, ValueError):
     """A training-data file or record that cannot be used; the message names the file and line."""
+
+
+class DeviceError(QLoraError, RuntimeError):
+    """A device that cannot be used: "cuda" without numba.cuda, a GPU or its driver, or arrays
+    on different devices."""

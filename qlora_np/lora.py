@@ -10,6 +10,9 @@ and the backward ``matmul_t`` (g @ W). Modes:
 * ``"lora"``  — W is a float array, adapters train (LoRA);
 * ``"quant"`` — W is a :class:`QuantizedTensor`, no adapters (4-bit inference);
 * ``"dense"`` — W is a float array, no adapters (a plain linear layer).
+
+``layer.to("cuda")`` moves W, bias and adapters to the GPU; forward and backward then run
+the same steps in float32 with the numba.cuda kernels (:mod:`qlora_np.kernels.cuda`).
 """
 
 from dataclasses import dataclass
@@ -18,9 +21,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .dtypes import float_dtype_name
-from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .ops import dequantize, matmul, matmul_t, quantize
-from .tensor import QuantizedTensor
+from .tensor import DEVICES, QuantizedTensor, cuda_kernels, is_device_array
 
 MODES = ("qlora", "lora", "quant", "dense")
 ADAPTER_MODES = ("qlora", "lora")
@@ -38,9 +41,14 @@ class Parameter:
         self.grad = None
 
     def accumulate(self, grad):
-        """Add ``grad`` to the gradient (gradients add up until ``zero_grad``)."""
+        """Add ``grad`` to the gradient (gradients add up until ``zero_grad``).
+
+        A first gradient on the GPU is kept as it is, not copied (the layer passes fresh arrays).
+        """
         if self.grad is None:
-            self.grad = grad.astype(self.value.dtype, copy=True)
+            self.grad = grad if is_device_array(grad) else grad.astype(self.value.dtype, copy=True)
+        elif is_device_array(self.grad):
+            cuda_kernels().add_in_place(self.grad, grad)
         else:
             self.grad += grad
 
@@ -190,6 +198,39 @@ class LoRALinear:
         for param in self._params.values():
             param.grad = None
 
+    # -- devices --------------------------------------------------------------
+    @property
+    def device(self):
+        """"cuda" when the frozen weight lives on the GPU (see :meth:`to`), else "cpu"."""
+        base = self.base.packed if isinstance(self.base, QuantizedTensor) else self.base
+        return "cuda" if is_device_array(base) else "cpu"
+
+    def to(self, device):
+        """Move W, bias, adapters and their gradients to "cpu" or "cuda"; returns the layer.
+
+        On "cuda" forward and backward run in float32 on the GPU (so the layer's float arrays
+        must be float32); x and grad_out may be NumPy arrays (copied over) or device arrays,
+        and what they return are device arrays. The optimizer and :meth:`merge` run on the CPU.
+        """
+        if device not in DEVICES:
+            raise UnknownFormatError(f"device must be one of {DEVICES}, got {device!r}")
+        floats = [p.value for p in self._params.values()] + [self.bias]
+        floats += [] if isinstance(self.base, QuantizedTensor) else [self.base]
+        if device == "cuda" and any(a is not None and a.dtype != np.float32 for a in floats):
+            raise DTypeError("on the GPU a layer computes in float32; its weight, bias and adapters must be "
+                             f"float32, got {sorted({str(a.dtype) for a in floats if a is not None})}")
+        if device == self.device:
+            return self
+        kernels = cuda_kernels()
+        move = kernels.to_device if device == "cuda" else kernels.to_host
+        self.base = self.base.to(device) if isinstance(self.base, QuantizedTensor) else move(self.base)
+        self.bias = None if self.bias is None else move(self.bias)
+        for name, param in self._params.items():
+            param.value = self.bias if name == "bias" else move(param.value)
+            param.grad = None if param.grad is None else move(param.grad)
+        self._cache = None
+        return self
+
     # -- forward / backward -------------------------------------------------
     def forward(self, x, cache=None):
         """x (..., in) → y (..., out).
@@ -200,11 +241,13 @@ class LoRALinear:
         dropped-out x, the dropout mask and x @ A.T — nothing for a layer without
         active adapters, whose backward only needs W.
         """
+        cache = self.training if cache is None else cache
+        if self.device == "cuda":
+            return self._forward_on_gpu(x, cache)
         x = np.asarray(x)
         float_dtype_name(x.dtype)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ShapeError(f"x must have last dimension {self.in_features}, got shape {x.shape}")
-        cache = self.training if cache is None else cache
         lead = x.shape[:-1]
         dtype = self._compute_dtype(x)
         x2 = x.reshape(-1, self.in_features).astype(dtype, copy=False)    # (rows, in)
@@ -233,6 +276,8 @@ class LoRALinear:
         if self._cache is None:
             raise InvalidValueError("backward needs a forward pass in training mode first "
                                     "(or forward(x, cache=True))")
+        if self.device == "cuda":
+            return self._backward_on_gpu(grad_out)
         lead, dtype, dropped, keep, hidden = self._cache
         grad_out = np.asarray(grad_out)
         float_dtype_name(grad_out.dtype)
@@ -255,6 +300,47 @@ class LoRALinear:
             grad_x += grad_dropped if keep is None else self._apply_dropout(grad_dropped, keep)
         return grad_x.reshape(lead + (self.in_features,))
 
+    def _forward_on_gpu(self, x, cache):
+        """:meth:`forward` with the layer on the GPU: the same steps, float32, on device arrays."""
+        gpu = cuda_kernels()
+        x2, lead = gpu.as_rows(x, self.in_features, "x")                      # (rows, in)
+        y = self._base_product(x2)                                            # (rows, out)
+        if self.bias is not None:
+            gpu.add_row(y, self.bias)
+        keep = dropped = hidden = None
+        if self.has_adapters and not self.merged:
+            keep = self._dropout_keep(tuple(x2.shape)) if self.training else None
+            keep = None if keep is None else gpu.to_device(keep)              # (rows, in) bool
+            dropped = x2 if keep is None else gpu.masked_scale(x2, keep, self._keep_scale(np.float32))
+            hidden = gpu.gemm(dropped, self.lora_a, transpose_b=True)         # (rows, r)
+            gpu.gemm(hidden, self.lora_b, transpose_b=True, alpha=self.scale, out=y, beta=1)
+        if cache:
+            self._cache = _ForwardCache(lead, np.dtype(np.float32), dropped, keep, hidden)
+        return y.reshape(lead + (self.out_features,))
+
+    def _backward_on_gpu(self, grad_out):
+        """:meth:`backward` with the layer on the GPU: the same steps, float32, on device arrays."""
+        gpu = cuda_kernels()
+        lead, _, dropped, keep, hidden = self._cache
+        g, grad_lead = gpu.as_rows(grad_out, self.out_features, "grad_out")  # (rows, out)
+        if grad_lead != lead:
+            raise ShapeError(f"grad_out must have shape {lead + (self.out_features,)}, "
+                             f"got {grad_lead + (self.out_features,)}")
+        self._cache = None
+
+        grad_x = self._base_product_t(g)                                      # (rows, in): g @ W
+        if self.train_bias:
+            self._params["bias"].accumulate(gpu.column_sums(g))
+        if hidden is not None:
+            self._params["lora_b"].accumulate(gpu.gemm(g, hidden, transpose_a=True, alpha=self.scale))
+            grad_hidden = gpu.gemm(g, self.lora_b, alpha=self.scale)          # (rows, r)
+            self._params["lora_a"].accumulate(gpu.gemm(grad_hidden, dropped, transpose_a=True))
+            grad_dropped = gpu.gemm(grad_hidden, self.lora_a)                 # (rows, in)
+            if keep is not None:
+                grad_dropped = gpu.masked_scale(grad_dropped, keep, self._keep_scale(np.float32))
+            gpu.add_in_place(grad_x, grad_dropped)
+        return grad_x.reshape(lead + (self.in_features,))
+
     def _compute_dtype(self, x):
         adapters = self.lora_a.dtype if self.has_adapters else np.float32
         return np.dtype(np.float64 if np.float64 in (x.dtype, adapters) else np.float32)
@@ -262,11 +348,15 @@ class LoRALinear:
     def _base_product(self, x2):
         if isinstance(self.base, QuantizedTensor):
             return matmul(x2, self.base)
+        if self.device == "cuda":
+            return cuda_kernels().gemm(x2, self.base, transpose_b=True)
         return x2 @ self.base.T
 
     def _base_product_t(self, g):
         if isinstance(self.base, QuantizedTensor):
             return matmul_t(g, self.base)
+        if self.device == "cuda":
+            return cuda_kernels().gemm(g, self.base)
         return g @ self.base
 
     def _dropout_keep(self, shape):
@@ -280,7 +370,11 @@ class LoRALinear:
 
         The same function of the mask serves forward (on x) and backward (on the gradient).
         """
-        return values * keep * values.dtype.type(1.0 / (1.0 - self.dropout))
+        return values * keep * self._keep_scale(values.dtype.type)
+
+    def _keep_scale(self, float_type):
+        """1 / (1 − p), the factor inverted dropout scales kept values by, as ``float_type``."""
+        return float_type(1.0 / (1.0 - self.dropout))
 
     # -- merging ------------------------------------------------------------
     def delta_weight(self):
@@ -296,6 +390,8 @@ class LoRALinear:
         """
         if not self.has_adapters:
             raise InvalidValueError(f"a {self.mode!r} layer has no adapters to merge")
+        if self.device != "cpu":
+            raise DeviceError("merge runs on the CPU: call layer.to('cpu') first")
         if self.merged:
             raise InvalidValueError("layer is already merged")
         if requantize and self.mode == "lora":
@@ -323,6 +419,8 @@ class LoRALinear:
         """Undo :meth:`merge` (exactly for qlora; up to float rounding for lora)."""
         if not self.merged:
             raise InvalidValueError("layer is not merged")
+        if self.device != "cpu":
+            raise DeviceError("unmerge runs on the CPU: call layer.to('cpu') first")
         if self.mode == "lora":
             self.base -= self.delta_weight().astype(self.base.dtype)
         else:

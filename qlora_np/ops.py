@@ -5,6 +5,10 @@ Backends implement the same four functions (``quantize_4bit``, ``dequantize_4bit
 
 * ``"numba"``     — parallel Numba kernels (:mod:`qlora_np.kernels.cpu`), the default;
 * ``"reference"`` — the plain NumPy teaching version (:mod:`qlora_np.reference`).
+
+Work runs where the data lives: a tensor on "cuda" (``QuantizedTensor.to("cuda")``, or
+``quantize(..., device="cuda")``, or quantizing a GPU device array) runs the numba.cuda
+kernels of :mod:`qlora_np.kernels.cuda`, and its results are device arrays.
 """
 
 import numpy as np
@@ -12,15 +16,23 @@ import numpy as np
 from . import reference
 from .codebooks import get_format
 from .dtypes import as_float32_flat, cast_from_float32, float_dtype_name, resolve_dtype
-from .errors import BlocksizeError, InvalidValueError, ShapeError, UnknownFormatError
+from .errors import BlocksizeError, DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .kernels import products
-from .tensor import BNB_BLOCKSIZES, QuantizedTensor, quantized_tensor_fields_for_double_quant
+from .tensor import (BNB_BLOCKSIZES, DEVICES, QuantizedTensor, cuda_kernels, is_device_array,
+                     quantized_tensor_fields_for_double_quant)
 
 STRATEGIES = ("block", "channel", "tensor")
 
 
-def get_backend(backend):
-    """The module implementing the kernels for ``backend`` ("numba" or "reference")."""
+def get_backend(backend, device="cpu"):
+    """The module implementing the kernels: ``backend`` "numba" or "reference" on the CPU,
+    :mod:`qlora_np.kernels.cuda` on "cuda" (DeviceError without numba.cuda or a GPU)."""
+    if device not in DEVICES:
+        raise UnknownFormatError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        if backend != "numba":
+            raise UnknownFormatError(f"backend {backend!r} runs on the CPU; device 'cuda' takes 'numba'")
+        return cuda_kernels()
     if backend == "reference":
         return reference
     if backend == "numba":
@@ -30,7 +42,7 @@ def get_backend(backend):
 
 
 def quantize(array, quant_type="nf4", blocksize=64, double_quant=False, strategy="block",
-             backend="numba"):
+             backend="numba", device=None):
     """Quantize a float array to 4 bits; returns a :class:`QuantizedTensor`.
 
     Args:
@@ -43,43 +55,72 @@ def quantize(array, quant_type="nf4", blocksize=64, double_quant=False, strategy
         strategy: "block"; "channel" (one scale per row of the last axis); "tensor"
             (one scale for everything). ``blocksize`` is ignored for the latter two.
         backend: "numba" (default) or "reference".
+        device: "cpu" or "cuda" (the result's arrays live there); None: "cuda" for a GPU
+            device array (which must be float32), else "cpu".
     """
     fmt = get_format(quant_type)
-    kernels = get_backend(backend)
-    array = np.asarray(array)
+    device = ("cuda" if is_device_array(array) else "cpu") if device is None else device
+    kernels = get_backend(backend, device)
+    if not is_device_array(array):
+        array = np.asarray(array)
     dtype = float_dtype_name(array.dtype)
+    if is_device_array(array) and dtype != "float32":
+        raise DTypeError(f"a GPU array is quantized as float32 only, got {dtype}; cast it first")
     if array.size == 0:
         raise InvalidValueError(f"cannot quantize an empty array (shape {array.shape})")
     blocksize = _resolve_blocksize(array.shape, blocksize, strategy)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise UnknownFormatError(f"double_quant must be True or False, got {double_quant!r}")
 
-    flat = as_float32_flat(array)                                        # (n,) float32
+    flat = _flat_float32(array, device)                                  # (n,) float32
     with np.errstate(invalid="ignore", over="ignore"):      # NaN/inf are refused just below
         packed, absmax, zero_point = kernels.quantize_4bit(flat, blocksize, fmt.name)
-    if not np.isfinite(absmax).all():
-        _raise_non_finite(flat, absmax, blocksize)
+    if not np.isfinite(_host(absmax)).all():
+        _raise_non_finite(_host(flat), _host(absmax), blocksize)
 
     fields = dict(packed=packed, absmax=absmax, zero_point=zero_point, shape=array.shape,
                   dtype=dtype, quant_type=fmt.name, blocksize=blocksize,
                   codebook=fmt.codebook.copy(), strategy=strategy)
     if double_quant:
         codes, nested_absmax, offset = kernels.double_quantize(absmax)
-        if not (np.isfinite(offset) and np.isfinite(nested_absmax).all()):
+        if not (np.isfinite(offset) and np.isfinite(_host(nested_absmax)).all()):
             raise InvalidValueError("cannot double-quantize these scales: their float32 mean "
-                                    f"overflows (largest scale {absmax.max()}); use double_quant=False")
+                                    f"overflows (largest scale {_host(absmax).max()}); "
+                                    "use double_quant=False")
         fields.update(quantized_tensor_fields_for_double_quant(codes, nested_absmax, offset))
-    return QuantizedTensor(**fields)
+    return QuantizedTensor(**fields).to(device)              # the codebooks join the codes there
+
+
+def _flat_float32(array, device):
+    """``array`` flattened row-major to (n,) float32 on ``device`` (copied over if elsewhere)."""
+    if is_device_array(array):
+        flat = array.reshape(-1)
+        return flat if device == "cuda" else cuda_kernels().to_host(flat)
+    flat = as_float32_flat(array)
+    return cuda_kernels().to_device(flat) if device == "cuda" else flat
+
+
+def _host(array):
+    """A NumPy array of ``array``'s values, copied from the GPU if it lives there."""
+    return cuda_kernels().to_host(array) if is_device_array(array) else array
 
 
 def dequantize(qt, dtype=None, backend="numba"):
-    """Decode a :class:`QuantizedTensor` to an array of its shape, in its dtype (or ``dtype``)."""
+    """Decode a :class:`QuantizedTensor` to an array of its shape, in its dtype (or ``dtype``).
+
+    A tensor on the GPU decodes to a float32 device array (the GPU kernels cast nothing).
+    """
     if not isinstance(qt, QuantizedTensor):
         raise UnknownFormatError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
-    kernels = get_backend(backend)
+    kernels = get_backend(backend, qt.device)
     out_dtype = qt.dtype if dtype is None else resolve_dtype(dtype)
+    if qt.device == "cuda" and dtype is not None and out_dtype != "float32":
+        raise DTypeError(f"on the GPU dequantize gives float32, got dtype {out_dtype!r}; "
+                         "use .to('cpu') for other dtypes")
     flat = kernels.dequantize_4bit(qt.packed, scales(qt, backend), qt.zero_point, qt.size,
                                    qt.blocksize, qt.codebook)            # (n,) float32
+    if qt.device == "cuda":
+        return flat.reshape(qt.shape)
     return cast_from_float32(flat, out_dtype).reshape(qt.shape)
 
 
@@ -94,9 +135,10 @@ def scales(qt, backend="numba"):
         return qt.absmax
     cached = qt.__dict__.get("_decoded_scales")
     if cached is None:
-        cached = get_backend(backend).dequantize_absmax(qt.absmax, qt.nested_absmax, qt.offset,
-                                                        qt.nested_code, qt.nested_blocksize)
-        cached.setflags(write=False)
+        cached = get_backend(backend, qt.device).dequantize_absmax(
+            qt.absmax, qt.nested_absmax, qt.offset, qt.nested_code, qt.nested_blocksize)
+        if qt.device == "cpu":
+            cached.setflags(write=False)
         qt.__dict__["_decoded_scales"] = cached
     return cached
 
@@ -154,8 +196,17 @@ def matmul(x, qt, backend="numba"):
 
     A few rows (token-by-token decoding) use the fused kernel that never decodes W to
     memory; more rows decode W a tile of rows at a time and multiply each tile with BLAS.
+    On the GPU (``qt.device == "cuda"``) the same choice is made in :mod:`.kernels.cuda`
+    and y is a device array; a host x is copied over.
     """
-    x2d, lead = _as_rows(x, qt, axis_size=_weight_shape(qt)[1], name="x")
+    _weight_shape(qt)
+    if qt.device == "cuda":
+        kernels = get_backend(backend, "cuda")
+        x2d, lead = kernels.as_rows(x, qt.shape[1], "x")
+        y = kernels.matmul(x2d, qt.packed, scales(qt), qt.zero_point, qt.codebook, qt.shape[0],
+                           qt.blocksize)
+        return y.reshape(lead + (qt.shape[0],))
+    x2d, lead = _as_rows(x, qt, axis_size=qt.shape[1], name="x")
     out_features = qt.shape[0]
     if uses_fused(x2d.shape[0], qt, backend):
         return fused_matmul(x2d, qt).reshape(lead + (out_features,))
@@ -170,7 +221,14 @@ def matmul_t(grad, qt, backend="numba"):
 
     This is the product backpropagation needs to send a gradient through a frozen W.
     """
-    g2d, lead = _as_rows(grad, qt, axis_size=_weight_shape(qt)[0], name="grad")
+    _weight_shape(qt)
+    if qt.device == "cuda":
+        kernels = get_backend(backend, "cuda")
+        g2d, lead = kernels.as_rows(grad, qt.shape[0], "grad")
+        result = kernels.matmul_t(g2d, qt.packed, scales(qt), qt.zero_point, qt.codebook,
+                                  qt.shape[1], qt.blocksize)
+        return result.reshape(lead + (qt.shape[1],))
+    g2d, lead = _as_rows(grad, qt, axis_size=qt.shape[0], name="grad")
     in_features = qt.shape[1]
     if uses_fused(g2d.shape[0], qt, backend, FUSED_MAX_ROWS_T):
         result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
@@ -214,6 +272,8 @@ def _weight_shape(qt):
 
 def _as_rows(array, qt, axis_size, name):
     """(..., k) float array → ((rows, k) float32, leading shape), checking k."""
+    if is_device_array(array):
+        raise DeviceError(f"{name} is on the GPU but the weight is on the CPU; move one of them with .to()")
     array = np.asarray(array)
     float_dtype_name(array.dtype)                                      # DTypeError unless float
     if array.ndim == 0 or array.shape[-1] != axis_size:

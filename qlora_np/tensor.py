@@ -4,6 +4,7 @@ It holds exactly what a bitsandbytes ``Params4bit`` and its ``QuantState`` hold,
 NumPy arrays, and converts to and from bitsandbytes' ``Linear4bit`` state-dict keys.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from .codebooks import NESTED_BLOCKSIZE, dynamic_map, get_format
 from .dtypes import FLOAT_DTYPES
-from .errors import DTypeError, ShapeError, StateDictError
+from .errors import DeviceError, DTypeError, ShapeError, StateDictError, UnknownFormatError
 
 MAX_ELEMENTS = 2 ** 48
 """Largest element count (and block size) a tensor may declare: far above any real weight,
@@ -19,6 +20,10 @@ far below int64 overflow, so a corrupt shape is refused instead of overflowing."
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Block sizes bitsandbytes' quantize_4bit accepts."""
+
+DEVICES = ("cpu", "cuda")
+ARRAY_FIELDS = ("packed", "absmax", "codebook", "zero_point", "nested_absmax", "nested_code")
+"""The fields of a QuantizedTensor that :meth:`QuantizedTensor.to` moves between devices."""
 
 
 @dataclass(eq=False)
@@ -120,6 +125,27 @@ class QuantizedTensor:
         return (f"QuantizedTensor(shape={self.shape}, dtype={self.dtype}, {self.quant_type}, "
                 f"blocksize={self.blocksize}{dq}, {self.nbytes} bytes)")
 
+    # -- devices -------------------------------------------------------------
+    @property
+    def device(self):
+        """"cuda" when the arrays are GPU device arrays (see :meth:`to`), else "cpu"."""
+        return "cuda" if is_device_array(self.packed) else "cpu"
+
+    def to(self, device):
+        """This tensor with its arrays on ``device``: "cpu" (NumPy) or "cuda" (numba device arrays).
+
+        Returns ``self`` when nothing has to move. Moving to "cuda" raises DeviceError when
+        numba.cuda or a GPU is missing.
+        """
+        if device not in DEVICES:
+            raise UnknownFormatError(f"device must be one of {DEVICES}, got {device!r}")
+        arrays = {name: getattr(self, name) for name in ARRAY_FIELDS if getattr(self, name) is not None}
+        if all(is_device_array(array) == (device == "cuda") for array in arrays.values()):
+            return self
+        kernels = cuda_kernels()
+        move = kernels.to_device if device == "cuda" else kernels.to_host
+        return dataclasses.replace(self, **{name: move(array) for name, array in arrays.items()})
+
     # -- decoding ----------------------------------------------------------
     def dequantize(self, dtype=None, backend="numba"):
         """The float tensor back, in the original dtype (or ``dtype``)."""
@@ -132,8 +158,11 @@ class QuantizedTensor:
 
         Keys: ``prefix``, ``.absmax``, ``.quant_map``, (``.nested_absmax``,
         ``.nested_quant_map``,) ``.quant_state.bitsandbytes__<nf4|fp4>`` (UTF-8 JSON
-        bytes). Only nf4/fp4 at bitsandbytes' block sizes can be written.
+        bytes). Only nf4/fp4 at bitsandbytes' block sizes can be written. A tensor on
+        the GPU is copied to the host first.
         """
+        if self.device != "cpu":
+            return self.to("cpu").to_bnb(prefix)
         fmt = get_format(self.quant_type)
         if fmt.bnb_name is None:
             raise StateDictError(f"bitsandbytes has no {self.quant_type!r} format; only nf4 and fp4 "
@@ -207,6 +236,26 @@ class QuantizedTensor:
             raise StateDictError(f"{prefix}: {error}") from None
 
 
+def is_device_array(array):
+    """Whether ``array`` lives on a GPU: a numba device array, or anything with the CUDA array interface."""
+    return bool(getattr(array, "__cuda_ndarray__", False)) or hasattr(array, "__cuda_array_interface__")
+
+
+def cuda_kernels():
+    """:mod:`qlora_np.kernels.cuda`, once numba.cuda imports and sees a GPU (or simulates one).
+
+    Imported on first use, so the library works without numba-cuda and without a GPU;
+    when either is missing, asking for "cuda" raises DeviceError saying which.
+    """
+    try:
+        from .kernels import cuda
+    except ImportError as error:
+        raise DeviceError("device 'cuda' needs numba.cuda: pip install 'qlora_np[cuda]' "
+                          f"(importing it failed: {error})") from None
+    cuda.require_gpu()
+    return cuda
+
+
 def quantized_tensor_fields_for_double_quant(codes, nested_absmax, offset):
     """The keyword fields a QuantizedTensor needs when its scales are double-quantized."""
     return dict(absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map().copy(),
@@ -232,9 +281,9 @@ def _product(shape):
 
 
 def _expect(array, name, dtype, shape):
-    if not isinstance(array, np.ndarray):
+    if not isinstance(array, np.ndarray) and not is_device_array(array):
         raise ShapeError(f"{name} must be a numpy array, got {type(array).__name__}")
-    if array.dtype != dtype or array.shape != shape:
+    if array.dtype != dtype or tuple(array.shape) != shape:
         raise ShapeError(f"{name} must be {np.dtype(dtype)} of shape {shape}, "
                          f"got {array.dtype} of shape {array.shape}")
 
