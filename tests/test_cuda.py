@@ -21,7 +21,7 @@ import pytest
 import qlora_np
 from qlora_np import LoRALinear, ops
 from qlora_np.codebooks import dynamic_map, get_format
-from qlora_np.errors import DeviceError, DTypeError, InvalidValueError, UnknownFormatError
+from qlora_np.errors import DeviceError, DTypeError, InvalidValueError, QLoraError, UnknownFormatError
 from qlora_np.kernels import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +163,7 @@ def test_products_match_decoded_weight(quant_type, double_quant, blocksize, rows
     gx = qlora_np.matmul_t(grad, on_gpu).copy_to_host()
     assert gx.shape == (1, rows, in_features)
     assert np.all(np.abs(gx - grad @ dense) <= _product_bound(grad, np.abs(dense), out_features))
+    assert qlora_np.matmul(np.zeros((0, in_features), np.float32), on_gpu).shape == (0, out_features)
 
 
 @on_cuda
@@ -230,6 +231,17 @@ def test_gpu_errors_name_the_problem():
         layer.merge()
     with pytest.raises(DTypeError, match="float32"):
         LoRALinear.from_weight(np.ones((2, 64)), r=2, dtype=np.float64).to("cuda")
+
+
+def test_device_error_is_a_runtime_error_and_device_names_are_checked():
+    assert issubclass(DeviceError, QLoraError) and issubclass(DeviceError, RuntimeError)
+    weight = np.ones((2, 64), np.float32)
+    with pytest.raises(UnknownFormatError, match="device must be one of"):
+        qlora_np.quantize(weight, device="gpu")
+    with pytest.raises(UnknownFormatError, match="device must be one of"):
+        qlora_np.quantize(weight).to("tpu")
+    with pytest.raises(UnknownFormatError, match="device must be one of"):
+        LoRALinear.from_weight(weight, r=2).to("cuda:0")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="a GPU (or the simulator) is present")

@@ -469,6 +469,8 @@ def _dequantize_8bit_kernel(codes, nested_absmax, offset, nested_code, chunk_siz
 
 def matmul(x, packed, scales, zero_point, codebook, out_features, blocksize):
     """(rows, in) float32 device x → (rows, out) x @ W.T: fused for ≤ FUSED_MAX_ROWS rows, else tiled."""
+    if x.shape[0] == 0:
+        return cuda.device_array((0, out_features), np.float32)
     if x.shape[0] <= FUSED_MAX_ROWS:
         return gemv(x, packed, scales, zero_point, codebook, out_features, blocksize)
     return _product_tiled(x, packed, scales, zero_point, codebook, blocksize, out_features, False)
@@ -476,6 +478,8 @@ def matmul(x, packed, scales, zero_point, codebook, out_features, blocksize):
 
 def matmul_t(g, packed, scales, zero_point, codebook, in_features, blocksize):
     """(rows, out) float32 device g → (rows, in) g @ W: fused for ≤ FUSED_MAX_ROWS rows, else tiled."""
+    if g.shape[0] == 0:
+        return cuda.device_array((0, in_features), np.float32)
     if g.shape[0] <= FUSED_MAX_ROWS:
         return gemv_t(g, packed, scales, zero_point, codebook, in_features, blocksize)
     return _product_tiled(g, packed, scales, zero_point, codebook, blocksize, in_features, True)
