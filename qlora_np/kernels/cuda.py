@@ -16,6 +16,7 @@ kernels run as Python on NumPy float32 scalars, which never fuse, and libdevice 
 so ``multiply_rn`` and ``round_half_even`` are NumPy's functions there.
 """
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -50,7 +51,7 @@ FUSED_MAX_ROWS = 8
 """Up to this many rows, the products decode W in registers (:func:`gemv`, :func:`gemv_t`)."""
 
 WARP = 32
-WARPS_PER_BLOCK = 4
+WARPS_PER_BLOCK = 4  # output features one CUDA block of :func:`gemv` computes, a warp each
 LANES = 8            # torch's float32 vector width, which the double-quant mean follows
 
 TINY_SCALE = np.float32(1e-38)
@@ -326,8 +327,7 @@ def double_quantize(absmax):
     codes and nested_absmax are device arrays; offset is a host float32 (it goes into the
     state dict's JSON).
     """
-    offset = cuda.device_array(1, np.float32)
-    _torch_mean_kernel[1, WARP](absmax, offset)
+    offset = _torch_mean(absmax)                                          # (1,) on the device
     nchunks = -(-absmax.size // NESTED_BLOCKSIZE)
     codes = cuda.device_array(absmax.size, np.uint8)
     nested_absmax = cuda.device_array(nchunks, np.float32)
@@ -340,9 +340,20 @@ def torch_mean_float32(values):
     """Same contract as :func:`qlora_np.reference.torch_mean_float32`: torch's float32 mean."""
     if not is_device_array(values):
         values = cuda.to_device(np.ascontiguousarray(values, np.float32))
+    return np.float32(_torch_mean(values).copy_to_host()[0])
+
+
+def _torch_mean(values):
+    """(1,) float32 device array holding torch's mean of ``values``, computed by one warp.
+
+    One warp is the design (torch's order has 32 independent chains), so numba's warning
+    about grids too small to fill the GPU is silenced for this launch.
+    """
     mean = cuda.device_array(1, np.float32)
-    _torch_mean_kernel[1, WARP](values, mean)
-    return np.float32(mean.copy_to_host()[0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size")
+        _torch_mean_kernel[1, WARP](values, mean)
+    return mean
 
 
 @cuda.jit(device=True)
