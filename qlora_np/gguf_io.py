@@ -1,6 +1,12 @@
-"""Reading GGUF files through gguf-py: metadata values and tensors decoded to float32."""
+"""GGUF files through gguf-py: metadata values, tensors decoded to float32, atomic writes."""
+
+import contextlib
+import os
+import tempfile
 
 import numpy as np
+
+from .errors import ShapeError
 
 
 def field_value(reader, key, default=None):
@@ -19,3 +25,55 @@ def decode_tensor(tensor):
 
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return np.ascontiguousarray(values, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def metadata_items(reader, skip=()):
+    """(key, value, type, array item type) for every metadata field of a reader, ready for :func:`write_gguf`.
+
+    Leaves out the GGUF.* header fields and general.architecture (the writer adds those)
+    and the keys in ``skip``.
+    """
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        sub_type = field.types[1] if len(field.types) > 1 else None
+        yield key, field.contents(), field.types[0], sub_type
+
+
+def write_gguf(path, architecture, metadata, tensors):
+    """Write a GGUF file atomically, holding one tensor in memory at a time.
+
+    ``metadata``: (key, value, GGUFValueType, array item type or None) tuples.
+    ``tensors``: (name, NumPy shape, GGMLQuantizationType, make) tuples; ``make()``
+    returns the stored data — float32/float16 values of that shape, or the uint8 blocks
+    of a quantized type. All shapes are declared before the first ``make()`` runs.
+    """
+    import gguf
+
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(descriptor)
+    try:
+        writer = gguf.GGUFWriter(temporary, architecture)
+        for key, value, value_type, sub_type in metadata:
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
+        for name, shape, tensor_type, _ in tensors:
+            block, type_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+            if shape[-1] % block:
+                raise ShapeError(f"{name}: rows of {shape[-1]} values do not split into "
+                                 f"{tensor_type.name} blocks of {block}")
+            nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_bytes
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, _, _, make in tensors:
+            writer.write_tensor_data(np.ascontiguousarray(make()))
+        writer.close()
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
