@@ -8,6 +8,7 @@ is in the GGUF row order (q and k rows permuted for adjacent-pair RoPE).
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError
+from .llama import permute_rope_rows
 from .lora import LoRALinear
 from .tensor import QuantizedTensor
 
@@ -22,8 +23,12 @@ def model_adapters(model):
                 yield index, name, layer
 
 
-def attach_adapter(model, index, name, lora_a, lora_b, alpha, use_rslora=False):
-    """Give layer ``name`` of block ``index`` the adapters A (r, in), B (out, r) (B in GGUF row order)."""
+def attach_adapter(model, index, name, lora_a, lora_b, alpha, use_rslora=False, hf_rows=False):
+    """Give layer ``name`` of block ``index`` the adapters A (r, in), B (out, r).
+
+    B's rows are in the GGUF order, or with ``hf_rows`` in Hugging Face's rotate-half
+    order (PEFT files), which is permuted here for q and k once the shapes are checked.
+    """
     if not 0 <= index < len(model.blocks) or name not in model.blocks[index].linears:
         raise ShapeError(f"the model has no layer blk.{index}.{name}")
     layer = model.blocks[index].linears[name]
@@ -34,6 +39,9 @@ def attach_adapter(model, index, name, lora_a, lora_b, alpha, use_rslora=False):
     if lora_a.ndim != 2 or lora_b.shape != expected_b or lora_a.shape != expected_a:
         raise ShapeError(f"blk.{index}.{name}: adapters must be A {expected_a} and B {expected_b}, "
                          f"got A {lora_a.shape} and B {lora_b.shape}")
+    heads = {"attn_q": model.config.num_heads, "attn_k": model.config.num_kv_heads}.get(name)
+    if hf_rows and heads is not None:
+        lora_b = permute_rope_rows(lora_b, heads)
     mode = "qlora" if isinstance(layer.base, QuantizedTensor) else "lora"
     adapted = LoRALinear(layer.base, layer.bias, lora_a, lora_b, alpha, mode=mode, use_rslora=use_rslora)
     adapted.training = layer.training
