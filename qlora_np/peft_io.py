@@ -57,7 +57,8 @@ def save_peft(model, folder, base_model_name_or_path=None, lora_dropout=0.0):
     if len(adapted) != len(layers) * len(targets):
         raise InvalidValueError("PEFT's config needs the same modules adapted in every adapted layer")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": base_model_name_or_path, "r": int(r), "lora_alpha": alpha, "use_rslora": use_rslora, "target_modules": targets,
+              "base_model_name_or_path": base_model_name_or_path, "r": int(r), "lora_alpha": alpha,
+              "use_rslora": use_rslora, "target_modules": targets,
               "lora_dropout": float(lora_dropout), "bias": "none", "fan_in_fan_out": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "layers_to_transform": None if len(layers) == len(model.blocks) else layers,
