@@ -1,0 +1,246 @@
+"""Whole 4-bit Llama checkpoints in the Hugging Face + bitsandbytes layout, read and written without torch.
+
+A folder holds ``config.json`` (the HF Llama config with a ``quantization_config``) and
+``model.safetensors`` (or shards listed in ``model.safetensors.index.json``). Every
+4-bit linear weight is stored as bitsandbytes' ``Linear4bit`` state dict under its HF
+name — ``model.layers.N.self_attn.q_proj.weight`` (packed codes), ``.weight.absmax``,
+``.weight.quant_map``, with double quant ``.weight.nested_absmax`` and
+``.weight.nested_quant_map``, and ``.weight.quant_state.bitsandbytes__nf4`` (JSON) —
+while the embedding, the norms and ``lm_head`` stay float.
+
+HF orders the rows of q and k for rotate-half RoPE, this model for adjacent pairs, so
+their rows are permuted on the way in and out. When every row holds whole blocks
+(in_features a multiple of the block size) that moves packed rows and block scales and
+is exact; double-quantized scales are decoded to float32 for it, because their groups of
+256 blocks do not survive the permutation. Otherwise q and k are decoded: on loading
+they stay float32, on saving they are quantized again in HF order.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from .errors import CheckpointError, StateDictError
+from .llama import HF_LINEAR_NAMES, LINEAR_NAMES, LlamaBlock, LlamaConfig, LlamaModel, permute_rope_rows, \
+    unpermute_rope_rows
+from .lora import LoRALinear
+from .ops import dequantize, quantize, scales
+from .safetensors_io import atomic_write, read_safetensors, save_safetensors
+from .tensor import BNB_BLOCKSIZES, QuantizedTensor
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=True):
+    """Write ``model``'s base weights as a transformers + bitsandbytes 4-bit checkpoint folder.
+
+    4-bit nf4/fp4 weights are written as they are; float weights (and int4 ones, which
+    bitsandbytes cannot hold) are quantized with ``quant_type``, ``blocksize``,
+    ``double_quant``. Adapters are not part of it: save them with ``save_peft``.
+    Returns the config written.
+    """
+    config = model.config
+    tensors = {"model.embed_tokens.weight": model.embedding, "model.norm.weight": model.output_norm}
+    if not model.tied_output:
+        tensors["lm_head.weight"] = _float_weight(model.output.base)
+    for index, block in enumerate(model.blocks):
+        hf = f"model.layers.{index}."
+        tensors[hf + "input_layernorm.weight"] = block.attn_norm
+        tensors[hf + "post_attention_layernorm.weight"] = block.ffn_norm
+        for name in LINEAR_NAMES:
+            weight = _hf_quantized(block.linears[name].base, _rope_heads(config, name),
+                                   (quant_type, blocksize, double_quant))
+            tensors.update(weight.to_bnb(hf + HF_LINEAR_NAMES[name] + ".weight"))
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float32",
+                 "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+                 "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+                 "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+                 "intermediate_size": config.intermediate_size, "hidden_act": "silu",
+                 "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
+                 "rope_theta": config.rope_theta,
+                 "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+                 "tie_word_embeddings": model.tied_output, "attention_bias": False, "mlp_bias": False,
+                 "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                         "load_in_8bit": False, "bnb_4bit_quant_type": quant_type,
+                                         "bnb_4bit_use_double_quant": double_quant,
+                                         "bnb_4bit_compute_dtype": "float32",
+                                         "bnb_4bit_quant_storage": "uint8"}}
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
+        json.dump(hf_config, stream, indent=2)
+    return hf_config
+
+
+def load_bnb_model(folder):
+    """A :class:`LlamaModel` from a transformers + bitsandbytes checkpoint folder (or a float HF one).
+
+    4-bit weights load as they are stored (no decoding), float ones stay float32.
+    Anything missing, malformed or of the wrong shape raises CheckpointError.
+    """
+    config = _read_config(folder)
+    tensors = read_checkpoint_tensors(folder)
+    h, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+    shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
+              "ffn_gate": (config.intermediate_size, h), "ffn_up": (config.intermediate_size, h),
+              "ffn_down": (h, config.intermediate_size)}
+    blocks = []
+    for index in range(config.num_layers):
+        hf = f"model.layers.{index}."
+        linears = {}
+        for name in LINEAR_NAMES:
+            weight = linear_from_bnb(tensors, hf + HF_LINEAR_NAMES[name] + ".weight", shapes[name], folder)
+            linears[name] = _gguf_layer(weight, _rope_heads(config, name))
+        norms = [_float(tensors, hf + key, (h,), folder)
+                 for key in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+        blocks.append(LlamaBlock(*norms, linears))
+    embedding = _float(tensors, "model.embed_tokens.weight", (config.vocab_size, h), folder)
+    tied = "lm_head.weight" not in tensors
+    output = LoRALinear(embedding, mode="dense") if tied else _gguf_layer(
+        linear_from_bnb(tensors, "lm_head.weight", (config.vocab_size, h), folder), None)
+    return LlamaModel(config, embedding, blocks, _float(tensors, "model.norm.weight", (h,), folder), output,
+                      tied_output=tied)
+
+
+def linear_from_bnb(tensors, key, shape, source=""):
+    """The weight ``key`` of a state dict: a QuantizedTensor if stored as a bitsandbytes 4-bit
+    ``Linear4bit`` (keys ``key``, ``key.absmax``, … ``key.quant_state.bitsandbytes__<type>``),
+    else a float32 array; ``shape`` (out, in) is checked."""
+    if not any(k.startswith(key + ".quant_state.bitsandbytes__") for k in tensors):
+        return _float(tensors, key, shape, source)
+    state = {k: v for k, v in tensors.items() if k == key or k.startswith(key + ".")}
+    try:
+        weight = QuantizedTensor.from_bnb(state, key)
+    except StateDictError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    if weight.shape != tuple(shape):
+        raise CheckpointError(f"{source}: {key} holds a {weight.shape} weight, "
+                              f"the config needs {tuple(shape)}")
+    return weight
+
+
+def read_checkpoint_tensors(folder):
+    """name → array of every tensor of ``model.safetensors`` or of the shards its index lists (memory maps)."""
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index_path):
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: needs a weight_map of tensor name → file name")
+        files = sorted(set(weight_map.values()))
+        if any(os.path.basename(f) != f for f in files):
+            raise CheckpointError(f"{index_path}: shard names must be plain file names, got {files}")
+    else:
+        files = [WEIGHTS_FILE]
+    tensors = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder}: no {name}")
+        tensors.update(read_safetensors(path))
+    return tensors
+
+
+# ---------------------------------------------------------------------------
+# Row order of q and k
+# ---------------------------------------------------------------------------
+
+def _rope_heads(config, name):
+    return {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
+
+
+def _gguf_layer(weight, heads):
+    """A frozen layer of the model from an HF-ordered weight (QuantizedTensor or float32 array)."""
+    if heads is not None:
+        weight = _reordered_rows(weight, lambda rows: permute_rope_rows(rows, heads))
+    mode = "quant" if isinstance(weight, QuantizedTensor) else "dense"
+    return LoRALinear(weight, mode=mode)
+
+
+def _hf_quantized(weight, heads, settings):
+    """A bitsandbytes-writable QuantizedTensor of a layer's base weight, rows in HF order."""
+    writable = isinstance(weight, QuantizedTensor) and weight.quant_type in ("nf4", "fp4") \
+        and weight.blocksize in BNB_BLOCKSIZES
+    if heads is not None:
+        weight = _reordered_rows(weight, lambda rows: unpermute_rope_rows(rows, heads))
+    if writable and isinstance(weight, QuantizedTensor):
+        return weight
+    return quantize(_float_weight(weight), *settings)
+
+
+def _reordered_rows(weight, reorder):
+    """``weight`` with rows reordered by ``reorder`` (a function of an (out, …) array).
+
+    A 4-bit weight whose rows hold whole blocks keeps its codes: packed rows and block
+    scales move together (scales as float32). Any other 4-bit weight is decoded.
+    """
+    if not isinstance(weight, QuantizedTensor):
+        return reorder(np.asarray(weight, np.float32))
+    out, inp = weight.shape
+    if inp % weight.blocksize or weight.zero_point is not None:
+        return reorder(dequantize(weight, dtype="float32"))
+    packed = reorder(weight.packed.reshape(out, inp // 2)).reshape(-1)                # (out·in/2,)
+    block_scales = reorder(scales(weight).reshape(out, inp // weight.blocksize)).reshape(-1)
+    return QuantizedTensor(packed, np.array(block_scales, np.float32), weight.shape, weight.dtype,
+                           weight.quant_type, weight.blocksize, weight.codebook.copy())
+
+
+def _float_weight(weight):
+    if isinstance(weight, QuantizedTensor):
+        return dequantize(weight, dtype="float32")
+    return np.asarray(weight, np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Reading helpers
+# ---------------------------------------------------------------------------
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def _read_config(folder):
+    """LlamaConfig from an HF config.json (rope_theta at the top level or in rope_parameters)."""
+    path = os.path.join(folder, "config.json")
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    try:
+        config = LlamaConfig(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
+                             num_layers=_size(hf["num_hidden_layers"]),
+                             num_heads=_size(hf["num_attention_heads"]),
+                             num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
+                             intermediate_size=_size(hf["intermediate_size"]),
+                             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                             context_length=_size(hf.get("max_position_embeddings", 2048)))
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise CheckpointError(f"{path}: missing or malformed Llama sizes: {error!r}") from None
+    if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads \
+            or config.head_dim % 2:
+        raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
+                              f"do not split hidden size {config.hidden_size} into even head sizes")
+    return config
+
+
+def _size(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 31:
+        raise ValueError(f"sizes must be positive ints, got {value!r}")
+    return value
+
+
+def _float(tensors, key, shape, source):
+    if key not in tensors:
+        raise CheckpointError(f"{source}: checkpoint has no tensor {key!r}")
+    array = tensors[key]
+    if tuple(array.shape) != tuple(shape) or not (array.dtype.kind == "f" or str(array.dtype) == "bfloat16"):
+        raise CheckpointError(f"{source}: {key} must be a float tensor of shape {tuple(shape)}, "
+                              f"got {array.dtype} {tuple(array.shape)}")
+    return np.asarray(array, np.float32)
