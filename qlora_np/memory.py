@@ -20,6 +20,7 @@ state, quantization constants — for LLaMA-style models. Activations are left o
 from dataclasses import dataclass
 
 GIB = 1024 ** 3
+MIB = 1024 ** 2
 
 FULL_BYTES = {"full fp32": 4 + 4 + 8, "full fp16 mixed": 2 + 2 + 4 + 8}
 """Bytes per value of full fine-tuning with AdamW: weight, gradient, (master copy,) two moments."""
@@ -139,3 +140,18 @@ def setup_bar_chart(shape, r=16, adapter_dtype="fp32", width=50):
     """Bar chart of the four set-ups' totals for one model."""
     totals = setup_totals(training_bytes(shape, r, adapter_dtype))
     return f"{shape.name}, LoRA rank {r}, {adapter_dtype} adapters:\n" + format_bar_chart(totals, width)
+
+
+def model_training_bytes(model):
+    """Measured bytes of a loaded model being fine-tuned, by part (activations left out).
+
+    ``model`` is a :class:`qlora_np.llama.LlamaModel`: its linear layers' frozen
+    weights (packed 4-bit + scales, or float), the float tensors it also holds
+    (embedding table, norms) and the adapters with their gradients and AdamW moments.
+    """
+    frozen_linear = sum(layer.base.nbytes for layer in model.linear_layers())
+    other = model.embedding.nbytes + model.output_norm.nbytes
+    other += sum(block.attn_norm.nbytes + block.ffn_norm.nbytes for block in model.blocks)
+    adapters = sum(param.value.nbytes for layer in model.linear_layers() for param in layer.parameters().values())
+    return {"frozen linear weights": frozen_linear, "embedding + norms": other,
+            "adapters+grads+optimizer": 4 * adapters}

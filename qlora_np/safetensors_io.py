@@ -96,11 +96,14 @@ def save_safetensors(path, tensors, metadata=None):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    Text modes write UTF-8.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(descriptor, mode) as stream:
+        with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())

@@ -282,6 +282,23 @@ class Trainer:
         return {"examples": len(self.train_examples), "sha256": digest.hexdigest()}
 
 
+def load_adapters(model, folder):
+    """Give ``model`` the adapters of a training checkpoint (as configured there); returns them."""
+    parameters, _, state = load_checkpoint(folder)
+    try:
+        config = TrainConfig(**state["config"])
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder}: malformed training config ({error})") from None
+    params = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
+                         config.use_rslora, seed=config.seed)
+    for name, param in params.items():
+        value = parameters.get(name)
+        if value is None or value.shape != param.value.shape:
+            raise CheckpointError(f"{folder}: adapter {name} is missing or does not fit this model")
+        param.value[...] = value
+    return params
+
+
 def plot_loss_curve(history, path):
     """Training loss per step (and eval loss) as a PNG; returns False when matplotlib is missing."""
     try:
@@ -299,9 +316,29 @@ def plot_loss_curve(history, path):
         axes.plot(*zip(*evals), "o-", label="eval loss")
     axes.set_xlabel("step")
     axes.set_ylabel("cross-entropy")
-    axes.legend()
+    if train or evals:
+        axes.legend()
     figure.tight_layout()
     with atomic_write(path) as stream:
         figure.savefig(stream, format="png", dpi=100)
     pyplot.close(figure)
     return True
+
+
+def exact_match(model, records, max_new_tokens=24):
+    """Share of chat records whose greedy reply equals the record's last assistant message.
+
+    Each record's conversation up to its last reply is the prompt (chat template); the
+    generated text, stripped of surrounding white space, must equal that reply exactly.
+    Returns (rate, [(question, expected, generated), …]).
+    """
+    model.eval()
+    results = []
+    for record in records:
+        messages = record["messages"]
+        expected = messages[-1]["content"]
+        prompt = model.tokenizer.apply_chat_template(messages[:-1])
+        generated = "".join(model.generate(prompt, max_new_tokens)).strip()
+        results.append((messages[-2]["content"], expected, generated))
+    model.train()
+    return sum(expected == generated for _, expected, generated in results) / max(1, len(results)), results

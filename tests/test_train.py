@@ -237,3 +237,29 @@ def test_trained_adapters_change_generation_mode_free_of_dropout(smollm2_tokeniz
     ids = examples[0].ids
     assert np.array_equal(model.forward(ids), model.forward(ids))              # eval: no dropout
     assert sorted(trainable_parameters(model)) == sorted(trainer.params)
+
+
+def test_load_adapters_reproduces_the_trained_model(tmp_path, smollm2_tokenizer):
+    from qlora_np.train import load_adapters
+
+    examples = colour_examples(smollm2_tokenizer, count=6)
+    trained = tiny_model(smollm2_tokenizer)
+    Trainer(trained, examples, (), TrainConfig(r=2, max_steps=2, batch_size=3, lr=1e-2), output_dir=tmp_path,
+            progress=False).train()
+    loaded = tiny_model(smollm2_tokenizer)
+    load_adapters(loaded, tmp_path / "checkpoint-000002")
+    trained.eval()
+    loaded.eval()
+    ids = examples[0].ids
+    np.testing.assert_array_equal(loaded.forward(ids), trained.forward(ids))
+    assert not np.array_equal(loaded.forward(ids), tiny_model(smollm2_tokenizer).forward(ids))
+
+
+def test_exact_match_compares_greedy_replies(smollm2_tokenizer):
+    from qlora_np.train import exact_match
+
+    model = tiny_model(smollm2_tokenizer)
+    records = [{"messages": [{"role": "user", "content": "Say anything"}, {"role": "assistant", "content": "x"}]}]
+    rate, results = exact_match(model, records, max_new_tokens=3)
+    question, expected, generated = results[0]
+    assert (question, expected) == ("Say anything", "x") and rate == float(generated == "x")

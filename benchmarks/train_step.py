@@ -1,0 +1,197 @@
+"""Training speed and memory: a QLoRA step on SmolLM2-135M, qlora_np against plain PyTorch.
+
+    python benchmarks/train_step.py [--steps 3] [--batch 4] [--seq 256] [--threads 2]
+                                    [--torch-python PATH]
+
+One step = forward, backward and AdamW for LoRA r=8 (alpha 16) on q, k, v, o, gate,
+up and down of every block, on ``batch`` rows of ``seq`` random tokens, all tokens
+labelled. Each side runs in its own subprocess, so each peak RSS is its own:
+
+* qlora_np: the GGUF re-quantized to NF4 with double quant (the QLoRA set-up);
+* PyTorch (when ``--torch-python`` has torch): the same model written directly in
+  torch (no transformers), the same GGUF weights decoded to frozen float32, LoRA
+  adapters as trainable tensors, autograd, ``torch.optim.AdamW``; with bitsandbytes
+  installed there, its frozen linear weights are bnb NF4 ``Linear4bit`` layers.
+
+Prints tokens/s (the mean of the steps after the first) and peak RSS for each, and
+the ratios (targets: ≥ 2× their tokens/s at ≤ 0.5× their peak RSS).
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+OURS = r"""
+import json, resource, sys, time
+import numba, numpy as np
+from qlora_np.llama import LlamaModel
+from qlora_np.llama_lora import inject_lora, loss_and_backward
+from qlora_np.optim import AdamW
+path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
+numba.set_num_threads(threads)
+model = LlamaModel.from_gguf(path, quant_type="nf4")
+params = inject_lora(model, "all-linear", r=8, alpha=16)
+optimizer = AdamW(params, lr=1e-4)
+rng = np.random.default_rng(0)
+ids = rng.integers(0, model.config.vocab_size, (batch, seq))
+labels = rng.integers(0, model.config.vocab_size, (batch, seq))
+times, losses = [], []
+for _ in range(steps):
+    start = time.perf_counter()
+    losses.append(loss_and_backward(model, ids, labels))
+    optimizer.step()
+    optimizer.zero_grad()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"times": times, "losses": losses,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+TORCH = r"""
+import json, resource, sys, time
+import gguf, numpy as np, torch
+from gguf.quants import dequantize
+path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+reader = gguf.GGUFReader(path)
+def field(key):
+    f = reader.fields[key]
+    return f.parts[f.data[0]][0].item()
+hidden, layers = field("llama.embedding_length"), field("llama.block_count")
+heads, kv_heads = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
+eps, theta = field("llama.attention.layer_norm_rms_epsilon"), field("llama.rope.freq_base")
+head_dim = hidden // heads
+weights = {}
+for t in reader.tensors:
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    weights[t.name] = torch.from_numpy(np.ascontiguousarray(
+        dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)))
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+class LoRA(torch.nn.Module):
+    def __init__(self, weight, r=8, alpha=16):
+        super().__init__()
+        out_f, in_f = weight.shape
+        if bnb is not None:
+            self.base = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4",
+                                          compress_statistics=True, compute_dtype=torch.float32)
+            self.base.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        else:
+            self.base = torch.nn.Linear(in_f, out_f, bias=False)
+            self.base.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.a = torch.nn.Parameter(torch.empty(r, in_f).uniform_(-in_f ** -0.5, in_f ** -0.5))
+        self.b = torch.nn.Parameter(torch.zeros(out_f, r))
+        self.scale = alpha / r
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.a.T) @ self.b.T
+
+def rms(x, w):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+def rope(x, cos, sin):                       # adjacent pairs, the GGUF row order
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
+
+blocks = [{name: LoRA(weights[f"blk.{i}.{name}.weight"]) for name in NAMES} for i in range(layers)]
+params = [p for block in blocks for layer in block.values() for p in (layer.a, layer.b)]
+optimizer = torch.optim.AdamW(params, lr=1e-4)
+embedding = weights["token_embd.weight"]
+angles = torch.arange(seq)[:, None] * theta ** (-torch.arange(0, head_dim, 2) / head_dim)
+cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
+
+def loss_of(ids, labels):
+    x = embedding[ids]
+    for i, block in enumerate(blocks):
+        n = rms(x, weights[f"blk.{i}.attn_norm.weight"])
+        q = rope(block["attn_q"](n).view(batch, seq, heads, head_dim), cos, sin).transpose(1, 2)
+        k = rope(block["attn_k"](n).view(batch, seq, kv_heads, head_dim), cos, sin).transpose(1, 2)
+        v = block["attn_v"](n).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        k = k.repeat_interleave(heads // kv_heads, 1)
+        v = v.repeat_interleave(heads // kv_heads, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + block["attn_output"](o.transpose(1, 2).reshape(batch, seq, hidden))
+        m = rms(x, weights[f"blk.{i}.ffn_norm.weight"])
+        x = x + block["ffn_down"](torch.nn.functional.silu(block["ffn_gate"](m)) * block["ffn_up"](m))
+    logits = rms(x, weights["output_norm.weight"]) @ embedding.T
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+generator = np.random.default_rng(0)
+ids = torch.from_numpy(generator.integers(0, embedding.shape[0], (batch, seq)))
+labels = torch.from_numpy(generator.integers(0, embedding.shape[0], (batch, seq)))
+times, losses = [], []
+for _ in range(steps):
+    start = time.perf_counter()
+    loss = loss_of(ids, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    times.append(time.perf_counter() - start)
+    losses.append(loss.item())
+print(json.dumps({"times": times, "losses": losses, "bnb": bnb is not None, "torch": torch.__version__,
+                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run(python, script, args):
+    """Run one side in a subprocess; its JSON result, or None (with the reason printed)."""
+    result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True,
+                            timeout=3600)
+    if result.returncode != 0:
+        print(f"  failed: {result.stderr.strip()[-800:]}")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summary(name, result, tokens):
+    steady = result["times"][1:] or result["times"]
+    speed = tokens / (sum(steady) / len(steady))
+    print(f"{name:34} {speed:8.1f} tokens/s   first step {result['times'][0]:6.2f} s   "
+          f"peak RSS {result['rss_mib']:7.0f} MiB   loss {result['losses'][0]:.3f}")
+    return speed
+
+
+def main():
+    from qlora_np.demo import shipped_smollm2_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch-python", default=sys.executable,
+                        help="a Python with torch (and gguf) installed (default: this one)")
+    args = parser.parse_args()
+    path = args.model or shipped_smollm2_path()
+    tokens = args.batch * args.seq
+    common = [path, args.steps, args.batch, args.seq, args.threads]
+    print(f"{os.path.basename(path)}: LoRA r=8 on all 7 linear layers, batch {args.batch} × seq {args.seq}"
+          f" = {tokens} tokens a step, {args.threads} threads, {args.steps} steps")
+    ours = run(sys.executable, OURS, common)
+    if ours is None:
+        return
+    our_speed = summary("qlora_np (NF4 + dq, NumPy/Numba)", ours, tokens)
+    has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"], capture_output=True)
+    if has_torch.returncode != 0:
+        print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
+        return
+    theirs = run(args.torch_python, TORCH, common)
+    if theirs is None:
+        return
+    label = f"torch {theirs['torch']} ({'bnb NF4' if theirs['bnb'] else 'fp32 frozen'})"
+    their_speed = summary(label, theirs, tokens)
+    print(f"speed ratio qlora_np / torch: {our_speed / their_speed:.2f} (target ≥ 2.0); "
+          f"peak RSS ratio: {ours['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
+
+
+if __name__ == "__main__":
+    main()

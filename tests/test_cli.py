@@ -1,0 +1,58 @@
+"""The ``qlora-np`` command line on the real SmolLM2-135M (slow: loads the model each time)."""
+
+import json
+
+import pytest
+
+from qlora_np import cli
+from qlora_np.checkpoint import latest_checkpoint
+
+
+def run(argv, capsys):
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture()
+def small_data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    records = [{"messages": [{"role": "user", "content": f"Repeat {word}"}, {"role": "assistant", "content": word}]}
+               for word in ("apple", "river", "stone", "cloud", "ember", "maple")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_resume_and_generate_with_the_adapter(tmp_path, small_data, capsys):
+    out_dir = tmp_path / "run"
+    common = ["finetune", "--data", str(small_data), "--output-dir", str(out_dir), "--batch-size", "2",
+              "--max-length", "64", "--eval-fraction", "0.34", "--r", "2", "--target-modules", "q_proj,v_proj",
+              "--checkpoint-every", "1"]
+    status, out, err = run(common + ["--max-steps", "1"], capsys)
+    assert status == 0, err
+    assert "4 training and 2 evaluation examples" in out and "eval loss" in out
+    assert latest_checkpoint(out_dir).endswith("checkpoint-000001")
+    status, out, err = run(common + ["--max-steps", "2", "--resume"], capsys)
+    assert status == 0, err
+    assert "resumed from" in out and "at step 1" in out
+    assert latest_checkpoint(out_dir).endswith("checkpoint-000002")
+    steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2]
+    status, out, err = run(["generate", "--chat", "--adapter", latest_checkpoint(out_dir), "--prompt",
+                            "Repeat apple", "--max-new-tokens", "4"], capsys)
+    assert status == 0, err and out.startswith("Repeat apple")
+
+
+@pytest.mark.slow
+def test_finetune_reports_bad_input_without_a_traceback(tmp_path, small_data, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n', encoding="utf-8")
+    status, _, err = run(["finetune", "--data", str(bad), "--output-dir", str(tmp_path / "x")], capsys)
+    assert status == 2 and "bad.jsonl:2" in err
+    status, _, err = run(["finetune", "--data", str(small_data), "--output-dir", str(tmp_path / "y"),
+                          "--resume"], capsys)
+    assert status == 2 and "no checkpoint" in err
+    status, _, err = run(["finetune", "--data", str(small_data), "--output-dir", str(tmp_path / "z"),
+                          "--batch-size", "0"], capsys)
+    assert status == 2 and "batch_size=0" in err
