@@ -122,10 +122,10 @@ def linear_from_bnb(tensors, key, shape, source=""):
 
 
 def read_checkpoint_tensors(folder):
-    """name → array of every tensor of ``model.safetensors`` or of the shards its index lists (memory maps)."""
+    """name → array of every tensor of ``model.safetensors`` or of its index's shards (memory maps)."""
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index_path):
-        index = _read_json(index_path)
+        index = read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index_path}: needs a weight_map of tensor name → file name")
@@ -197,7 +197,8 @@ def _float_weight(weight):
 # Reading helpers
 # ---------------------------------------------------------------------------
 
-def _read_json(path):
+def read_json(path):
+    """The JSON value in ``path``; an unreadable or malformed file raises CheckpointError."""
     try:
         with open(path, encoding="utf-8") as stream:
             return json.load(stream)
@@ -208,7 +209,7 @@ def _read_json(path):
 def _read_config(folder):
     """LlamaConfig from an HF config.json (rope_theta at the top level or in rope_parameters)."""
     path = os.path.join(folder, "config.json")
-    hf = _read_json(path)
+    hf = read_json(path)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: must hold a JSON object")
     rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}

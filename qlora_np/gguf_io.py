@@ -6,7 +6,17 @@ import tempfile
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import CheckpointError, ShapeError
+
+
+def open_gguf(path):
+    """A ``gguf.GGUFReader`` of ``path``; a file gguf-py cannot parse raises CheckpointError."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
 
 
 def field_value(reader, key, default=None):

@@ -198,16 +198,17 @@ def test_merged_f32_gguf_loads_back_to_the_adapted_model(tmp_path):
 
 
 @pytest.mark.parametrize("tensor_type, file_type, tolerance", [("F16", 1, 2e-3), ("Q8_0", 7, 1e-2),
-                                                               ("Q4_0", 2, 0.15)])
+                                                               ("Q4_0", 2, 0.15), ("IQ4_NL", 25, 0.15)])
 def test_merged_quantized_ggufs_report_their_rounding(tmp_path, tensor_type, file_type, tolerance):
     source = tiny_source(tmp_path)
     model = tiny_adapted()
     report = save_merged_gguf(model, source, tmp_path / "merged.gguf", tensor_type)
     types = {row.name: row.tensor_type for row in report}
     assert types["blk.0.attn_q.weight"] == tensor_type and types["blk.0.attn_norm.weight"] == "F32"
-    assert types["token_embd.weight"] == ("Q8_0" if tensor_type == "Q4_0" else tensor_type)
+    assert types["token_embd.weight"] == ("Q8_0" if tensor_type in ("Q4_0", "IQ4_NL") else tensor_type)
     # ffn_down rows hold 48 values: not a whole number of 32-value blocks, so they fall back to F16
-    assert types["blk.0.ffn_down.weight"] == ("F16" if tensor_type in ("Q8_0", "Q4_0") else tensor_type)
+    assert types["blk.0.ffn_down.weight"] == ("F16" if tensor_type in ("Q8_0", "Q4_0", "IQ4_NL")
+                                              else tensor_type)
     assert 0 < max(row.relative_error for row in report) < tolerance
     assert format_error_report(report).splitlines()[0].split() == ["tensor", "type", "max", "|err|", "rel.",
                                                                    "error"]
@@ -324,3 +325,7 @@ def test_llama_cpp_runs_our_adapter_and_merged_ggufs_live(smollm2, tmp_path):
     # Q4_0 moves the logits far from the float model's, but not from its own decoded weights' (1.35)
     decoded = LlamaModel.from_gguf(tmp_path / "merged-q4.gguf", quant_type=None)
     assert np.abs(run["logits_0"] - decoded.forward(np.array(prompts[0]))).max() < 2.5
+    save_merged_gguf(model, reader, tmp_path / "merged-iq4.gguf", "IQ4_NL")     # our own IQ4_NL encoder
+    run = run_llama_cpp(tmp_path / "merged-iq4.gguf", prompts[:1], generate=8)
+    decoded = LlamaModel.from_gguf(tmp_path / "merged-iq4.gguf", quant_type=None)
+    assert np.abs(run["logits_0"] - decoded.forward(np.array(prompts[0]))).max() < 2.5     # measured 1.09
