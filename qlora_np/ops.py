@@ -289,6 +289,7 @@ def _weight_row_tiles(qt, backend, batch_rows):
     possible, start on block boundaries so the fast decoder can be used.
     """
     kernels = get_backend(backend)
+    one_thread = {} if backend == "reference" else {"parallel": False}     # see dequantize_4bit
     out_features, in_features = qt.shape
     block_scales = scales(qt, backend)
     tile_elements = min(TILE_ELEMENTS, max(TILE_ELEMENTS // 4, batch_rows * 4096))
@@ -299,5 +300,6 @@ def _weight_row_tiles(qt, backend, batch_rows):
     for row_start in range(0, out_features, rows_per_tile):
         rows = min(rows_per_tile, out_features - row_start)
         tile = kernels.dequantize_4bit(qt.packed, block_scales, qt.zero_point, rows * in_features,
-                                       qt.blocksize, qt.codebook, start=row_start * in_features)
+                                       qt.blocksize, qt.codebook, start=row_start * in_features,
+                                       **one_thread)
         yield row_start, tile.reshape(rows, in_features)

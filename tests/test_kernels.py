@@ -317,6 +317,7 @@ def test_dequantize_4bit_from_any_start_equals_reference(case):
     slow = reference.dequantize_4bit(*args, start=start)
     assert fast.dtype == slow.dtype == np.float32 and fast.shape == (n,)
     assert fast.tobytes() == slow.tobytes()
+    assert cpu.dequantize_4bit(*args, start=start, parallel=False).tobytes() == slow.tobytes()
     # a window is exactly that slice of the whole decode
     whole = reference.dequantize_4bit(packed, absmax, zero_point, total, blocksize, codebook)
     assert fast.tobytes() == whole[start:start + n].tobytes()

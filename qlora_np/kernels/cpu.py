@@ -189,15 +189,25 @@ def _pack_pairs(codes, packed):
 # 4-bit dequantization
 # ---------------------------------------------------------------------------
 
-def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0):
-    """Same contract as :func:`qlora_np.reference.dequantize_4bit`: (n,) float32."""
+def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0, parallel=True):
+    """Same contract as :func:`qlora_np.reference.dequantize_4bit`: (n,) float32.
+
+    ``parallel=False`` decodes on the calling thread only. The tiled products use it:
+    when a BLAS call follows, Numba's OpenMP workers would still be spin-waiting for
+    more work and take the cores from BLAS's threads (a measured 1.7× slower training
+    step on 2 cores); a one-thread decode of a tile costs far less than that.
+    """
     out = np.empty(n, np.float32)
     if zero_point is None:
         shift = np.zeros(absmax.size, np.float32)
     else:                                          # (code - zp) · scale == codebook[code] - zp, times scale
         shift = zero_point.astype(np.float32)
     if blocksize % 2 == 0 and start % blocksize == 0:
-        _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out)
+        if parallel:
+            _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out)
+        else:
+            _dequantize_block_range(packed, absmax, shift, blocksize, codebook, start, out,
+                                    0, -(-n // blocksize))
     else:
         _dequantize_blocks_any(packed, absmax, shift, blocksize, codebook, start, out)
     return out
@@ -215,17 +225,27 @@ def _dequantize_block_even(block_bytes, scale, shift, codebook, out):
         out[2 * pairs] = (codebook[block_bytes[pairs] >> 4] - shift) * scale
 
 
-@njit(parallel=True, cache=True)
-def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out):
-    """Whole blocks from ``start`` (a block boundary): each writes out[its range - start]."""
-    stop = start + out.size
-    first_block = start // blocksize
-    for k in prange(-(-out.size // blocksize)):
-        block = first_block + k
+@njit(cache=True)
+def _dequantize_block_range(packed, absmax, shift, blocksize, codebook, start, out, first, stop):
+    """Blocks first … stop-1 counted from ``start`` (a block boundary), into out[their range - start]."""
+    end = start + out.size
+    for k in range(first, stop):
+        block = start // blocksize + k
         lo = block * blocksize
-        hi = min(lo + blocksize, stop)
+        hi = min(lo + blocksize, end)
         _dequantize_block_even(packed[lo >> 1:], absmax[block], shift[block], codebook,
                                out[lo - start:hi - start])
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out):
+    """Whole blocks from ``start`` (a block boundary), in parallel groups of 16 blocks."""
+    blocks = -(-out.size // blocksize)
+    group = 16
+    for g in prange(-(-blocks // group)):
+        first = np.int64(g) * group
+        _dequantize_block_range(packed, absmax, shift, blocksize, codebook, start, out,
+                                first, min(first + group, blocks))
 
 
 @njit(parallel=True, cache=True)
