@@ -22,6 +22,12 @@ from .tensor import BNB_BLOCKSIZES, QuantizedTensor
 from .lora import LoRALinear, MergeReport, Parameter
 from .llama import LlamaModel
 from .llama_lora import inject_lora, loss_and_backward, print_trainable_parameters
+from .data import load_examples, split_examples
+from .train import TrainConfig, Trainer
+from .gguf_export import load_gguf_adapter, save_gguf_adapter, save_merged_gguf
+from .peft_io import load_peft, save_peft
+from .bnb_io import load_bnb_model, save_bnb_model
+from .convert import quantize_checkpoint
 from . import memory, optim
 
 __version__ = "0.1.0"
@@ -30,6 +36,9 @@ __all__ = [
     "quantize", "dequantize", "matmul", "matmul_t", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
     "LoRALinear", "Parameter", "MergeReport", "optim", "memory",
     "LlamaModel", "inject_lora", "loss_and_backward", "print_trainable_parameters",
+    "load_examples", "split_examples", "TrainConfig", "Trainer",
+    "save_gguf_adapter", "load_gguf_adapter", "save_merged_gguf", "save_peft", "load_peft",
+    "save_bnb_model", "load_bnb_model", "quantize_checkpoint",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
     "UnknownFormatError", "StateDictError", "CheckpointError", "DataError", "DeviceError",

@@ -26,11 +26,9 @@ from .llama import HF_LINEAR_NAMES, LINEAR_NAMES, LlamaBlock, LlamaConfig, Llama
     unpermute_rope_rows
 from .lora import LoRALinear
 from .ops import dequantize, quantize, scales
-from .safetensors_io import atomic_write, read_safetensors, save_safetensors
+from .safetensors_io import CHECKPOINT_FILE, atomic_write, read_checkpoint_tensors, save_safetensors
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=True):
@@ -68,7 +66,7 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
                                          "bnb_4bit_compute_dtype": "float32",
                                          "bnb_4bit_quant_storage": "uint8"}}
     os.makedirs(folder, exist_ok=True)
-    save_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    save_safetensors(os.path.join(folder, CHECKPOINT_FILE), tensors, metadata={"format": "pt"})
     with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
         json.dump(hf_config, stream, indent=2)
     return hf_config
@@ -80,7 +78,7 @@ def load_bnb_model(folder):
     4-bit weights load as they are stored (no decoding), float ones stay float32.
     Anything missing, malformed or of the wrong shape raises CheckpointError.
     """
-    config = _read_config(folder)
+    config = LlamaConfig.from_hf_folder(folder)
     tensors = read_checkpoint_tensors(folder)
     h, kv = config.hidden_size, config.num_kv_heads * config.head_dim
     shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
@@ -119,28 +117,6 @@ def linear_from_bnb(tensors, key, shape, source=""):
         raise CheckpointError(f"{source}: {key} holds a {weight.shape} weight, "
                               f"the config needs {tuple(shape)}")
     return weight
-
-
-def read_checkpoint_tensors(folder):
-    """name → array of every tensor of ``model.safetensors`` or of its index's shards (memory maps)."""
-    index_path = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index_path):
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index_path}: needs a weight_map of tensor name → file name")
-        files = sorted(set(weight_map.values()))
-        if any(os.path.basename(f) != f for f in files):
-            raise CheckpointError(f"{index_path}: shard names must be plain file names, got {files}")
-    else:
-        files = [WEIGHTS_FILE]
-    tensors = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{folder}: no {name}")
-        tensors.update(read_safetensors(path))
-    return tensors
 
 
 # ---------------------------------------------------------------------------
@@ -196,46 +172,6 @@ def _float_weight(weight):
 # ---------------------------------------------------------------------------
 # Reading helpers
 # ---------------------------------------------------------------------------
-
-def read_json(path):
-    """The JSON value in ``path``; an unreadable or malformed file raises CheckpointError."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return json.load(stream)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-
-
-def _read_config(folder):
-    """LlamaConfig from an HF config.json (rope_theta at the top level or in rope_parameters)."""
-    path = os.path.join(folder, "config.json")
-    hf = read_json(path)
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object")
-    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    try:
-        config = LlamaConfig(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
-                             num_layers=_size(hf["num_hidden_layers"]),
-                             num_heads=_size(hf["num_attention_heads"]),
-                             num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
-                             intermediate_size=_size(hf["intermediate_size"]),
-                             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                             context_length=_size(hf.get("max_position_embeddings", 2048)))
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise CheckpointError(f"{path}: missing or malformed Llama sizes: {error!r}") from None
-    if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads \
-            or config.head_dim % 2:
-        raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
-                              f"do not split hidden size {config.hidden_size} into even head sizes")
-    return config
-
-
-def _size(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 31:
-        raise ValueError(f"sizes must be positive ints, got {value!r}")
-    return value
-
 
 def _float(tensors, key, shape, source):
     if key not in tensors:

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from .bnb_io import read_json
+from .safetensors_io import read_json
 from .errors import CheckpointError, UnknownFormatError
 from .gguf_io import decode_tensor, open_gguf
 from .ops import quantize

@@ -22,6 +22,7 @@ from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownForma
 from .gguf_io import decode_tensor, field_value
 from .lora import LoRALinear
 from .ops import fused_matmul, quantize, uses_fused
+from .safetensors_io import read_checkpoint_tensors, read_json
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -61,6 +62,37 @@ class LlamaConfig:
                    rope_theta=float(value("llama.rope.freq_base", 10000.0)),
                    rms_norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
                    context_length=int(value("llama.context_length", 2048)))
+
+    @classmethod
+    def from_hf_folder(cls, folder):
+        """From a Hugging Face ``config.json`` (rope_theta at the top level or in rope_parameters)."""
+        path = os.path.join(folder, "config.json")
+        hf = read_json(path)
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{path}: must hold a JSON object")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        try:
+            config = cls(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
+                         num_layers=_size(hf["num_hidden_layers"]), num_heads=_size(hf["num_attention_heads"]),
+                         num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
+                         intermediate_size=_size(hf["intermediate_size"]),
+                         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                         context_length=_size(hf.get("max_position_embeddings", 2048)))
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise CheckpointError(f"{path}: missing or malformed Llama sizes: {error!r}") from None
+        if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads \
+                or config.head_dim % 2:
+            raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
+                                  f"do not split hidden size {config.hidden_size} into even head sizes")
+        return config
+
+
+def _size(value):
+    """A model size from JSON: a positive int (not a bool, not absurdly large)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 31:
+        raise ValueError(f"sizes must be positive ints, got {value!r}")
+    return value
 
 
 class LlamaBlock:
@@ -134,29 +166,8 @@ class LlamaModel:
         HF keeps q and k rows in rotate-half order; they are permuted to the GGUF
         (adjacent-pair) order used here. A ``tokenizer.json`` is not read: pass token ids.
         """
-        import json
-        import os
-
-        from .safetensors_io import read_safetensors
-
-        try:
-            with open(os.path.join(folder, "config.json")) as stream:
-                hf = json.load(stream)
-        except (OSError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{folder}: cannot read config.json: {error}") from None
-        config = LlamaConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                             num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                             intermediate_size=hf["intermediate_size"],
-                             rope_theta=float(hf.get("rope_theta", 10000.0)),
-                             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                             context_length=int(hf.get("max_position_embeddings", 2048)))
-        index = os.path.join(folder, "model.safetensors.index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) \
-            else ["model.safetensors"]
-        tensors = {}
-        for name in files:
-            tensors.update(read_safetensors(os.path.join(folder, name)))
+        config = LlamaConfig.from_hf_folder(folder)
+        tensors = read_checkpoint_tensors(folder)
         return cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
                                 double_quant)
 

@@ -20,6 +20,8 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
           "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+CHECKPOINT_FILE = "model.safetensors"
+CHECKPOINT_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2 ** 20
 HEADER_ALIGNMENT = 8
 
@@ -112,3 +114,34 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def read_json(path):
+    """The JSON value in ``path``; an unreadable or malformed file raises CheckpointError."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def read_checkpoint_tensors(folder):
+    """name → array of every tensor of ``model.safetensors`` or of its index's shards (memory maps)."""
+    index_path = os.path.join(folder, CHECKPOINT_INDEX)
+    if os.path.isfile(index_path):
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: needs a weight_map of tensor name → file name")
+        files = sorted(set(weight_map.values()))
+        if any(os.path.basename(f) != f for f in files):
+            raise CheckpointError(f"{index_path}: shard names must be plain file names, got {files}")
+    else:
+        files = [CHECKPOINT_FILE]
+    tensors = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder}: no {name}")
+        tensors.update(read_safetensors(path))
+    return tensors
