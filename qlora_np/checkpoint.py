@@ -69,7 +69,8 @@ def load_checkpoint(folder):
             raise CheckpointError(f"{folder}: {name} is missing")
         if _sha256(path) != state["sha256"].get(name):
             raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded")
-    parameters = {name: np.array(array) for name, array in read_safetensors(os.path.join(folder, ADAPTERS)).items()}
+    adapters = read_safetensors(os.path.join(folder, ADAPTERS))
+    parameters = {name: np.array(array) for name, array in adapters.items()}
     moments = read_safetensors(os.path.join(folder, OPTIMIZER))
     optimizer = state.pop("optimizer")
     steps = optimizer.pop("steps")
@@ -78,7 +79,8 @@ def load_checkpoint(folder):
                                                             for key in MOMENTS}}
                               for name, step in steps.items()}
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{folder}: optimizer moments do not match the recorded steps ({error})") from None
+        raise CheckpointError(f"{folder}: optimizer moments do not match the recorded steps "
+                              f"({error})") from None
     return parameters, optimizer, state
 
 

@@ -99,7 +99,7 @@ def run_generate(args):
         from .train import load_adapters
         load_adapters(model, args.adapter)
         model.eval()
-    print(args.prompt, end="", flush=True)
+    print(args.prompt, end="\n" if args.chat else "", flush=True)      # a chat reply starts a new line
     for piece in model.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                 args.top_p, args.seed, chat=args.chat):
         print(piece, end="", flush=True)
@@ -192,26 +192,22 @@ def run_info(args):
     print(format_info(describe(args.file)))
 
 
+def run_demo(args):
+    from .demo import run_demo, run_finetune_demo
+
+    run_demo(args.model, args.quant_type, args.blocksize, not args.no_double_quant)
+    if args.steps > 0:
+        run_finetune_demo(args.model, args.output_dir, args.steps)
+
+
+COMMANDS = {"demo": run_demo, "generate": run_generate, "finetune": run_finetune,
+            "export-gguf": run_export_gguf, "merge": run_merge, "quantize": run_quantize, "info": run_info}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo, run_finetune_demo
-            run_demo(args.model, args.quant_type, args.blocksize, not args.no_double_quant)
-            if args.steps > 0:
-                run_finetune_demo(args.model, args.output_dir, args.steps)
-        elif args.command == "generate":
-            run_generate(args)
-        elif args.command == "export-gguf":
-            run_export_gguf(args)
-        elif args.command == "merge":
-            run_merge(args)
-        elif args.command == "quantize":
-            run_quantize(args)
-        elif args.command == "info":
-            run_info(args)
-        elif args.command == "finetune":
-            run_finetune(args)
+        COMMANDS[args.command](args)
     except QLoraError as error:
         print(f"qlora-np: error: {error}", file=sys.stderr)
         return 2

@@ -143,8 +143,8 @@ def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_siz
     with open(files["eval"], encoding="utf-8") as stream:
         eval_records = [json.loads(line) for line in stream][:eval_count]
     held_out = load_examples(files["eval"], model.tokenizer)[:eval_count]
-    config = TrainConfig(r=8, alpha=16, dropout=0.05, lr=lr, warmup_steps=min(5, steps), batch_size=batch_size,
-                         max_steps=steps, eval_every=max(1, steps // 3), seed=0)
+    config = TrainConfig(r=8, alpha=16, dropout=0.05, lr=lr, warmup_steps=min(5, steps),
+                         batch_size=batch_size, max_steps=steps, eval_every=max(1, steps // 3), seed=0)
     trainer = Trainer(model, train, held_out, config, output_dir=output_dir)
     sample = eval_records[0]["messages"][0]["content"]
     out(f"\nQLoRA fine-tuning: teach the NF4 model to answer with ISO dates "
@@ -155,7 +155,8 @@ def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_siz
 
     measured = model_training_bytes(model)
     linear_values = sum(layer.in_features * layer.out_features for layer in model.linear_layers()[:-1])
-    other_values = model.embedding.size + model.output_norm.size + 2 * model.config.num_layers * model.config.hidden_size
+    other_values = (model.embedding.size + model.output_norm.size
+                    + 2 * model.config.num_layers * model.config.hidden_size)
     adapter_values = sum(p.value.size for p in trainer.params.values())
     setups = {name: sum(parts.values()) / MIB
               for name, parts in setup_bytes(linear_values, other_values, adapter_values).items()}
@@ -174,7 +175,8 @@ def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_siz
     out(f"\ntrained {steps} steps in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s)")
     out(f"{'':28}{'before':>10}{'after':>10}")
     out(f"{'eval loss':28}{before_eval['eval_loss']:>10.3f}{after_eval['eval_loss']:>10.3f}")
-    out(f"{'eval perplexity':28}{before_eval['eval_perplexity']:>10.2f}{after_eval['eval_perplexity']:>10.2f}")
+    out(f"{'eval perplexity':28}{before_eval['eval_perplexity']:>10.2f}"
+        f"{after_eval['eval_perplexity']:>10.2f}")
     out(f"{'exact match, held-out dates':28}{before_rate:>10.0%}{after_rate:>10.0%}")
     out("\nsample answers (before → after):")
     for (question, expected, before), (_, _, after) in list(zip(before_answers, after_answers))[:3]:

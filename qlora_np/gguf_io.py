@@ -1,12 +1,9 @@
 """GGUF files through gguf-py: metadata values, tensors decoded to float32, atomic writes."""
 
-import contextlib
-import os
-import tempfile
-
 import numpy as np
 
 from .errors import CheckpointError, ShapeError
+from .safetensors_io import atomic_path
 
 
 def open_gguf(path):
@@ -60,10 +57,7 @@ def write_gguf(path, architecture, metadata, tensors):
     """
     import gguf
 
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(descriptor)
-    try:
+    with atomic_path(path) as temporary:
         writer = gguf.GGUFWriter(temporary, architecture)
         for key, value, value_type, sub_type in metadata:
             writer.add_key_value(key, value, value_type, sub_type=sub_type)
@@ -80,10 +74,3 @@ def write_gguf(path, architecture, metadata, tensors):
         for _, _, _, make in tensors:
             writer.write_tensor_data(np.ascontiguousarray(make()))
         writer.close()
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -73,7 +73,8 @@ class LlamaConfig:
         rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
         try:
             config = cls(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
-                         num_layers=_size(hf["num_hidden_layers"]), num_heads=_size(hf["num_attention_heads"]),
+                         num_layers=_size(hf["num_hidden_layers"]),
+                         num_heads=_size(hf["num_attention_heads"]),
                          num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
                          intermediate_size=_size(hf["intermediate_size"]),
                          rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),

@@ -197,7 +197,7 @@ def _block_forward(cfg, block, x, rope, mask):
     k = apply_rope(k, *rope).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
     v = v.transpose(0, 2, 1, 3)                                                     # (B, KV, T, hd)
     attention, probs = _attention(q, k, v, mask)                                   # (B, H, T, hd)
-    step.update(q=q, k=k, v=v, probs=probs)
+    step.update(q=q, k=k, v=v, probs=probs, attention=attention)
     x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
     step["x_mid"] = x
     m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
@@ -229,7 +229,7 @@ def _backward(model, saved, grad_final, rope, mask):
         # attention: x_mid = x + Wo o
         grad_o = lin["attn_output"].backward(grad).reshape(B, T, cfg.num_heads, cfg.head_dim)
         grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
-                                                     grad_o.transpose(0, 2, 1, 3))
+                                                     step["attention"], grad_o.transpose(0, 2, 1, 3))
         grad_q = grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1)
         grad_k = grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1)
         grad_q, grad_k = apply_rope(grad_q, *inverse_rope), apply_rope(grad_k, *inverse_rope)
@@ -260,29 +260,36 @@ def _attention(q, k, v, mask):
     """Masked grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output, probabilities.
 
     ``mask`` (T, T) or (B, 1, T, T) says which keys each query sees; it always lets a
-    query see itself, so no row of the softmax is empty.
+    query see itself, so no row of the softmax is empty. The (B, H, T, T) scores are
+    the largest arrays here, so they are turned into probabilities in place.
     """
     B, H, T, d = q.shape
     group = H // k.shape[1]
     k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)        # (B, H, T, d)
-    scores = q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(d).astype(q.dtype)          # (B, H, T, T)
-    scores = np.where(mask, scores, -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
+    probs = q @ k_full.transpose(0, 1, 3, 2)                                        # (B, H, T, T)
+    probs *= q.dtype.type(1 / np.sqrt(d))
+    np.copyto(probs, q.dtype.type(-np.inf), where=~mask)
+    probs -= probs.max(axis=-1, keepdims=True)
+    np.exp(probs, out=probs)
     probs /= probs.sum(axis=-1, keepdims=True)
     return probs @ v_full, probs
 
 
-def _attention_backward(q, k, v, probs, grad_out):
-    """Gradients of q, k, v for output = softmax(q kᵀ/√d + mask) v (GQA heads summed per group)."""
+def _attention_backward(q, k, v, probs, out, grad_out):
+    """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v (GQA heads summed per group).
+
+    The softmax backward needs Σ_j P_ij·dP_ij per row, which equals grad_out_i · out_i
+    (as out_i = Σ_j P_ij v_j), so it is computed from (T, d) arrays, not (T, T) ones.
+    """
     B, H, T, d = q.shape
     kv_heads = k.shape[1]
     group = H // kv_heads
     k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     grad_v_full = probs.transpose(0, 1, 3, 2) @ grad_out                            # (B, H, T, d)
-    grad_probs = grad_out @ v_full.transpose(0, 1, 3, 2)                            # (B, H, T, T)
-    grad_scores = probs * (grad_probs - np.sum(grad_probs * probs, axis=-1, keepdims=True))
-    grad_scores /= np.sqrt(d).astype(q.dtype)
+    grad_scores = grad_out @ v_full.transpose(0, 1, 3, 2)                           # (B, H, T, T): dP
+    grad_scores -= np.sum(grad_out * out, axis=-1, keepdims=True)
+    grad_scores *= probs
+    grad_scores *= q.dtype.type(1 / np.sqrt(d))
     grad_q = grad_scores @ k_full                                                   # (B, H, T, d)
     grad_k_full = grad_scores.transpose(0, 1, 3, 2) @ q
     grad_k = grad_k_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
@@ -291,13 +298,18 @@ def _attention_backward(q, k, v, probs, grad_out):
 
 
 def _cross_entropy(logits, labels, normalizer):
-    """Summed cross-entropy of logits (n, vocab) at labels (n,), divided by ``normalizer``; and dL/dlogits."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)                  # (n, vocab)
-    probs = np.exp(shifted)
-    total = probs.sum(axis=-1, keepdims=True)                               # (n, 1)
+    """Summed cross-entropy of logits (n, vocab) at labels (n,), divided by ``normalizer``; and dL/dlogits.
+
+    Works in place: ``logits`` becomes the gradient (the (n, vocab) array is the
+    largest activation of a step, so no second copy of it is made).
+    """
     rows = np.arange(len(labels))
-    loss = float(np.sum(np.log(total[:, 0]) - shifted[rows, labels], dtype=np.float64)) / normalizer
-    probs /= total                                                          # softmax
-    probs[rows, labels] -= 1
-    probs /= probs.dtype.type(normalizer)
-    return loss, probs
+    logits -= logits.max(axis=-1, keepdims=True)                            # (n, vocab) shifted
+    picked = logits[rows, labels].astype(np.float64)                        # (n,)
+    np.exp(logits, out=logits)
+    total = logits.sum(axis=-1, keepdims=True)                              # (n, 1)
+    loss = float(np.sum(np.log(total[:, 0], dtype=np.float64) - picked)) / normalizer
+    logits /= total                                                         # softmax
+    logits[rows, labels] -= 1
+    logits /= logits.dtype.type(normalizer)
+    return loss, logits

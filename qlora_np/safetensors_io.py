@@ -97,23 +97,29 @@ def save_safetensors(path, tensors, metadata=None):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
-
-    Text modes write UTF-8.
-    """
+def atomic_path(path):
+    """A temporary file name beside ``path`` to write to; on success the file is fsynced and
+    renamed over ``path``, on failure removed (a crash leaves the old file or the new one)."""
     folder = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as stream:
-            yield stream
-            stream.flush()
+        yield temporary
+        with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """:func:`atomic_path` as an open file (text modes write UTF-8)."""
+    with atomic_path(path) as temporary:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as stream:
+            yield stream
 
 
 def read_json(path):

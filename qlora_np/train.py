@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning: examples → batches → steps (forward, backward, AdamW) → evaluation and checkpoints.
+"""QLoRA fine-tuning: examples → batches → steps (forward, backward, AdamW) → evaluation, checkpoints.
 
     trainer = Trainer(model, train_examples, eval_examples, TrainConfig(r=8, lr=2e-4),
                       output_dir="runs/demo")
@@ -24,7 +24,7 @@ import numpy as np
 from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InvalidValueError, UnknownFormatError
 from .data import epoch_batches
-from .llama_lora import inject_lora, loss_and_backward, summed_loss, trainable_parameters
+from .llama_lora import inject_lora, loss_and_backward, summed_loss
 from .optim import (AdamW, LRScheduler, clip_grad_norm, constant_schedule, warmup_cosine_schedule,
                     warmup_linear_schedule)
 from .safetensors_io import atomic_write
@@ -64,16 +64,19 @@ class TrainConfig:
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
         positive = ("r", "batch_size", "grad_accum", "max_length", "epochs")
-        bad = [name for name in positive if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        bad = [name for name in positive
+               if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
         bad += [name for name in ("warmup_steps", "max_steps", "eval_every", "checkpoint_every")
                 if not isinstance(getattr(self, name), int) or getattr(self, name) < 0]
         bad += [name for name in ("lr", "weight_decay", "max_grad_norm", "alpha") if getattr(self, name) < 0]
         if not 0 <= self.dropout < 1:
             bad.append("dropout")
         if bad:
-            raise InvalidValueError(f"invalid training settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+            settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise InvalidValueError(f"invalid training settings: {settings}")
         if self.schedule not in (*SCHEDULES, "constant"):
-            raise UnknownFormatError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+            raise UnknownFormatError(f"schedule must be 'cosine', 'linear' or 'constant', "
+                                     f"got {self.schedule!r}")
 
     def to_json(self):
         return {key: list(value) if isinstance(value, tuple) else value
@@ -244,7 +247,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, CheckpointError):
                 raise
-            raise CheckpointError(f"{folder}: malformed trainer state ({type(error).__name__}: {error})") from None
+            raise CheckpointError(f"{folder}: malformed trainer state "
+                                  f"({type(error).__name__}: {error})") from None
 
     def _check_compatible(self, folder, state):
         saved = state["config"]
@@ -252,7 +256,8 @@ class Trainer:
         changed = sorted(key for key in set(saved) | set(mine)
                          if key not in RESUMABLE_CHANGES and saved.get(key) != mine.get(key))
         if changed:
-            details = ", ".join(f"{key}: checkpoint {saved.get(key)!r}, now {mine.get(key)!r}" for key in changed)
+            details = ", ".join(f"{key}: checkpoint {saved.get(key)!r}, now {mine.get(key)!r}"
+                                for key in changed)
             raise CheckpointError(f"{folder} was written with other settings ({details})")
         if state["model"] != self._model_fingerprint():
             raise CheckpointError(f"{folder} was written for another model")
@@ -268,8 +273,8 @@ class Trainer:
 
     def _model_fingerprint(self):
         model = self.model
-        return {"config": {key: value for key, value in dataclasses.asdict(model.config).items()},
-                "base": sorted({type(layer.base).__name__ + ":" + str(getattr(layer.base, "quant_type", "float"))
+        return {"config": dataclasses.asdict(model.config),
+                "base": sorted({f"{type(layer.base).__name__}:{getattr(layer.base, 'quant_type', 'float')}"
                                 for layer in model.linear_layers()}),
                 "parameters": {name: list(p.value.shape) for name, p in self.params.items()}}
 
