@@ -85,6 +85,7 @@ class LoRA(torch.nn.Module):
             self.base = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4",
                                           compress_statistics=True, compute_dtype=torch.float32)
             self.base.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            self.base = self.base.to("cpu")          # moving to a device quantizes the weight
         else:
             self.base = torch.nn.Linear(in_f, out_f, bias=False)
             self.base.weight = torch.nn.Parameter(weight, requires_grad=False)
