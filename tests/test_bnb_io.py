@@ -15,6 +15,7 @@ from qlora_np.ops import dequantize
 from qlora_np.safetensors_io import read_safetensors, save_safetensors
 from qlora_np.tensor import QuantizedTensor
 
+from .corruption import corrupted_copy
 from .test_llama import tiny_weights
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -175,20 +176,11 @@ def test_missing_truncated_and_badly_indexed_files_raise_checkpoint_errors(tmp_p
         load_bnb_model(folder)
 
 
-_BLOBS = {}
-
-
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), target=st.sampled_from(["config.json", "model.safetensors"]))
 def test_corrupted_checkpoints_raise_checkpoint_errors_or_load(tmp_path_factory, data, target):
     folder = tmp_path_factory.mktemp("bnb")
-    for name in ("config.json", "model.safetensors"):
-        _BLOBS.setdefault(name, (CHECKPOINT / name).read_bytes())
-        (folder / name).write_bytes(_BLOBS[name])
-    blob = bytearray(_BLOBS[target])
-    for _ in range(data.draw(st.integers(1, 6))):
-        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
-    (folder / target).write_bytes(bytes(blob[:data.draw(st.integers(len(blob) // 2, len(blob)))]))
+    corrupted_copy(CHECKPOINT, ("config.json", "model.safetensors"), target, data, folder)
     try:
         load_bnb_model(folder)
     except CheckpointError:

@@ -13,6 +13,7 @@ from qlora_np.llama_lora import inject_lora
 from qlora_np.peft_io import load_peft, save_peft
 from qlora_np.safetensors_io import read_safetensors, save_safetensors
 
+from .corruption import corrupted_copy
 from .test_gguf_export import randomize_b
 
 PEFT_DIR = pathlib.Path(__file__).parent / "data" / "peft"
@@ -182,20 +183,11 @@ def test_missing_truncated_and_pickled_adapters_raise_checkpoint_errors(tmp_path
         load_peft(base_model(), folder)
 
 
-_BLOBS = {}
-
-
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), target=st.sampled_from(["adapter_config.json", "adapter_model.safetensors"]))
 def test_corrupted_peft_files_raise_checkpoint_errors_or_load(tmp_path_factory, data, target):
     folder = tmp_path_factory.mktemp("peft")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        _BLOBS.setdefault(name, (ADAPTER / name).read_bytes())
-        (folder / name).write_bytes(_BLOBS[name])
-    blob = bytearray(_BLOBS[target])
-    for _ in range(data.draw(st.integers(1, 6))):
-        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
-    (folder / target).write_bytes(bytes(blob[:data.draw(st.integers(len(blob) // 2, len(blob)))]))
+    corrupted_copy(ADAPTER, ("adapter_config.json", "adapter_model.safetensors"), target, data, folder)
     try:
         load_peft(base_model(), folder)
     except CheckpointError:
