@@ -25,8 +25,7 @@ from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InvalidValueError, UnknownFormatError
 from .data import epoch_batches
 from .llama_lora import inject_lora, loss_and_backward, summed_loss
-from .optim import (AdamW, LRScheduler, clip_grad_norm, constant_schedule, warmup_cosine_schedule,
-                    warmup_linear_schedule)
+from .optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule, warmup_linear_schedule
 from .safetensors_io import atomic_write
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,13 +113,12 @@ class Trainer:
         self.history = []         # one dict per step (and per evaluation)
 
     def _schedule(self):
+        """lr per step: linear warm-up, then cosine / linear decay to 0, or constant
+        (a linear "decay" down to lr itself)."""
         cfg = self.config
-        if cfg.schedule == "constant" and cfg.warmup_steps == 0:
-            return constant_schedule(cfg.lr)
-        decay = SCHEDULES.get(cfg.schedule)
-        if decay is None:                         # constant after a linear warm-up
-            return warmup_linear_schedule(cfg.lr, cfg.warmup_steps, cfg.warmup_steps)
-        return decay(cfg.lr, min(cfg.warmup_steps, self.total_steps), self.total_steps)
+        decay = SCHEDULES.get(cfg.schedule, warmup_linear_schedule)
+        min_lr = cfg.lr if cfg.schedule == "constant" else 0.0
+        return decay(cfg.lr, min(cfg.warmup_steps, self.total_steps), self.total_steps, min_lr)
 
     def _batches(self, epoch):
         cfg = self.config

@@ -263,3 +263,15 @@ def test_exact_match_compares_greedy_replies(smollm2_tokenizer):
     rate, results = exact_match(model, records, max_new_tokens=3)
     question, expected, generated = results[0]
     assert (question, expected) == ("Say anything", "x") and rate == float(generated == "x")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2, 1e-2]),
+    ("linear", [1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 2e-2 / 3, 1e-2 / 3]),
+])
+def test_schedules_after_warm_up(smollm2_tokenizer, schedule, expected):
+    examples = colour_examples(smollm2_tokenizer, count=6)
+    config = TrainConfig(r=2, lr=1e-2, schedule=schedule, warmup_steps=3, max_steps=6, batch_size=1)
+    trainer = Trainer(tiny_model(smollm2_tokenizer), examples, (), config, progress=False)
+    trainer.train()
+    assert [r["lr"] for r in trainer.history if "lr" in r] == pytest.approx(expected)
