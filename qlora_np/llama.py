@@ -20,8 +20,9 @@ import numpy as np
 
 from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownFormatError
 from .gguf_io import decode_tensor, field_value
+from .kernels import llama_cpu
 from .lora import LoRALinear
-from .ops import fused_matmul, quantize, uses_fused
+from .ops import fuse_together, fused_matmul, fused_matmul_many, quantize, uses_fused
 from .safetensors_io import read_checkpoint_tensors, read_json
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -220,40 +221,37 @@ class LlamaModel:
         if cache is not None and start + ids.size > cache.max_len:
             raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
         positions = np.arange(start, start + ids.size)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)    # 2 × (T, hd/2)
+        eps = self.config.rms_norm_eps
         x = self.embedding[ids]                                          # (T, hidden)
         for layer, block in enumerate(self.blocks):
-            x = x + self._attention(block, rms_norm(x, block.attn_norm, self.config.rms_norm_eps),
-                                    positions, cache, layer)
-            x = x + self._mlp(block, rms_norm(x, block.ffn_norm, self.config.rms_norm_eps))
+            x = x + self._attention(block, llama_cpu.rms_norm(x, block.attn_norm, eps), rope, start,
+                                    cache, layer)
+            x = x + self._mlp(block, llama_cpu.rms_norm(x, block.ffn_norm, eps))
         if cache is not None:
             cache.length = start + ids.size
         if last_only:
             x = x[-1:]
-        return project(self.output, rms_norm(x, self.output_norm, self.config.rms_norm_eps))
+        return project(self.output, llama_cpu.rms_norm(x, self.output_norm, eps))
 
-    def _attention(self, block, n, positions, cache, layer):
+    def _attention(self, block, n, rope, start, cache, layer):
+        """The attention half of a block for inference, on the kernels of :mod:`.kernels.llama_cpu`."""
         cfg = self.config
         T, hd = n.shape[0], cfg.head_dim
-        q = project(block.linears["attn_q"], n).reshape(T, cfg.num_heads, hd)
-        k = project(block.linears["attn_k"], n).reshape(T, cfg.num_kv_heads, hd)
-        v = project(block.linears["attn_v"], n).reshape(T, cfg.num_kv_heads, hd)
-        cos, sin = rope_tables(positions, hd, cfg.rope_theta)           # (T, hd/2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:                                           # keys/values of all positions so far
-            start = positions[0]
-            cache.keys[layer, :, start:start + T] = k.transpose(1, 0, 2)
-            cache.values[layer, :, start:start + T] = v.transpose(1, 0, 2)
-            keys = cache.keys[layer, :, :start + T]                      # (kv, S, hd)
-            values = cache.values[layer, :, :start + T]
+        q, k, v = project_many([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n)
+        q = q.reshape(T, cfg.num_heads, hd)
+        k, v = k.reshape(T, cfg.num_kv_heads, hd), v.reshape(T, cfg.num_kv_heads, hd)
+        if cache is None:                                               # attend within these tokens only
+            keys = np.empty((cfg.num_kv_heads, T, hd), np.float32)
+            values = np.empty_like(keys)
         else:
-            keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-        out = causal_attention(q.transpose(1, 0, 2), keys, values, positions)   # (H, T, hd)
-        return project(block.linears["attn_output"], out.transpose(1, 0, 2).reshape(T, -1))
+            keys, values = cache.keys[layer], cache.values[layer]       # (KV, max_len, hd)
+        out = llama_cpu.attend(q, k, v, *rope, keys, values, start)       # (T, H·hd)
+        return project(block.linears["attn_output"], out)
 
     def _mlp(self, block, m):
-        gate = project(block.linears["ffn_gate"], m)
-        up = project(block.linears["ffn_up"], m)
-        return project(block.linears["ffn_down"], silu(gate) * up)
+        gate, up = project_many([block.linears["ffn_gate"], block.linears["ffn_up"]], m)
+        return project(block.linears["ffn_down"], llama_cpu.swiglu(gate, up))
 
     # -- generation -------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -363,6 +361,14 @@ def project(layer, x):
     if layer.mode == "quant" and layer.bias is None and uses_fused(x.shape[0], layer.base):
         return fused_matmul(x, layer.base)
     return layer.forward(x, cache=False)
+
+
+def project_many(layers, x):
+    """[layer(x) for layer in layers], in one fused call when all are plain 4-bit layers that fit it."""
+    if all(layer.mode == "quant" and layer.bias is None for layer in layers) and \
+            fuse_together(x.shape[0], [layer.base for layer in layers]):
+        return fused_matmul_many(x, [layer.base for layer in layers])
+    return [project(layer, x) for layer in layers]
 
 
 def rms_norm(x, weight, eps):

@@ -257,6 +257,30 @@ def fused_matmul(x2d, qt):
                          qt.blocksize)
 
 
+def fused_matmul_many(x2d, weights):
+    """[x2d @ W.T for W in weights] in one fused call, for weights that share x (q, k, v).
+
+    Without checking the arguments, like :func:`fused_matmul`; :func:`fuse_together`
+    says when it applies. Returns (rows, out_k) views of one (rows, Σ out) array.
+    """
+    first = weights[0]
+    y = products.gemv_many(x2d, [(qt.packed, scales(qt), qt.shape[0]) for qt in weights],
+                           first.codebook, first.blocksize)
+    views, start = [], 0
+    for qt in weights:
+        views.append(y[:, start:start + qt.shape[0]])
+        start += qt.shape[0]
+    return views
+
+
+def fuse_together(rows, weights):
+    """Whether :func:`fused_matmul_many` applies: fused-size products, one format, no zero points."""
+    first = weights[0]
+    return all(uses_fused(rows, qt) and qt.zero_point is None and qt.shape[1] == first.shape[1]
+               and qt.blocksize == first.blocksize and qt.codebook.tobytes() == first.codebook.tobytes()
+               for qt in weights)
+
+
 def _shifts(qt):
     """int4_asym zero points as float32 (the fused kernels subtract them), else None."""
     return None if qt.zero_point is None else qt.zero_point.astype(np.float32)

@@ -100,3 +100,21 @@ def test_non_contiguous_and_batched_inputs():
     np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4)
     g = np.asfortranarray(np.random.default_rng(5).standard_normal((3, 48)).astype(np.float32))
     np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("simd", PATHS)
+def test_gemv_many_equals_one_product_per_weight(simd):
+    parts, expected = [], []
+    x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
+    for seed, out_features in enumerate((40, 8, 24)):
+        qt, block_scales, _, _ = _case(out_features, 128, "nf4", 64, seed % 2 == 0, seed)
+        parts.append((qt.packed, block_scales, out_features))
+        expected.append(products.gemv(x, qt.packed, block_scales, None, qt.codebook, out_features, 64, simd))
+    y = products.gemv_many(x, parts, qt.codebook, 64, simd)
+    np.testing.assert_array_equal(y, np.concatenate(expected, axis=1))
+    read_only = parts[1][1].copy()
+    read_only.setflags(write=False)                       # another Numba type: one call per weight
+    mixed = [parts[0], (parts[1][0], read_only, 8), parts[2]]
+    np.testing.assert_array_equal(products.gemv_many(x, mixed, qt.codebook, 64, simd), y)
+    np.testing.assert_array_equal(products.gemv_many(x, parts + parts[:2], qt.codebook, 64, simd),
+                                  np.concatenate(expected + expected[:2], axis=1))

@@ -36,41 +36,78 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
     float32 the int4_asym zero points or None (codebook formats).
     """
     rows, in_features = x.shape
-    y = np.empty((rows, out_features), np.float32)
-    blocks_per_row = in_features // blocksize
-    if simd_applies(blocksize, simd):
-        x_ordered = np.ascontiguousarray(x[:, group_order(in_features)])   # (rows, in)
-        _gemv_avx2(packed, x_ordered, scales, blocks_per_row, blocksize // 2,
-                   codebook_planes(codebook), y)
-    else:
-        _gemv_portable(packed, np.ascontiguousarray(x), scales, blocks_per_row, blocksize // 2,
-                       codebook, y)
+    y = gemv_many(x, [(packed, scales, out_features)], codebook, blocksize, simd)
     if shifts is not None:                # (code - zp)·s·x = code·s·x - zp·s·Σx over each block
+        blocks_per_row = in_features // blocksize
         block_sums = x.reshape(rows, blocks_per_row, blocksize).sum(axis=2)          # (rows, bpr)
         zero_terms = (scales * shifts).reshape(out_features, blocks_per_row)         # (out, bpr)
         y -= block_sums @ zero_terms.T
     return y
 
 
+MAX_PARTS = 3
+"""Most weights :func:`gemv_many` multiplies in one call (q, k and v)."""
+
+def gemv_many(x, parts, codebook, blocksize, simd=None):
+    """x @ [W_1; …; W_k].T for up to MAX_PARTS codebook weights that share x and block size.
+
+    ``parts`` holds (packed, scales, out_features) per weight, scales decoded to float32.
+    All of them run in one parallel call: handing work to the threads costs ~10 µs, as
+    much as a small model's product (q, k and v, or gate and up, share their input).
+    Returns (rows, Σ out) float32, W_1's columns first.
+    """
+    x = np.ascontiguousarray(x)
+    rows, in_features = x.shape
+    blocks_per_row = in_features // blocksize
+    y = np.empty((rows, sum(part[2] for part in parts)), np.float32)
+    if len(parts) > MAX_PARTS or not _same_array_types(parts):    # one compiled variant per type tuple
+        return np.concatenate([gemv_many(x, [part], codebook, blocksize, simd) for part in parts], axis=1)
+    if not simd_applies(blocksize, simd):
+        first = 0
+        for packed, scales, out_features in parts:
+            _gemv_portable(packed, x, scales, blocks_per_row, blocksize // 2, codebook,
+                           y[:, first:first + out_features])
+            first += out_features
+        return y
+    unused = (parts[0][0], parts[0][1], 0)                 # pads the tuples: same types, no rows
+    packed, scales, out_features = zip(*(list(parts) + [unused] * (MAX_PARTS - len(parts))))
+    _gemv_avx2(packed, scales, out_features, x, group_order(in_features), blocks_per_row,
+               blocksize // 2, codebook_planes(codebook), y)
+    return y
+
+
+def _same_array_types(parts):
+    """Whether every part's packed and scales arrays have the same Numba type (writeable flag)."""
+    return len({(packed.flags.writeable, scales.flags.writeable) for packed, scales, _ in parts}) == 1
+
+
 @njit(parallel=True, cache=True)
-def _gemv_avx2(packed, x_ordered, scales, blocks_per_row, block_bytes, planes, y):
-    rows, out_features = y.shape
+def _gemv_avx2(packed, scales, out_features, x, order, blocks_per_row, block_bytes, planes, y):
+    rows = x.shape[0]
+    x_ordered = np.empty((rows, order.size), np.float32)               # (rows, in), lane order
+    for r in range(rows):
+        for i in range(order.size):
+            x_ordered[r, i] = x[r, order[i]]
+    packed_at = np.array([part.ctypes.data for part in packed])
+    scales_at = np.array([part.ctypes.data for part in scales])
+    part_end = np.cumsum(np.array(out_features))                        # y column after each part
     row_bytes = blocks_per_row * block_bytes
-    x_at, x_stride, y_at = x_ordered.ctypes.data, x_ordered.shape[1], y.ctypes.data
-    for o in prange(out_features):
-        row = np.int64(o)
-        packed_at = packed.ctypes.data + row * row_bytes
-        scales_at = scales.ctypes.data + 4 * row * blocks_per_row
+    x_at, x_stride, y_at, y_stride = x_ordered.ctypes.data, order.size, y.ctypes.data, y.shape[1]
+    for column in prange(y_stride):
+        part = 0
+        while column >= part_end[part]:
+            part += 1
+        row = np.int64(column - part_end[part] + out_features[part])    # row of W_part
+        row_packed = packed_at[part] + row * row_bytes
+        row_scales = scales_at[part] + 4 * row * blocks_per_row
         r = 0
         while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one decode
-            avx2_dot_rows4(packed_at, x_at + 4 * r * x_stride, x_stride, scales_at, blocks_per_row,
-                           block_bytes, planes.ctypes.data, y_at + 4 * (r * out_features + row),
-                           out_features)
+            avx2_dot_rows4(row_packed, x_at + 4 * r * x_stride, x_stride, row_scales, blocks_per_row,
+                           block_bytes, planes.ctypes.data, y_at + 4 * (r * y_stride + column), y_stride)
             r += AVX2_DOT_ROWS
         for last in range(r, rows):
-            avx2_dot_rows1(packed_at, x_at + 4 * last * x_stride, x_stride, scales_at, blocks_per_row,
-                           block_bytes, planes.ctypes.data, y_at + 4 * (last * out_features + row),
-                           out_features)
+            avx2_dot_rows1(row_packed, x_at + 4 * last * x_stride, x_stride, row_scales, blocks_per_row,
+                           block_bytes, planes.ctypes.data, y_at + 4 * (last * y_stride + column), y_stride)
 
 
 @njit(parallel=True, cache=True)

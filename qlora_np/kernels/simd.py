@@ -148,7 +148,7 @@ class _Builder:
 _ADDRESS = types.intp
 
 
-def _make_dot_rows(rows):
+def _make_dot_rows(rows, chains):
     """An intrinsic computing ``rows`` dots of one packed weight row with rows of x at once.
 
     Each decoded group of 32 weights is scaled by its block's scale (giving exactly the
@@ -167,28 +167,36 @@ def _make_dot_rows(rows):
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
             x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
             zero = ir.Constant(_V8F, None)
-            sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(rows)]
+            totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
+            partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
+                        for _ in range(rows)]
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
                 first = builder.mul(block, block_bytes)
-                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                for chain in (chain for row_chains in partials for chain in row_chains):
+                    builder.store(zero, chain)
                 step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
                 with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                              step) as (offset, _):
                     index = builder.add(first, offset)
                     x_index = builder.add(index, index)                # 2 weights a byte
                     for k, codes_value in enumerate(ir_.decode32(packed, index)):
-                        weights = builder.fmul(codes_value, scale)
                         at = builder.add(x_index, ir.Constant(x_index.type, 8 * k))
                         for r in range(rows):
-                            total = sums[r][k % 2]                     # 2 chains a row for ILP
-                            builder.store(builder.call(ir_.fma, [weights, ir_.load_v8f(x_rows[r], at),
-                                                                 builder.load(total)]), total)
+                            chain = partials[r][k % chains]
+                            builder.store(builder.call(ir_.fma, [codes_value, ir_.load_v8f(x_rows[r], at),
+                                                                 builder.load(chain)]), chain)
+                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                for r in range(rows):
+                    block_sum = builder.load(partials[r][0])
+                    for chain in partials[r][1:]:
+                        block_sum = builder.fadd(block_sum, builder.load(chain))
+                    builder.store(builder.call(ir_.fma, [block_sum, scale, builder.load(totals[r])]),
+                                  totals[r])
             out = ir_.pointer(out_at, _F32)
             for r in range(rows):
-                vector = builder.fadd(builder.load(sums[r][0]), builder.load(sums[r][1]))
                 where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
-                builder.store(ir_.horizontal_sum(vector), where)
+                builder.store(ir_.horizontal_sum(builder.load(totals[r])), where)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -199,8 +207,8 @@ def _make_dot_rows(rows):
 AVX2_DOT_ROWS = 4
 """How many rows of x (or g) one call of the 4-row intrinsics handles per weight row."""
 
-avx2_dot_rows1 = _make_dot_rows(1)
-avx2_dot_rows4 = _make_dot_rows(AVX2_DOT_ROWS)
+avx2_dot_rows1 = _make_dot_rows(1, 4)
+avx2_dot_rows4 = _make_dot_rows(AVX2_DOT_ROWS, 2)
 
 
 def _make_axpy_rows(rows):
