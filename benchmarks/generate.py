@@ -2,7 +2,8 @@
 
     python benchmarks/generate.py [--model PATH] [--tokens 64] [--threads 2]
 
-Prints prefill and decode tokens/s and peak RSS for qlora_np with NF4 weights, then
+Prints prefill and decode tokens/s and peak RSS for qlora_np with NF4 weights (exact float
+products, then int8 activations: ``LlamaModel.int8_activations``), then
 (when llama-cpp-python is installed here or in ``--llama-python``) llama.cpp's on the same file with the same thread
 count, run in a subprocess, and the ratio.
 """
@@ -44,11 +45,17 @@ print(json.dumps({"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": d
 """
 
 
-def run_qlora_np(path, tokens, threads):
+def load_qlora_np(path, threads):
     numba.set_num_threads(threads)
     model = LlamaModel.from_gguf(path, quant_type="nf4")
+    model.forward(np.array(model.tokenizer.encode(PROMPT))[:4], KVCache(model.config, 8))   # warm up
+    return model
+
+
+def run_qlora_np(model, tokens, int8_activations):
+    model.int8_activations = int8_activations
     ids = np.array(model.tokenizer.encode(PROMPT))
-    model.forward(ids[:4], KVCache(model.config, 8))                # compile / warm up
+    model.forward(ids[:4], KVCache(model.config, 8))                # compile / warm up this mode
     cache = KVCache(model.config, len(ids) + tokens + 1)
     start = time.perf_counter()
     logits = model.forward(ids, cache, last_only=True)[0]
@@ -90,14 +97,17 @@ def main():
     args = parser.parse_args()
     path = args.model or shipped_smollm2_path()
     print(f"{os.path.basename(path)}, {args.tokens} greedy tokens, {args.threads} threads")
-    ours = report("qlora_np (NF4 + dq)", run_qlora_np(path, args.tokens, args.threads), args.tokens)
+    model = load_qlora_np(path, args.threads)
+    ours = {int8: report(f"qlora_np (NF4 + dq{', int8 x' if int8 else ''})",
+                         run_qlora_np(model, args.tokens, int8), args.tokens) for int8 in (False, True)}
     print(f"{'':28} peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     theirs = run_llama_cpp(path, args.tokens, args.threads, args.llama_python)
     if theirs is None:
         print("llama.cpp: llama-cpp-python not installed, skipped")
         return
     llama = report("llama.cpp (same GGUF)", theirs, args.tokens)
-    print(f"decode speed ratio qlora_np / llama.cpp: {ours / llama:.2f} (target ≥ 1.0)")
+    for int8, name in ((False, "exact float products"), (True, "int8 activations, as llama.cpp")):
+        print(f"decode speed ratio qlora_np / llama.cpp, {name}: {ours[int8] / llama:.2f} (target ≥ 1.0)")
 
 
 if __name__ == "__main__":

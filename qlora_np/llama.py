@@ -22,7 +22,7 @@ from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownForma
 from .gguf_io import decode_tensor, field_value
 from .kernels import llama_cpu
 from .lora import LoRALinear
-from .ops import fuse_together, fused_matmul, fused_matmul_many, quantize, uses_fused
+from .ops import FUSED_MAX_ROWS, fuse_together, fused_product, quantize
 from .safetensors_io import read_checkpoint_tensors, read_json
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -131,6 +131,10 @@ class LlamaModel:
         self.output_norm = output_norm              # (hidden,)
         self.output = output                        # LoRALinear (vocab, hidden): the LM head
         self.tokenizer = tokenizer
+        self.int8_activations = False
+        self.projections = FusedProjections()
+        """Inference only: let the fused 4-bit products round activations to int8, as llama.cpp
+        does (faster decoding, logits ~1e-2 relative off); see :func:`qlora_np.matmul`."""
 
     # -- loading ------------------------------------------------------------
     @classmethod
@@ -232,13 +236,16 @@ class LlamaModel:
             cache.length = start + ids.size
         if last_only:
             x = x[-1:]
-        return project(self.output, llama_cpu.rms_norm(x, self.output_norm, eps))
+        logits, = self.projections([self.output], llama_cpu.rms_norm(x, self.output_norm, eps),
+                                   self.int8_activations)
+        return logits
 
     def _attention(self, block, n, rope, start, cache, layer):
         """The attention half of a block for inference, on the kernels of :mod:`.kernels.llama_cpu`."""
         cfg = self.config
         T, hd = n.shape[0], cfg.head_dim
-        q, k, v = project_many([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n)
+        int8 = self.int8_activations
+        q, k, v = self.projections([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n, int8)
         q = q.reshape(T, cfg.num_heads, hd)
         k, v = k.reshape(T, cfg.num_kv_heads, hd), v.reshape(T, cfg.num_kv_heads, hd)
         if cache is None:                                               # attend within these tokens only
@@ -247,11 +254,12 @@ class LlamaModel:
         else:
             keys, values = cache.keys[layer], cache.values[layer]       # (KV, max_len, hd)
         out = llama_cpu.attend(q, k, v, *rope, keys, values, start)       # (T, H·hd)
-        return project(block.linears["attn_output"], out)
+        return self.projections([block.linears["attn_output"]], out, int8)[0]
 
     def _mlp(self, block, m):
-        gate, up = project_many([block.linears["ffn_gate"], block.linears["ffn_up"]], m)
-        return project(block.linears["ffn_down"], llama_cpu.swiglu(gate, up))
+        int8 = self.int8_activations
+        gate, up = self.projections([block.linears["ffn_gate"], block.linears["ffn_up"]], m, int8)
+        return self.projections([block.linears["ffn_down"]], llama_cpu.swiglu(gate, up), int8)[0]
 
     # -- generation -------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -351,24 +359,35 @@ class _LazyWeights:
 # The pieces of a block, as plain functions
 # ---------------------------------------------------------------------------
 
-def project(layer, x):
-    """layer(x) for inference, x (T, in) float32 → (T, out).
+class FusedProjections:
+    """Inference products of a model's layers, each group of layers with one input (q, k and v;
+    gate and up; o; down; the head) as one prepared fused product (see
+    :class:`qlora_np.kernels.products.FusedProduct`): per token, only the kernel call is left.
 
-    A plain 4-bit layer with few rows goes straight to the fused kernel: the model has
-    already checked shapes and dtypes, and for a 135 M model the checks of the general
-    path cost as much per token as the products themselves.
+    A group is prepared again when a layer's weight is replaced (its packed array is the key);
+    layers with LoRA, a bias or more rows than the fused kernels take run ``layer.forward``.
     """
-    if layer.mode == "quant" and layer.bias is None and uses_fused(x.shape[0], layer.base):
-        return fused_matmul(x, layer.base)
-    return layer.forward(x, cache=False)
 
+    def __init__(self):
+        self._prepared = {}
 
-def project_many(layers, x):
-    """[layer(x) for layer in layers], in one fused call when all are plain 4-bit layers that fit it."""
-    if all(layer.mode == "quant" and layer.bias is None for layer in layers) and \
-            fuse_together(x.shape[0], [layer.base for layer in layers]):
-        return fused_matmul_many(x, [layer.base for layer in layers])
-    return [project(layer, x) for layer in layers]
+    def __call__(self, layers, x, int8_activations=False):
+        """[layer(x) for layer in layers] for x (T, in) float32: (T, out) arrays."""
+        if all(layer.mode == "quant" and layer.bias is None for layer in layers):
+            key = (x.shape[0] <= FUSED_MAX_ROWS, int8_activations) + tuple(id(layer.base.packed) for layer in layers)
+            product = self._prepared.get(key)
+            if product is None:
+                bases = [layer.base for layer in layers]
+                product = (fuse_together(x.shape[0], bases, int8_activations)
+                           and (fused_product(bases, int8_activations), bases))
+                self._prepared[key] = product
+            if product:
+                y, start, outputs = product[0](x), 0, []
+                for base in product[1]:
+                    outputs.append(y[:, start:start + base.shape[0]])
+                    start += base.shape[0]
+                return outputs
+        return [layer.forward(x, cache=False) for layer in layers]
 
 
 def rms_norm(x, weight, eps):

@@ -118,3 +118,47 @@ def test_gemv_many_equals_one_product_per_weight(simd):
     np.testing.assert_array_equal(products.gemv_many(x, mixed, qt.codebook, 64, simd), y)
     np.testing.assert_array_equal(products.gemv_many(x, parts + parts[:2], qt.codebook, 64, simd),
                                   np.concatenate(expected + expected[:2], axis=1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 3), groups=st.integers(1, 8), seed=st.integers(0, 999),
+       spread=st.sampled_from([1e-30, 1.0, 1e4]), zeros=st.booleans())
+def test_quantize_activations_equals_the_reference_bit_for_bit(rows, groups, seed, spread, zeros):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, 32 * groups)) * spread).astype(np.float32)
+    if zeros:
+        x[:, :32] = 0                                               # an all-zero group: scale 0
+    xq, x_scales = products.quantize_activations(x)
+    expected_xq, expected_scales = reference.quantize_activations(x)
+    np.testing.assert_array_equal(xq, expected_xq)
+    np.testing.assert_array_equal(x_scales, expected_scales)
+    assert np.abs(xq.astype(np.int64)).max() <= 127
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize, rows", [(32, 1), (64, 5), (128, 4), (256, 2)])
+def test_int8_activation_products_match_the_reference(simd, quant_type, blocksize, rows):
+    qt, block_scales, _, dense = _case(37, 4 * blocksize, quant_type, blocksize, True, seed=rows)
+    x = np.random.default_rng(9).standard_normal((rows, 4 * blocksize)).astype(np.float32)
+    y = products.gemv_many(x, [(qt.packed, block_scales, 37)], qt.codebook, blocksize, simd,
+                           int8_activations=True)
+    expected = reference.gemv_int8(x, qt.packed, block_scales, qt.codebook, 37, blocksize)
+    # the integer dots are exact: only float32 rounding of ≤ in/32 scaled group sums differs
+    bound = 4 * (4 * blocksize // 32 + 2) * 2.0 ** -24 * (np.abs(x) @ np.abs(dense).T) + 1e-30
+    assert np.all(np.abs(y - expected) <= bound)
+    exact = x @ dense.T                                              # and it is close to exact
+    assert np.linalg.norm(y - exact) <= 0.03 * np.linalg.norm(exact)
+
+
+def test_int8_activations_in_matmul_and_where_they_do_not_apply():
+    qt = qlora_np.quantize(np.random.default_rng(2).standard_normal((48, 96)).astype(np.float32), "nf4", 32)
+    x = np.random.default_rng(3).standard_normal((2, 96)).astype(np.float32)
+    approximate = qlora_np.matmul(x, qt, int8_activations=True)
+    np.testing.assert_allclose(approximate, reference.gemv_int8(x, qt.packed, qt.absmax, qt.codebook, 48, 32),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(approximate, qlora_np.matmul(x, qt))
+    for exact_only in (qlora_np.quantize(qt_weight := np.ones((8, 96), np.float32), "int4_asym", 32),
+                       qlora_np.quantize(qt_weight, "nf4", 48)):        # zero points; 48 = 1.5 groups
+        np.testing.assert_array_equal(qlora_np.matmul(x, exact_only, int8_activations=True),
+                                      qlora_np.matmul(x, exact_only))

@@ -14,8 +14,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, avx2_axpy_rows1, avx2_axpy_rows4, avx2_dot_rows1,
-                   avx2_dot_rows4, codebook_planes, group_order)
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, avx2_axpy_rows1, avx2_axpy_rows4,
+                   avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, codebook_planes,
+                   group_order, int8_table)
 
 
 def supports(shape, blocksize):
@@ -46,34 +47,68 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
 
 
 MAX_PARTS = 3
-"""Most weights :func:`gemv_many` multiplies in one call (q, k and v)."""
+"""Most weights one call of the AVX2 drivers multiplies (q, k and v)."""
 
-def gemv_many(x, parts, codebook, blocksize, simd=None):
-    """x @ [W_1; …; W_k].T for up to MAX_PARTS codebook weights that share x and block size.
 
-    ``parts`` holds (packed, scales, out_features) per weight, scales decoded to float32.
-    All of them run in one parallel call: handing work to the threads costs ~10 µs, as
-    much as a small model's product (q, k and v, or gate and up, share their input).
-    Returns (rows, Σ out) float32, W_1's columns first.
+def gemv_many(x, parts, codebook, blocksize, simd=None, int8_activations=False):
+    """x @ [W_1; …; W_k].T for codebook weights that share x and block size: (rows, Σ out).
+
+    ``parts`` holds (packed, scales, out_features) per weight, scales decoded to float32;
+    see :class:`FusedProduct`.
     """
-    x = np.ascontiguousarray(x)
-    rows, in_features = x.shape
-    blocks_per_row = in_features // blocksize
-    y = np.empty((rows, sum(part[2] for part in parts)), np.float32)
-    if len(parts) > MAX_PARTS or not _same_array_types(parts):    # one compiled variant per type tuple
-        return np.concatenate([gemv_many(x, [part], codebook, blocksize, simd) for part in parts], axis=1)
-    if not simd_applies(blocksize, simd):
-        first = 0
-        for packed, scales, out_features in parts:
-            _gemv_portable(packed, x, scales, blocks_per_row, blocksize // 2, codebook,
-                           y[:, first:first + out_features])
-            first += out_features
+    return FusedProduct(parts, codebook, blocksize, x.shape[1], simd, int8_activations)(x)
+
+
+class FusedProduct:
+    """x @ [W_1; …; W_k].T for fixed codebook weights sharing x and block size, prepared once.
+
+    Up to MAX_PARTS weights run in one parallel call: handing work to the threads costs
+    ~5 µs, and preparing a call's arguments as much again, while a 135 M model's products
+    take 10–60 µs each. So decoding keeps one of these per group of weights with the same
+    input (q, k and v; gate and up) and pays only the kernel call per token.
+
+    ``int8_activations`` (where :func:`int8_supports`) rounds x to int8 per group of 32
+    and the codebook to int8 and multiplies in integers, as llama.cpp does: faster, not
+    exact (see :func:`qlora_np.reference.gemv_int8`).
+    """
+
+    def __init__(self, parts, codebook, blocksize, in_features, simd=None, int8_activations=False):
+        parts = list(parts)
+        self.out_features = tuple(int(part[2]) for part in parts)
+        shape = (in_features // blocksize, blocksize // 2)                # blocks a row, bytes a block
+        avx2 = simd_applies(blocksize, simd)
+        if avx2 and len(parts) <= MAX_PARTS and _same_array_types(parts):
+            self._calls = [_avx2_call(parts, codebook, blocksize, shape, int8_activations, None)]
+            return
+        self._calls, first = [], 0                                       # one call per weight
+        for part in parts:
+            columns = slice(first, first + part[2])
+            first += part[2]
+            if avx2:
+                self._calls.append(_avx2_call([part], codebook, blocksize, shape, int8_activations, columns))
+            elif int8_activations:
+                self._calls.append((_gemv_int8_portable, part[:2] + shape + (int8_table(codebook)[:16],),
+                                    columns))
+            else:
+                self._calls.append((_gemv_portable, part[:2] + shape + (codebook,), columns))
+
+    def __call__(self, x):
+        """(rows, in) float32 x → (rows, Σ out) float32."""
+        x = np.ascontiguousarray(x)
+        y = np.empty((x.shape[0], sum(self.out_features)), np.float32)
+        for kernel, static, columns in self._calls:
+            kernel(x, *static, y if columns is None else y[:, columns])
         return y
+
+
+def _avx2_call(parts, codebook, blocksize, shape, int8_activations, columns):
+    """(kernel, its arguments after x, y's columns) of one AVX2 call for up to MAX_PARTS weights."""
     unused = (parts[0][0], parts[0][1], 0)                 # pads the tuples: same types, no rows
     packed, scales, out_features = zip(*(list(parts) + [unused] * (MAX_PARTS - len(parts))))
-    _gemv_avx2(packed, scales, out_features, x, group_order(in_features), blocks_per_row,
-               blocksize // 2, codebook_planes(codebook), y)
-    return y
+    if int8_activations:
+        return _gemv_int8_avx2, (packed, scales, out_features) + shape + (int8_table(codebook),), columns
+    order = group_order(shape[0] * blocksize)
+    return _gemv_avx2, (packed, scales, out_features, order) + shape + (codebook_planes(codebook),), columns
 
 
 def _same_array_types(parts):
@@ -82,22 +117,17 @@ def _same_array_types(parts):
 
 
 @njit(parallel=True, cache=True)
-def _gemv_avx2(packed, scales, out_features, x, order, blocks_per_row, block_bytes, planes, y):
+def _gemv_avx2(x, packed, scales, out_features, order, blocks_per_row, block_bytes, planes, y):
     rows = x.shape[0]
     x_ordered = np.empty((rows, order.size), np.float32)               # (rows, in), lane order
     for r in range(rows):
         for i in range(order.size):
             x_ordered[r, i] = x[r, order[i]]
-    packed_at = np.array([part.ctypes.data for part in packed])
-    scales_at = np.array([part.ctypes.data for part in scales])
-    part_end = np.cumsum(np.array(out_features))                        # y column after each part
+    packed_at, scales_at, part_end = _part_tables(packed, scales, out_features)
     row_bytes = blocks_per_row * block_bytes
-    x_at, x_stride, y_at, y_stride = x_ordered.ctypes.data, order.size, y.ctypes.data, y.shape[1]
-    for column in prange(y_stride):
-        part = 0
-        while column >= part_end[part]:
-            part += 1
-        row = np.int64(column - part_end[part] + out_features[part])    # row of W_part
+    x_at, x_stride, y_at, y_stride = x_ordered.ctypes.data, order.size, y.ctypes.data, y.strides[0] // 4
+    for column in prange(y.shape[1]):   # y may be a view of some columns
+        part, row = _part_row(column, part_end, out_features)
         row_packed = packed_at[part] + row * row_bytes
         row_scales = scales_at[part] + 4 * row * blocks_per_row
         r = 0
@@ -110,8 +140,25 @@ def _gemv_avx2(packed, scales, out_features, x, order, blocks_per_row, block_byt
                            block_bytes, planes.ctypes.data, y_at + 4 * (last * y_stride + column), y_stride)
 
 
+@njit(cache=True)
+def _part_tables(packed, scales, out_features):
+    """Addresses of each part's packed bytes and scales, and the y column after each part."""
+    packed_at = np.array([part.ctypes.data for part in packed])
+    scales_at = np.array([part.ctypes.data for part in scales])
+    return packed_at, scales_at, np.cumsum(np.array(out_features))
+
+
+@njit(cache=True)
+def _part_row(column, part_end, out_features):
+    """(part, row of that part's W) of y's column ``column``."""
+    part = 0
+    while column >= part_end[part]:
+        part += 1
+    return part, np.int64(column - part_end[part] + out_features[part])
+
+
 @njit(parallel=True, cache=True)
-def _gemv_portable(packed, x, scales, blocks_per_row, block_bytes, codebook, y):
+def _gemv_portable(x, packed, scales, blocks_per_row, block_bytes, codebook, y):
     row_bytes = blocks_per_row * block_bytes
     for o in prange(y.shape[1]):
         row = np.int64(o)
@@ -134,6 +181,112 @@ def _dot_row(row_bytes, x, row_scales, block_bytes, codebook):
             byte = codes[j]
             block_sum += codebook[byte >> 4] * values[2 * j] + codebook[byte & 15] * values[2 * j + 1]
         total += block_sum * row_scales[block]
+    return total
+
+
+# ---------------------------------------------------------------------------
+# Int8 activations (opt-in): the integer products llama.cpp uses for decoding
+# ---------------------------------------------------------------------------
+
+INT8_GROUP = 32
+"""Elements of x that share one int8 scale (llama.cpp's Q8_0 group): one decode step."""
+
+
+def int8_supports(in_features, blocksize):
+    """Whether int8 activations apply: whole groups of 32 in every block."""
+    return in_features % INT8_GROUP == 0 and blocksize % INT8_GROUP == 0
+
+
+def quantize_activations(x):
+    """(rows, in) float32 x → int8 xq (rows, in) and float32 group scales (rows, in/32).
+
+    Per group of 32: xq = rint(x · 127 / max|x|), scale = max|x| / 127² (one 127 for x,
+    one for the int8 codebook), so x·w ≈ scale · xq · round(127·codebook[code]) · block scale.
+    """
+    rows, in_features = x.shape
+    xq = np.empty((rows, in_features), np.int8)
+    x_scales = np.empty((rows, in_features // INT8_GROUP), np.float32)
+    _quantize_activation_groups(x, xq, x_scales)
+    return xq, x_scales
+
+
+@njit(cache=True)
+def _quantize_activation_groups(x, xq, x_scales):
+    for r in range(x.shape[0]):
+        for group in range(x_scales.shape[1]):
+            values = x[r, group * INT8_GROUP:(group + 1) * INT8_GROUP]
+            largest = np.float32(0)
+            for value in values:
+                largest = max(largest, abs(value))
+            inverse = np.float32(127) / largest if largest > 0 else np.float32(0)
+            for i in range(INT8_GROUP):
+                xq[r, group * INT8_GROUP + i] = np.int8(np.rint(values[i] * inverse))
+            x_scales[r, group] = largest / np.float32(127 * 127)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_int8_avx2(x, packed, scales, out_features, blocks_per_row, block_bytes, table, y):
+    rows, in_features = x.shape
+    xq = np.empty((rows, in_features), np.int8)
+    x_scales = np.empty((rows, in_features // INT8_GROUP), np.float32)
+    _quantize_activation_groups(x, xq, x_scales)
+    xq_ordered = np.empty_like(xq)                                      # (rows, in), codes32's order
+    for r in range(rows):
+        for first in range(0, in_features, INT8_GROUP):
+            for i in range(INT8_GROUP):
+                xq_ordered[r, first + i] = xq[r, first + INT8_ORDER[i]]
+    packed_at, scales_at, part_end = _part_tables(packed, scales, out_features)
+    row_bytes = blocks_per_row * block_bytes
+    groups = x_scales.shape[1]
+    xq_at, xs_at, y_at = xq_ordered.ctypes.data, x_scales.ctypes.data, y.ctypes.data
+    y_stride = y.strides[0] // 4
+    for column in prange(y.shape[1]):   # y may be a view of some columns
+        part, row = _part_row(column, part_end, out_features)
+        row_packed = packed_at[part] + row * row_bytes
+        row_scales = scales_at[part] + 4 * row * blocks_per_row
+        r = 0
+        while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one lookup
+            avx2_dot_rows4_int8(row_packed, xq_at + r * in_features, in_features, xs_at + 4 * r * groups,
+                                groups, row_scales, blocks_per_row, block_bytes, table.ctypes.data,
+                                y_at + 4 * (r * y_stride + column), y_stride)
+            r += AVX2_DOT_ROWS
+        for last in range(r, rows):
+            avx2_dot_rows1_int8(row_packed, xq_at + last * in_features, in_features, xs_at + 4 * last * groups,
+                                groups, row_scales, blocks_per_row, block_bytes, table.ctypes.data,
+                                y_at + 4 * (last * y_stride + column), y_stride)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_int8_portable(x, packed, scales, blocks_per_row, block_bytes, table, y):
+    xq = np.empty(x.shape, np.int8)
+    x_scales = np.empty((x.shape[0], x.shape[1] // INT8_GROUP), np.float32)
+    _quantize_activation_groups(x, xq, x_scales)
+    row_bytes = blocks_per_row * block_bytes
+    groups_per_block = block_bytes // (INT8_GROUP // 2)
+    for o in prange(y.shape[1]):
+        row = np.int64(o)
+        for r in range(y.shape[0]):
+            total = np.float32(0)
+            for block in range(blocks_per_row):
+                block_sum = np.float32(0)
+                for g in range(groups_per_block):
+                    group = block * groups_per_block + g
+                    first = row * row_bytes + group * (INT8_GROUP // 2)
+                    block_sum += np.float32(_int8_dot(packed[first:first + INT8_GROUP // 2],
+                                                      xq[r, group * INT8_GROUP:(group + 1) * INT8_GROUP],
+                                                      table)) * x_scales[r, group]
+                total += block_sum * scales[row * blocks_per_row + block]
+            y[r, row] = total
+
+
+@njit(cache=True)
+def _int8_dot(codes, xq, table):
+    """Σ table[code_i] · xq_i over one group, exactly in integers."""
+    total = 0
+    for j in range(codes.size):
+        byte = codes[j]
+        total += np.int32(table[byte >> 4]) * np.int32(xq[2 * j]) \
+            + np.int32(table[byte & 15]) * np.int32(xq[2 * j + 1])
     return total
 
 

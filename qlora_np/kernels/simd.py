@@ -42,6 +42,10 @@ GROUP_ORDER = np.array([2 * t + odd for k in range(4) for odd in (1, 0) for t in
 the odd then the even elements of 8 consecutive pairs (lane halves = low / high nibbles)."""
 
 
+INT8_ORDER = np.array([2 * t + 1 for t in range(16)] + [2 * t for t in range(16)])
+"""Which of 32 consecutive weights each byte of :meth:`_Builder.codes32` holds: odd, then even."""
+
+
 @lru_cache(maxsize=64)
 def group_order(n):
     """Index array (n,) that puts n (a multiple of 32) elements into decoded-lane order (cached)."""
@@ -88,17 +92,17 @@ def _unpack_mask(width, high):
 class _Builder:
     """Helpers over an llvmlite IRBuilder: pointers, vector loads, the codebook decode."""
 
-    def __init__(self, builder, planes_address):
+    def __init__(self, builder, planes_address, plane_count=4):
         self.b = builder
-        module = builder.module
-        self.pshufb = cgutils.get_or_insert_function(
-            module, ir.FunctionType(_V32B, [_V32B, _V32B]), "llvm.x86.avx2.pshuf.b")
-        self.fma = cgutils.get_or_insert_function(
-            module, ir.FunctionType(_V8F, [_V8F, _V8F, _V8F]), "llvm.fma.v8f32")
+        self.pshufb = self.declare(_V32B, [_V32B, _V32B], "llvm.x86.avx2.pshuf.b")
+        self.fma = self.declare(_V8F, [_V8F, _V8F, _V8F], "llvm.fma.v8f32")
         planes = self.pointer(planes_address, _I8)
         self.planes = [builder.load(builder.bitcast(builder.gep(planes, [ir.Constant(_I64, 32 * k)]),
                                                     _V32B.as_pointer()), align=1)
-                       for k in range(4)]
+                       for k in range(plane_count)]
+
+    def declare(self, result, arguments, name):
+        return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(result, arguments), name)
 
     def pointer(self, address, element):
         return self.b.inttoptr(address, element.as_pointer())
@@ -114,13 +118,19 @@ class _Builder:
     def store_v8f(self, value, base, index):
         self.b.store(value, self.b.bitcast(self.b.gep(base, [index]), _V8F.as_pointer()), align=4)
 
+    def codes32(self, packed, index):
+        """16 bytes at packed[index] → their 32 codes as bytes: the low nibbles (odd
+        elements) in the first 128-bit lane, the high nibbles (even elements) in the second."""
+        b = self.b
+        raw = b.load(b.bitcast(b.gep(packed, [index]), _V16B.as_pointer()), align=1)
+        low = b.and_(raw, ir.Constant(_V16B, [15] * 16))
+        high = b.lshr(raw, ir.Constant(_V16B, [4] * 16))
+        return b.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+
     def decode32(self, packed, index):
         """16 bytes at packed[index] → 4 × 8 float32 codebook values, in GROUP_ORDER."""
         b = self.b
-        raw = b.load(b.bitcast(b.gep(packed, [index]), _V16B.as_pointer()), align=1)
-        low = b.and_(raw, ir.Constant(_V16B, [15] * 16))                # odd elements' codes
-        high = b.lshr(raw, ir.Constant(_V16B, [4] * 16))                # even elements' codes
-        codes = b.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        codes = self.codes32(packed, index)
         p0, p1, p2, p3 = (b.call(self.pshufb, [plane, codes]) for plane in self.planes)
         halves = []
         for high_half in (False, True):                                 # bytes → 16-bit pairs
@@ -253,3 +263,89 @@ def _make_axpy_rows(rows):
 
 avx2_axpy_rows1 = _make_axpy_rows(1)
 avx2_axpy_rows4 = _make_axpy_rows(AVX2_DOT_ROWS)
+
+
+# ---------------------------------------------------------------------------
+# Int8 activations (opt-in, as llama.cpp does): integer dot products of 32 weights
+# ---------------------------------------------------------------------------
+
+def int8_table(codebook):
+    """(32,) int8: the codebook rounded to int8, round(value · 127), twice (once per 128-bit lane)."""
+    return _int8_table_of(np.ascontiguousarray(codebook, np.float32).tobytes())
+
+
+@lru_cache(maxsize=64)
+def _int8_table_of(codebook_bytes):
+    values = np.rint(np.frombuffer(codebook_bytes, np.float32) * np.float32(127))
+    table = np.tile(np.clip(values, -127, 127).astype(np.int8), 2)
+    table.setflags(write=False)
+    return table
+
+
+def _make_dot_rows_int8(rows):
+    """An intrinsic computing ``rows`` dots of one packed weight row with int8 rows of x.
+
+    x comes quantized per group of 32 (:func:`qlora_np.kernels.products.quantize_activations`):
+    int8 values xq in codes32's order (odd elements, then even) and one float scale per
+    group. A step looks the 32 codes up as int8 weights (one ``vpshufb``), multiplies
+    them with xq exactly in integers (``vpmaddubsw`` on |w| and sign(w)·xq, then
+    ``vpmaddwd``: |sums| ≤ 4·127² fit int32), converts the 8 lane sums to float and
+    adds them times the group's scale; each block's sum is then multiplied by its scale.
+    """
+    @intrinsic
+    def dot_rows_int8(typingctx, packed, xq, xq_stride, x_scales, x_scales_stride, scales, nblocks,
+                      block_bytes, table, out, out_stride):
+        signature = types.void(*([_ADDRESS] * 11))
+
+        def codegen(context, builder, sig, args):
+            (packed_at, xq_at, xq_stride, x_scales_at, x_scales_stride, scales_at, nblocks,
+             block_bytes, table_at, out_at, out_stride) = args
+            ir_ = _Builder(builder, table_at, plane_count=1)
+            sign = ir_.declare(_V32B, [_V32B, _V32B], "llvm.x86.avx2.psign.b")
+            pairs = ir_.declare(_V16H, [_V32B, _V32B], "llvm.x86.avx2.pmadd.ub.sw")
+            quads = ir_.declare(_V8I, [_V16H, _V16H], "llvm.x86.avx2.pmadd.wd")
+            ones = ir.Constant(_V16H, [1] * 16)
+            packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
+            xq_rows = [ir_.pointer(builder.add(xq_at, builder.mul(ir.Constant(xq_stride.type, r), xq_stride)),
+                                   _I8) for r in range(rows)]
+            group_scales = [ir_.row_pointer(x_scales_at, x_scales_stride, r) for r in range(rows)]
+            zero = ir.Constant(_V8F, None)
+            totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
+            partials = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
+            with cgutils.for_range(builder, nblocks) as block_loop:
+                block = block_loop.index
+                first = builder.mul(block, block_bytes)
+                for partial in partials:
+                    builder.store(zero, partial)
+                step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
+                with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
+                                             step) as (offset, _):
+                    index = builder.add(first, offset)
+                    group = builder.udiv(index, step)
+                    weights = builder.call(ir_.pshufb, [ir_.planes[0], ir_.codes32(packed, index)])
+                    magnitudes = builder.call(sign, [weights, weights])
+                    for r in range(rows):
+                        where = builder.gep(xq_rows[r], [builder.add(index, index)])
+                        xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
+                        products = builder.call(pairs, [magnitudes, builder.call(sign, [xq, weights])])
+                        lane_sums = builder.sitofp(builder.call(quads, [products, ones]), _V8F)
+                        group_scale = ir_.broadcast(builder.load(builder.gep(group_scales[r], [group])))
+                        builder.store(builder.call(ir_.fma, [lane_sums, group_scale,
+                                                             builder.load(partials[r])]), partials[r])
+                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                for partial, total in zip(partials, totals):
+                    builder.store(builder.call(ir_.fma, [builder.load(partial), scale, builder.load(total)]),
+                                  total)
+            out = ir_.pointer(out_at, _F32)
+            for r in range(rows):
+                where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
+                builder.store(ir_.horizontal_sum(builder.load(totals[r])), where)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return dot_rows_int8
+
+
+avx2_dot_rows1_int8 = _make_dot_rows_int8(1)
+avx2_dot_rows4_int8 = _make_dot_rows_int8(AVX2_DOT_ROWS)
