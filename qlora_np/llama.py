@@ -373,21 +373,30 @@ class FusedProjections:
 
     def __call__(self, layers, x, int8_activations=False):
         """[layer(x) for layer in layers] for x (T, in) float32: (T, out) arrays."""
-        if all(layer.mode == "quant" and layer.bias is None for layer in layers):
-            key = (x.shape[0] <= FUSED_MAX_ROWS, int8_activations) + tuple(id(layer.base.packed) for layer in layers)
-            product = self._prepared.get(key)
-            if product is None:
-                bases = [layer.base for layer in layers]
-                product = (fuse_together(x.shape[0], bases, int8_activations)
-                           and (fused_product(bases, int8_activations), bases))
-                self._prepared[key] = product
-            if product:
-                y, start, outputs = product[0](x), 0, []
-                for base in product[1]:
-                    outputs.append(y[:, start:start + base.shape[0]])
-                    start += base.shape[0]
-                return outputs
-        return [layer.forward(x, cache=False) for layer in layers]
+        key = [x.shape[0] <= FUSED_MAX_ROWS, int8_activations]
+        for layer in layers:
+            if layer.mode != "quant" or layer.bias is not None:
+                return [layer.forward(x, cache=False) for layer in layers]
+            key.append(id(layer.base.packed))
+        key = tuple(key)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepare(layers, x.shape[0], int8_activations)
+            self._prepared[key] = prepared
+        if not prepared:
+            return [layer.forward(x, cache=False) for layer in layers]
+        product, columns, _ = prepared
+        y = product(x)
+        return [y[:, start:stop] for start, stop in columns]
+
+    @staticmethod
+    def _prepare(layers, rows, int8_activations):
+        """(product, each layer's columns of its result, the weights it holds) or () if not fusable."""
+        bases = [layer.base for layer in layers]
+        if not fuse_together(rows, bases, int8_activations):
+            return ()
+        ends = np.cumsum([base.shape[0] for base in bases]).tolist()
+        return fused_product(bases, int8_activations), list(zip([0] + ends[:-1], ends)), bases
 
 
 def rms_norm(x, weight, eps):

@@ -75,6 +75,7 @@ class FusedProduct:
     def __init__(self, parts, codebook, blocksize, in_features, simd=None, int8_activations=False):
         parts = list(parts)
         self.out_features = tuple(int(part[2]) for part in parts)
+        self._total = sum(self.out_features)
         shape = (in_features // blocksize, blocksize // 2)                # blocks a row, bytes a block
         avx2 = simd_applies(blocksize, simd)
         if avx2 and len(parts) <= MAX_PARTS and _same_array_types(parts):
@@ -95,7 +96,7 @@ class FusedProduct:
     def __call__(self, x):
         """(rows, in) float32 x → (rows, Σ out) float32."""
         x = np.ascontiguousarray(x)
-        y = np.empty((x.shape[0], sum(self.out_features)), np.float32)
+        y = np.empty((x.shape[0], self._total), np.float32)
         for kernel, static, columns in self._calls:
             kernel(x, *static, y if columns is None else y[:, columns])
         return y
