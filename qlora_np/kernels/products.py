@@ -97,9 +97,21 @@ class FusedProduct:
         """(rows, in) float32 x → (rows, Σ out) float32."""
         x = np.ascontiguousarray(x)
         y = np.empty((x.shape[0], self._total), np.float32)
+        scratch = _scratch(self._calls[0][0], x)
         for kernel, static, columns in self._calls:
-            kernel(x, *static, y if columns is None else y[:, columns])
+            kernel(x, *scratch, *static, y if columns is None else y[:, columns])
         return y
+
+
+def _scratch(kernel, x):
+    """The buffers a kernel fills from x before multiplying: the drivers hand raw addresses
+    to the intrinsics, so these must be owned here (Numba frees its own arrays after their
+    last use by name, which is before the loop that reads them through an address)."""
+    if kernel is _gemv_avx2:
+        return (np.empty_like(x),)                                    # x in lane order
+    if kernel is _gemv_portable:
+        return ()
+    return np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // INT8_GROUP), np.float32)
 
 
 def _avx2_call(parts, codebook, blocksize, shape, int8_activations, columns):
@@ -118,10 +130,9 @@ def _same_array_types(parts):
 
 
 @njit(parallel=True, cache=True)
-def _gemv_avx2(x, packed, scales, out_features, order, blocks_per_row, block_bytes, planes, y):
+def _gemv_avx2(x, x_ordered, packed, scales, out_features, order, blocks_per_row, block_bytes, planes, y):
     rows = x.shape[0]
-    x_ordered = np.empty((rows, order.size), np.float32)               # (rows, in), lane order
-    for r in range(rows):
+    for r in range(rows):                                               # x_ordered: (rows, in), lane order
         for i in range(order.size):
             x_ordered[r, i] = x[r, order[i]]
     packed_at, scales_at, part_end = _part_tables(packed, scales, out_features)
@@ -207,12 +218,17 @@ def quantize_activations(x):
     rows, in_features = x.shape
     xq = np.empty((rows, in_features), np.int8)
     x_scales = np.empty((rows, in_features // INT8_GROUP), np.float32)
-    _quantize_activation_groups(x, xq, x_scales)
+    _quantize_activation_groups(x, NATURAL_ORDER, xq, x_scales)
     return xq, x_scales
 
 
+NATURAL_ORDER = np.arange(INT8_GROUP)
+
+
 @njit(cache=True)
-def _quantize_activation_groups(x, xq, x_scales):
+def _quantize_activation_groups(x, order, xq, x_scales):
+    """Fill xq and x_scales (see :func:`quantize_activations`); within each group of 32,
+    xq[first + i] holds element first + order[i]."""
     for r in range(x.shape[0]):
         for group in range(x_scales.shape[1]):
             values = x[r, group * INT8_GROUP:(group + 1) * INT8_GROUP]
@@ -221,25 +237,18 @@ def _quantize_activation_groups(x, xq, x_scales):
                 largest = max(largest, abs(value))
             inverse = np.float32(127) / largest if largest > 0 else np.float32(0)
             for i in range(INT8_GROUP):
-                xq[r, group * INT8_GROUP + i] = np.int8(np.rint(values[i] * inverse))
+                xq[r, group * INT8_GROUP + i] = np.int8(np.rint(values[order[i]] * inverse))
             x_scales[r, group] = largest / np.float32(127 * 127)
 
 
 @njit(parallel=True, cache=True)
-def _gemv_int8_avx2(x, packed, scales, out_features, blocks_per_row, block_bytes, table, y):
+def _gemv_int8_avx2(x, xq, x_scales, packed, scales, out_features, blocks_per_row, block_bytes, table, y):
     rows, in_features = x.shape
-    xq = np.empty((rows, in_features), np.int8)
-    x_scales = np.empty((rows, in_features // INT8_GROUP), np.float32)
-    _quantize_activation_groups(x, xq, x_scales)
-    xq_ordered = np.empty_like(xq)                                      # (rows, in), codes32's order
-    for r in range(rows):
-        for first in range(0, in_features, INT8_GROUP):
-            for i in range(INT8_GROUP):
-                xq_ordered[r, first + i] = xq[r, first + INT8_ORDER[i]]
+    _quantize_activation_groups(x, INT8_ORDER, xq, x_scales)           # xq in codes32's order
     packed_at, scales_at, part_end = _part_tables(packed, scales, out_features)
     row_bytes = blocks_per_row * block_bytes
     groups = x_scales.shape[1]
-    xq_at, xs_at, y_at = xq_ordered.ctypes.data, x_scales.ctypes.data, y.ctypes.data
+    xq_at, xs_at, y_at = xq.ctypes.data, x_scales.ctypes.data, y.ctypes.data
     y_stride = y.strides[0] // 4
     for column in prange(y.shape[1]):   # y may be a view of some columns
         part, row = _part_row(column, part_end, out_features)
@@ -258,10 +267,8 @@ def _gemv_int8_avx2(x, packed, scales, out_features, blocks_per_row, block_bytes
 
 
 @njit(parallel=True, cache=True)
-def _gemv_int8_portable(x, packed, scales, blocks_per_row, block_bytes, table, y):
-    xq = np.empty(x.shape, np.int8)
-    x_scales = np.empty((x.shape[0], x.shape[1] // INT8_GROUP), np.float32)
-    _quantize_activation_groups(x, xq, x_scales)
+def _gemv_int8_portable(x, xq, x_scales, packed, scales, blocks_per_row, block_bytes, table, y):
+    _quantize_activation_groups(x, NATURAL_ORDER, xq, x_scales)
     row_bytes = blocks_per_row * block_bytes
     groups_per_block = block_bytes // (INT8_GROUP // 2)
     for o in prange(y.shape[1]):
