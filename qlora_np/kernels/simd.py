@@ -291,6 +291,8 @@ def _make_dot_rows_int8(rows):
     them with xq exactly in integers (``vpmaddubsw`` on |w| and sign(w)·xq, then
     ``vpmaddwd``: |sums| ≤ 4·127² fit int32), converts the 8 lane sums to float and
     adds them times the group's scale; each block's sum is then multiplied by its scale.
+    Blocks of exactly 64 weights (the default size) take an unrolled loop in which the
+    two groups' sums do not wait on each other.
     """
     @intrinsic
     def dot_rows_int8(typingctx, packed, xq, xq_stride, x_scales, x_scales_stride, scales, nblocks,
@@ -309,33 +311,53 @@ def _make_dot_rows_int8(rows):
             xq_rows = [ir_.pointer(builder.add(xq_at, builder.mul(ir.Constant(xq_stride.type, r), xq_stride)),
                                    _I8) for r in range(rows)]
             group_scales = [ir_.row_pointer(x_scales_at, x_scales_stride, r) for r in range(rows)]
+            step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
+
+            def group_sums(index):
+                """Each row's 8 float lane sums of one step's 32 products, times the group's x scale."""
+                weights = builder.call(ir_.pshufb, [ir_.planes[0], ir_.codes32(packed, index)])
+                magnitudes = builder.call(sign, [weights, weights])
+                group = builder.udiv(index, step)
+                sums = []
+                for r in range(rows):
+                    where = builder.gep(xq_rows[r], [builder.add(index, index)])
+                    xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
+                    products = builder.call(pairs, [magnitudes, builder.call(sign, [xq, weights])])
+                    lane_sums = builder.sitofp(builder.call(quads, [products, ones]), _V8F)
+                    sums.append((lane_sums, ir_.broadcast(builder.load(builder.gep(group_scales[r], [group])))))
+                return sums
+
             zero = ir.Constant(_V8F, None)
             totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
             partials = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
-            with cgutils.for_range(builder, nblocks) as block_loop:
-                block = block_loop.index
-                first = builder.mul(block, block_bytes)
-                for partial in partials:
-                    builder.store(zero, partial)
-                step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
-                with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
-                                             step) as (offset, _):
-                    index = builder.add(first, offset)
-                    group = builder.udiv(index, step)
-                    weights = builder.call(ir_.pshufb, [ir_.planes[0], ir_.codes32(packed, index)])
-                    magnitudes = builder.call(sign, [weights, weights])
-                    for r in range(rows):
-                        where = builder.gep(xq_rows[r], [builder.add(index, index)])
-                        xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
-                        products = builder.call(pairs, [magnitudes, builder.call(sign, [xq, weights])])
-                        lane_sums = builder.sitofp(builder.call(quads, [products, ones]), _V8F)
-                        group_scale = ir_.broadcast(builder.load(builder.gep(group_scales[r], [group])))
-                        builder.store(builder.call(ir_.fma, [lane_sums, group_scale,
-                                                             builder.load(partials[r])]), partials[r])
-                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
-                for partial, total in zip(partials, totals):
-                    builder.store(builder.call(ir_.fma, [builder.load(partial), scale, builder.load(total)]),
-                                  total)
+
+            def emit_blocks(two_steps):
+                with cgutils.for_range(builder, nblocks) as loop:
+                    block = loop.index
+                    first = builder.mul(block, block_bytes)
+                    if two_steps:                          # no loop: the two steps' sums are independent
+                        for r, ((sums0, scale0), (sums1, scale1)) in enumerate(zip(
+                                group_sums(first), group_sums(builder.add(first, step)))):
+                            builder.store(builder.call(ir_.fma, [sums1, scale1, builder.fmul(sums0, scale0)]),
+                                          partials[r])
+                    else:
+                        for partial in partials:
+                            builder.store(zero, partial)
+                        with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
+                                                     step) as (offset, _):
+                            for partial, (sums, scale) in zip(partials, group_sums(builder.add(first, offset))):
+                                builder.store(builder.call(ir_.fma, [sums, scale, builder.load(partial)]), partial)
+                    scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                    for partial, total in zip(partials, totals):
+                        builder.store(builder.call(ir_.fma, [builder.load(partial), scale, builder.load(total)]),
+                                      total)
+
+            with builder.if_else(builder.icmp_unsigned("==", block_bytes, ir.Constant(block_bytes.type, 32))) \
+                    as (blocks_of_64, other_blocks):
+                with blocks_of_64:
+                    emit_blocks(two_steps=True)
+                with other_blocks:
+                    emit_blocks(two_steps=False)
             out = ir_.pointer(out_at, _F32)
             for r in range(rows):
                 where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
