@@ -1,11 +1,11 @@
 """Greedy generation speed: qlora_np (NF4) against llama.cpp on the same GGUF, same threads.
 
-    python benchmarks/generate.py [--model PATH] [--tokens 64] [--threads 2]
+    python benchmarks/generate.py [--model PATH] [--tokens 64] [--threads 2] [--repeat 3]
 
 Prints prefill and decode tokens/s and peak RSS for qlora_np with NF4 weights (exact float
 products, then int8 activations: ``LlamaModel.int8_activations``), then
 (when llama-cpp-python is installed here or in ``--llama-python``) llama.cpp's on the same file with the same thread
-count, run in a subprocess, and the ratio.
+count, run in a subprocess, and the ratios; each is the median of ``--repeat`` runs.
 """
 
 import os
@@ -31,17 +31,20 @@ PROMPT = ("<|im_start|>user\nWrite a short story about a robot who learns to pai
 LLAMA_CPP_SCRIPT = """
 import json, sys, time
 from llama_cpp import Llama
-path, prompt, tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, prompt, tokens, threads, repeat = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 model = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
 ids = model.tokenize(prompt.encode(), add_bos=True, special=True)
-model.eval(ids[:4]); model.reset()
-start = time.perf_counter(); model.eval(ids); prefill = time.perf_counter() - start
-start = time.perf_counter()
-for _ in range(tokens):
-    token = model.sample(temp=0.0)
-    model.eval([token])
-decode = time.perf_counter() - start
-print(json.dumps({"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": decode}))
+model.eval(ids[:4])
+runs = []
+for _ in range(repeat):
+    model.reset()
+    start = time.perf_counter(); model.eval(ids); prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = model.sample(temp=0.0)
+        model.eval([token])
+    runs.append({"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": time.perf_counter() - start})
+print(json.dumps(runs))
 """
 
 
@@ -68,16 +71,21 @@ def run_qlora_np(model, tokens, int8_activations):
     return {"prompt_tokens": len(ids), "prefill_s": prefill, "decode_s": decode}
 
 
-def run_llama_cpp(path, tokens, threads, python):
+def median_run(runs):
+    """The run with the median decode time (this shared VM has bursts of slowness)."""
+    return sorted(runs, key=lambda run: run["decode_s"])[len(runs) // 2]
+
+
+def run_llama_cpp(path, tokens, threads, python, repeat):
     found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
     if found.returncode != 0:
         return None
-    result = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, PROMPT, str(tokens), str(threads)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, path, PROMPT, str(tokens), str(threads),
+                             str(repeat)], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         print("llama.cpp failed:", result.stderr[-500:])
         return None
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return median_run(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def report(name, result, tokens):
@@ -92,16 +100,21 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the median is reported")
     parser.add_argument("--llama-python", default=sys.executable,
                         help="a Python with llama-cpp-python installed (default: this one)")
     args = parser.parse_args()
     path = args.model or shipped_smollm2_path()
     print(f"{os.path.basename(path)}, {args.tokens} greedy tokens, {args.threads} threads")
     model = load_qlora_np(path, args.threads)
-    ours = {int8: report(f"qlora_np (NF4 + dq{', int8 x' if int8 else ''})",
-                         run_qlora_np(model, args.tokens, int8), args.tokens) for int8 in (False, True)}
+    runs = {False: [], True: []}
+    for _ in range(args.repeat):                        # interleaved, so a slow spell hits both modes
+        for int8 in runs:
+            runs[int8].append(run_qlora_np(model, args.tokens, int8))
+    ours = {int8: report(f"qlora_np (NF4 + dq{', int8 x' if int8 else ''})", median_run(runs[int8]),
+                         args.tokens) for int8 in runs}
     print(f"{'':28} peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    theirs = run_llama_cpp(path, args.tokens, args.threads, args.llama_python)
+    theirs = run_llama_cpp(path, args.tokens, args.threads, args.llama_python, args.repeat)
     if theirs is None:
         print("llama.cpp: llama-cpp-python not installed, skipped")
         return

@@ -149,10 +149,15 @@ class _Builder:
         return self.b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
 
     def horizontal_sum(self, vector):
-        total = self.b.extract_element(vector, ir.Constant(_I32, 0))
-        for lane in range(1, 8):
-            total = self.b.fadd(total, self.b.extract_element(vector, ir.Constant(_I32, lane)))
-        return total
+        """The sum of 8 lanes as a tree, halves first (3 dependent adds, not 7)."""
+        width = 8
+        while width > 1:
+            width //= 2
+            low = self.b.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+            high = self.b.shuffle_vector(vector, vector,
+                                         ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
+            vector = self.b.fadd(low, high)
+        return self.b.extract_element(vector, ir.Constant(_I32, 0))
 
 
 _ADDRESS = types.intp
