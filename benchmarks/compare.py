@@ -116,8 +116,8 @@ def main():
             target = (f"≥ 3× faster", forward * 3 <= dense) if rows == 1 else ("≤ 0.8×", forward <= 0.8 * dense)
             row(f"matmul {name}", forward, "numpy x @ W.T (fp32)", dense, *target)
             int8 = median_seconds(lambda: qlora_np.matmul(x, qt, int8_activations=True), repeat)
-            row(f"  int8 activations, {rows} row{'s' if rows > 1 else ''}", int8, "numpy x @ W.T (fp32)",
-                dense, "(approximate, as llama.cpp)", None)
+            row(f"matmul int8 x, {name}", int8, "numpy x @ W.T (fp32)", dense,
+                "(approximate, as llama.cpp)", None)
             dense_t = median_seconds(lambda: g @ dense_weight, repeat)
             backward = median_seconds(lambda: qlora_np.matmul_t(g, qt), repeat)
             row(f"matmul_t {name}", backward, "numpy g @ W (fp32)", dense_t,
