@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, avx2_axpy_rows1, avx2_axpy_rows4,
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, avx2_axpy_rows1, avx2_axpy_rows4,
                    avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, codebook_planes,
                    group_order, int8_table)
 
@@ -227,24 +227,27 @@ NATURAL_ORDER = np.arange(INT8_GROUP)
 
 @njit(cache=True)
 def _quantize_activation_groups(x, order, xq, x_scales):
-    """Fill xq and x_scales (see :func:`quantize_activations`); within each group of 32,
-    xq[first + i] holds element first + order[i]."""
+    """Fill xq and x_scales (see :func:`quantize_activations`); xq is stored in ``order``
+    (of 32 or 64 elements): xq[first + i] holds element first + order[i] of each chunk."""
+    inverses = np.empty(x_scales.shape[1], np.float32)
     for r in range(x.shape[0]):
         for group in range(x_scales.shape[1]):
-            values = x[r, group * INT8_GROUP:(group + 1) * INT8_GROUP]
             largest = np.float32(0)
-            for value in values:
+            for value in x[r, group * INT8_GROUP:(group + 1) * INT8_GROUP]:
                 largest = max(largest, abs(value))
-            inverse = np.float32(127) / largest if largest > 0 else np.float32(0)
-            for i in range(INT8_GROUP):
-                xq[r, group * INT8_GROUP + i] = np.int8(np.rint(values[order[i]] * inverse))
+            inverses[group] = np.float32(127) / largest if largest > 0 else np.float32(0)
             x_scales[r, group] = largest / np.float32(127 * 127)
+        for first in range(0, x.shape[1], order.size):
+            for i in range(order.size):
+                element = first + order[i]
+                xq[r, first + i] = np.int8(np.rint(x[r, element] * inverses[element // INT8_GROUP]))
 
 
 @njit(parallel=True, cache=True)
 def _gemv_int8_avx2(x, xq, x_scales, packed, scales, out_features, blocks_per_row, block_bytes, table, y):
     rows, in_features = x.shape
-    _quantize_activation_groups(x, INT8_ORDER, xq, x_scales)           # xq in codes32's order
+    order = INT8_ORDER_64 if block_bytes == 32 else INT8_ORDER          # as the intrinsic reads them
+    _quantize_activation_groups(x, order, xq, x_scales)
     packed_at, scales_at, part_end = _part_tables(packed, scales, out_features)
     row_bytes = blocks_per_row * block_bytes
     groups = x_scales.shape[1]

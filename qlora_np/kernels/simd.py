@@ -45,6 +45,9 @@ the odd then the even elements of 8 consecutive pairs (lane halves = low / high 
 INT8_ORDER = np.array([2 * t + 1 for t in range(16)] + [2 * t for t in range(16)])
 """Which of 32 consecutive weights each byte of :meth:`_Builder.codes32` holds: odd, then even."""
 
+INT8_ORDER_64 = np.array([2 * t + 1 for t in range(32)] + [2 * t for t in range(32)])
+"""The same for 64 weights read as 32 bytes at once (blocks of 64): low nibbles, then high."""
+
 
 @lru_cache(maxsize=64)
 def group_order(n):
@@ -72,6 +75,7 @@ _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8F = ir.VectorType(_F32, 8)
+_V2F = ir.VectorType(_F32, 2)
 _V8I = ir.VectorType(_I32, 8)
 _V16B = ir.VectorType(_I8, 16)
 _V32B = ir.VectorType(_I8, 32)
@@ -181,6 +185,36 @@ def _make_dot_rows(rows, chains):
             ir_ = _Builder(builder, planes_at)
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
             x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
+            def block_scale(block):
+                return ir_.broadcast(builder.load(builder.gep(scales, [block])))
+
+            def sums_of_64(index):
+                """Each row's 8 float lane sums of the 64 products of the block at packed[index]
+                (32 bytes), lanes 0–3 times group 0's x scale and lanes 4–7 times group 1's.
+
+                xq is stored as INT8_ORDER_64 for this: the odd elements of both groups, then
+                the even ones, matching the low and the high nibbles of the 32 bytes."""
+                raw = builder.load(builder.bitcast(builder.gep(packed, [index]), _V32B.as_pointer()), align=1)
+                low = builder.and_(raw, ir.Constant(_V32B, [15] * 32))
+                high = builder.lshr(raw, ir.Constant(_V32B, [4] * 32))
+                weights = [builder.call(ir_.pshufb, [ir_.planes[0], codes]) for codes in (low, high)]
+                magnitudes = [builder.call(sign, [w, w]) for w in weights]
+                group = builder.udiv(index, step)
+                sums = []
+                for r in range(rows):
+                    lane_sums = None
+                    for half, (w, m) in enumerate(zip(weights, magnitudes)):
+                        where = builder.gep(xq_rows[r], [builder.add(builder.add(index, index),
+                                                                     ir.Constant(index.type, 32 * half))])
+                        xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
+                        quad = builder.call(quads, [builder.call(pairs, [m, builder.call(sign, [xq, w])]), ones])
+                        lane_sums = quad if lane_sums is None else builder.add(lane_sums, quad)
+                    where = builder.bitcast(builder.gep(group_scales[r], [group]), _V2F.as_pointer())
+                    two_scales = builder.load(where, align=4)
+                    spread = builder.shuffle_vector(two_scales, two_scales, ir.Constant(_V8I, [0] * 4 + [1] * 4))
+                    sums.append(builder.fmul(builder.sitofp(lane_sums, _V8F), spread))
+                return sums
+
             zero = ir.Constant(_V8F, None)
             totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
             partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
@@ -296,8 +330,8 @@ def _make_dot_rows_int8(rows):
     them with xq exactly in integers (``vpmaddubsw`` on |w| and sign(w)·xq, then
     ``vpmaddwd``: |sums| ≤ 4·127² fit int32), converts the 8 lane sums to float and
     adds them times the group's scale; each block's sum is then multiplied by its scale.
-    Blocks of exactly 64 weights (the default size) take an unrolled loop in which the
-    two groups' sums do not wait on each other.
+    Blocks of exactly 64 weights (the default size) are read 32 bytes at a time instead,
+    both groups at once, with xq in INT8_ORDER_64.
     """
     @intrinsic
     def dot_rows_int8(typingctx, packed, xq, xq_stride, x_scales, x_scales_stride, scales, nblocks,
@@ -332,37 +366,64 @@ def _make_dot_rows_int8(rows):
                     sums.append((lane_sums, ir_.broadcast(builder.load(builder.gep(group_scales[r], [group])))))
                 return sums
 
+            def block_scale(block):
+                return ir_.broadcast(builder.load(builder.gep(scales, [block])))
+
+            def sums_of_64(index):
+                """Each row's 8 float lane sums of the 64 products of the block at packed[index]
+                (32 bytes), lanes 0–3 times group 0's x scale and lanes 4–7 times group 1's.
+
+                xq is stored as INT8_ORDER_64 for this: the odd elements of both groups, then
+                the even ones, matching the low and the high nibbles of the 32 bytes."""
+                raw = builder.load(builder.bitcast(builder.gep(packed, [index]), _V32B.as_pointer()), align=1)
+                low = builder.and_(raw, ir.Constant(_V32B, [15] * 32))
+                high = builder.lshr(raw, ir.Constant(_V32B, [4] * 32))
+                weights = [builder.call(ir_.pshufb, [ir_.planes[0], codes]) for codes in (low, high)]
+                magnitudes = [builder.call(sign, [w, w]) for w in weights]
+                group = builder.udiv(index, step)
+                sums = []
+                for r in range(rows):
+                    lane_sums = None
+                    for half, (w, m) in enumerate(zip(weights, magnitudes)):
+                        where = builder.gep(xq_rows[r], [builder.add(builder.add(index, index),
+                                                                     ir.Constant(index.type, 32 * half))])
+                        xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
+                        quad = builder.call(quads, [builder.call(pairs, [m, builder.call(sign, [xq, w])]), ones])
+                        lane_sums = quad if lane_sums is None else builder.add(lane_sums, quad)
+                    where = builder.bitcast(builder.gep(group_scales[r], [group]), _V2F.as_pointer())
+                    two_scales = builder.load(where, align=4)
+                    spread = builder.shuffle_vector(two_scales, two_scales, ir.Constant(_V8I, [0] * 4 + [1] * 4))
+                    sums.append(builder.fmul(builder.sitofp(lane_sums, _V8F), spread))
+                return sums
+
             zero = ir.Constant(_V8F, None)
             totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
             partials = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
 
-            def emit_blocks(two_steps):
+            def emit_blocks(blocks_of_64):
                 with cgutils.for_range(builder, nblocks) as loop:
                     block = loop.index
                     first = builder.mul(block, block_bytes)
-                    if two_steps:                          # no loop: the two steps' sums are independent
-                        for r, ((sums0, scale0), (sums1, scale1)) in enumerate(zip(
-                                group_sums(first), group_sums(builder.add(first, step)))):
-                            builder.store(builder.call(ir_.fma, [sums1, scale1, builder.fmul(sums0, scale0)]),
-                                          partials[r])
-                    else:
+                    if blocks_of_64:
+                        block_sums = sums_of_64(first)
+                    else:                                    # one group of 32 a step
                         for partial in partials:
                             builder.store(zero, partial)
                         with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                                      step) as (offset, _):
                             for partial, (sums, scale) in zip(partials, group_sums(builder.add(first, offset))):
                                 builder.store(builder.call(ir_.fma, [sums, scale, builder.load(partial)]), partial)
-                    scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
-                    for partial, total in zip(partials, totals):
-                        builder.store(builder.call(ir_.fma, [builder.load(partial), scale, builder.load(total)]),
+                        block_sums = [builder.load(partial) for partial in partials]
+                    for total, block_sum in zip(totals, block_sums):
+                        builder.store(builder.call(ir_.fma, [block_sum, block_scale(block), builder.load(total)]),
                                       total)
 
             with builder.if_else(builder.icmp_unsigned("==", block_bytes, ir.Constant(block_bytes.type, 32))) \
                     as (blocks_of_64, other_blocks):
                 with blocks_of_64:
-                    emit_blocks(two_steps=True)
+                    emit_blocks(blocks_of_64=True)
                 with other_blocks:
-                    emit_blocks(two_steps=False)
+                    emit_blocks(blocks_of_64=False)
             out = ir_.pointer(out_at, _F32)
             for r in range(rows):
                 where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
