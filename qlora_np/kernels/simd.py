@@ -152,6 +152,13 @@ class _Builder:
         lanes = self.b.insert_element(ir.Constant(_V8F, None), scalar, ir.Constant(_I32, 0))
         return self.b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
 
+    def store_row_sums(self, totals, out_at, out_stride):
+        """out[r · out_stride] = the sum of the lanes of totals[r] (vectors behind allocas)."""
+        out = self.pointer(out_at, _F32)
+        for r, total in enumerate(totals):
+            where = self.b.gep(out, [self.b.mul(ir.Constant(out_stride.type, r), out_stride)])
+            self.b.store(self.horizontal_sum(self.b.load(total)), where)
+
     def horizontal_sum(self, vector):
         """The sum of 8 lanes as a tree, halves first (3 dependent adds, not 7)."""
         width = 8
@@ -185,36 +192,6 @@ def _make_dot_rows(rows, chains):
             ir_ = _Builder(builder, planes_at)
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
             x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
-            def block_scale(block):
-                return ir_.broadcast(builder.load(builder.gep(scales, [block])))
-
-            def sums_of_64(index):
-                """Each row's 8 float lane sums of the 64 products of the block at packed[index]
-                (32 bytes), lanes 0–3 times group 0's x scale and lanes 4–7 times group 1's.
-
-                xq is stored as INT8_ORDER_64 for this: the odd elements of both groups, then
-                the even ones, matching the low and the high nibbles of the 32 bytes."""
-                raw = builder.load(builder.bitcast(builder.gep(packed, [index]), _V32B.as_pointer()), align=1)
-                low = builder.and_(raw, ir.Constant(_V32B, [15] * 32))
-                high = builder.lshr(raw, ir.Constant(_V32B, [4] * 32))
-                weights = [builder.call(ir_.pshufb, [ir_.planes[0], codes]) for codes in (low, high)]
-                magnitudes = [builder.call(sign, [w, w]) for w in weights]
-                group = builder.udiv(index, step)
-                sums = []
-                for r in range(rows):
-                    lane_sums = None
-                    for half, (w, m) in enumerate(zip(weights, magnitudes)):
-                        where = builder.gep(xq_rows[r], [builder.add(builder.add(index, index),
-                                                                     ir.Constant(index.type, 32 * half))])
-                        xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
-                        quad = builder.call(quads, [builder.call(pairs, [m, builder.call(sign, [xq, w])]), ones])
-                        lane_sums = quad if lane_sums is None else builder.add(lane_sums, quad)
-                    where = builder.bitcast(builder.gep(group_scales[r], [group]), _V2F.as_pointer())
-                    two_scales = builder.load(where, align=4)
-                    spread = builder.shuffle_vector(two_scales, two_scales, ir.Constant(_V8I, [0] * 4 + [1] * 4))
-                    sums.append(builder.fmul(builder.sitofp(lane_sums, _V8F), spread))
-                return sums
-
             zero = ir.Constant(_V8F, None)
             totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
             partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
@@ -242,10 +219,7 @@ def _make_dot_rows(rows, chains):
                         block_sum = builder.fadd(block_sum, builder.load(chain))
                     builder.store(builder.call(ir_.fma, [block_sum, scale, builder.load(totals[r])]),
                                   totals[r])
-            out = ir_.pointer(out_at, _F32)
-            for r in range(rows):
-                where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
-                builder.store(ir_.horizontal_sum(builder.load(totals[r])), where)
+            ir_.store_row_sums(totals, out_at, out_stride)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -424,10 +398,7 @@ def _make_dot_rows_int8(rows):
                     emit_blocks(blocks_of_64=True)
                 with other_blocks:
                     emit_blocks(blocks_of_64=False)
-            out = ir_.pointer(out_at, _F32)
-            for r in range(rows):
-                where = builder.gep(out, [builder.mul(ir.Constant(out_stride.type, r), out_stride)])
-                builder.store(ir_.horizontal_sum(builder.load(totals[r])), where)
+            ir_.store_row_sums(totals, out_at, out_stride)
             return context.get_dummy_value()
 
         return signature, codegen
