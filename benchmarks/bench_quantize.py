@@ -70,5 +70,8 @@ class Matmul:
     def time_matmul_nf4(self, rows):
         qlora_np.matmul(self.x, self.qt)
 
+    def time_matmul_nf4_int8_activations(self, rows):
+        qlora_np.matmul(self.x, self.qt, int8_activations=True)
+
     def time_numpy_dense(self, rows):
         self.x @ self.weight.T
