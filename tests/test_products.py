@@ -162,3 +162,10 @@ def test_int8_activations_in_matmul_and_where_they_do_not_apply():
                        qlora_np.quantize(qt_weight, "nf4", 48)):        # zero points; 48 = 1.5 groups
         np.testing.assert_array_equal(qlora_np.matmul(x, exact_only, int8_activations=True),
                                       qlora_np.matmul(x, exact_only))
+
+
+def test_int8_activations_refuse_partial_groups():
+    qt, block_scales, _, _ = _case(4, 96, "nf4", 48, False)
+    with pytest.raises(qlora_np.ShapeError, match="whole groups of 32"):
+        products.gemv_many(np.ones((1, 96), np.float32), [(qt.packed, block_scales, 4)], qt.codebook, 48,
+                           int8_activations=True)

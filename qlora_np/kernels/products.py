@@ -14,9 +14,11 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, avx2_axpy_rows1, avx2_axpy_rows4,
-                   avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, codebook_planes,
-                   group_order, int8_table)
+from ..errors import ShapeError
+
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, avx2_axpy_rows1,
+                   avx2_axpy_rows4, avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
+                   codebook_planes, group_order, int8_table)
 
 
 def supports(shape, blocksize):
@@ -73,6 +75,9 @@ class FusedProduct:
     """
 
     def __init__(self, parts, codebook, blocksize, in_features, simd=None, int8_activations=False):
+        if int8_activations and not int8_supports(in_features, blocksize):
+            raise ShapeError(f"int8 activations need whole groups of {INT8_GROUP} in every block, got "
+                             f"in_features {in_features} and blocksize {blocksize}")
         parts = list(parts)
         self.out_features = tuple(int(part[2]) for part in parts)
         self._total = sum(self.out_features)
@@ -264,9 +269,9 @@ def _gemv_int8_avx2(x, xq, x_scales, packed, scales, out_features, blocks_per_ro
                                 y_at + 4 * (r * y_stride + column), y_stride)
             r += AVX2_DOT_ROWS
         for last in range(r, rows):
-            avx2_dot_rows1_int8(row_packed, xq_at + last * in_features, in_features, xs_at + 4 * last * groups,
-                                groups, row_scales, blocks_per_row, block_bytes, table.ctypes.data,
-                                y_at + 4 * (last * y_stride + column), y_stride)
+            avx2_dot_rows1_int8(row_packed, xq_at + last * in_features, in_features,
+                                xs_at + 4 * last * groups, groups, row_scales, blocks_per_row, block_bytes,
+                                table.ctypes.data, y_at + 4 * (last * y_stride + column), y_stride)
 
 
 @njit(parallel=True, cache=True)

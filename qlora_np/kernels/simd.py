@@ -164,9 +164,9 @@ class _Builder:
         width = 8
         while width > 1:
             width //= 2
-            low = self.b.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-            high = self.b.shuffle_vector(vector, vector,
-                                         ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
+            halves = [ir.Constant(ir.VectorType(_I32, width), list(range(start, start + width)))
+                      for start in (0, width)]
+            low, high = (self.b.shuffle_vector(vector, vector, half) for half in halves)
             vector = self.b.fadd(low, high)
         return self.b.extract_element(vector, ir.Constant(_I32, 0))
 
@@ -337,7 +337,8 @@ def _make_dot_rows_int8(rows):
                     xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
                     products = builder.call(pairs, [magnitudes, builder.call(sign, [xq, weights])])
                     lane_sums = builder.sitofp(builder.call(quads, [products, ones]), _V8F)
-                    sums.append((lane_sums, ir_.broadcast(builder.load(builder.gep(group_scales[r], [group])))))
+                    group_scale = builder.load(builder.gep(group_scales[r], [group]))
+                    sums.append((lane_sums, ir_.broadcast(group_scale)))
                 return sums
 
             def block_scale(block):
@@ -362,11 +363,13 @@ def _make_dot_rows_int8(rows):
                         where = builder.gep(xq_rows[r], [builder.add(builder.add(index, index),
                                                                      ir.Constant(index.type, 32 * half))])
                         xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
-                        quad = builder.call(quads, [builder.call(pairs, [m, builder.call(sign, [xq, w])]), ones])
+                        signed = builder.call(sign, [xq, w])
+                        quad = builder.call(quads, [builder.call(pairs, [m, signed]), ones])
                         lane_sums = quad if lane_sums is None else builder.add(lane_sums, quad)
                     where = builder.bitcast(builder.gep(group_scales[r], [group]), _V2F.as_pointer())
                     two_scales = builder.load(where, align=4)
-                    spread = builder.shuffle_vector(two_scales, two_scales, ir.Constant(_V8I, [0] * 4 + [1] * 4))
+                    spread = builder.shuffle_vector(two_scales, two_scales,
+                                                    ir.Constant(_V8I, [0] * 4 + [1] * 4))
                     sums.append(builder.fmul(builder.sitofp(lane_sums, _V8F), spread))
                 return sums
 
@@ -385,15 +388,17 @@ def _make_dot_rows_int8(rows):
                             builder.store(zero, partial)
                         with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                                      step) as (offset, _):
-                            for partial, (sums, scale) in zip(partials, group_sums(builder.add(first, offset))):
-                                builder.store(builder.call(ir_.fma, [sums, scale, builder.load(partial)]), partial)
+                            step_sums = group_sums(builder.add(first, offset))
+                            for partial, (sums, scale) in zip(partials, step_sums):
+                                updated = builder.call(ir_.fma, [sums, scale, builder.load(partial)])
+                                builder.store(updated, partial)
                         block_sums = [builder.load(partial) for partial in partials]
                     for total, block_sum in zip(totals, block_sums):
-                        builder.store(builder.call(ir_.fma, [block_sum, block_scale(block), builder.load(total)]),
-                                      total)
+                        updated = builder.call(ir_.fma, [block_sum, block_scale(block), builder.load(total)])
+                        builder.store(updated, total)
 
-            with builder.if_else(builder.icmp_unsigned("==", block_bytes, ir.Constant(block_bytes.type, 32))) \
-                    as (blocks_of_64, other_blocks):
+            is_64 = builder.icmp_unsigned("==", block_bytes, ir.Constant(block_bytes.type, 32))
+            with builder.if_else(is_64) as (blocks_of_64, other_blocks):
                 with blocks_of_64:
                     emit_blocks(blocks_of_64=True)
                 with other_blocks:
