@@ -132,9 +132,9 @@ class LlamaModel:
         self.output = output                        # LoRALinear (vocab, hidden): the LM head
         self.tokenizer = tokenizer
         self.int8_activations = False
-        self.projections = FusedProjections()
         """Inference only: let the fused 4-bit products round activations to int8, as llama.cpp
-        does (faster decoding, logits ~1e-2 relative off); see :func:`qlora_np.matmul`."""
+        does (faster decoding, logits ~5 % of their norm off); see :func:`qlora_np.matmul`."""
+        self.projections = FusedProjections()
 
     # -- loading ------------------------------------------------------------
     @classmethod
@@ -385,18 +385,20 @@ class FusedProjections:
             self._prepared[key] = prepared
         if not prepared:
             return [layer.forward(x, cache=False) for layer in layers]
-        product, columns, _ = prepared
+        product, columns = prepared
         y = product(x)
         return [y[:, start:stop] for start, stop in columns]
 
     @staticmethod
     def _prepare(layers, rows, int8_activations):
-        """(product, each layer's columns of its result, the weights it holds) or () if not fusable."""
+        """(product, each layer's columns of its result) or () if not fusable. The product holds
+        the packed arrays, so their ids (the key) cannot be reused while it is kept."""
         bases = [layer.base for layer in layers]
         if not fuse_together(rows, bases, int8_activations):
             return ()
-        ends = np.cumsum([base.shape[0] for base in bases]).tolist()
-        return fused_product(bases, int8_activations), list(zip([0] + ends[:-1], ends)), bases
+        product = fused_product(bases, int8_activations)
+        ends = np.cumsum(product.out_features).tolist()
+        return product, list(zip([0] + ends[:-1], ends))
 
 
 def rms_norm(x, weight, eps):

@@ -201,7 +201,8 @@ def matmul(x, qt, backend="numba", int8_activations=False):
 
     ``int8_activations=True`` lets the fused CPU kernel round x to int8 per group of 32
     and the codebook to int8 and multiply in integers, as llama.cpp does when decoding:
-    ~1.3–1.8× faster on large weights, with a relative error of ~1e-2 (see
+    ~2–2.4× faster than the exact fused kernel on large weights, with a relative error of
+    ~1e-2 (see
     :func:`qlora_np.reference.gemv_int8`). Other paths, and int4_asym, stay exact.
     """
     _weight_shape(qt)

@@ -15,7 +15,6 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ShapeError
-
 from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, avx2_axpy_rows1,
                    avx2_axpy_rows4, avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
                    codebook_planes, group_order, int8_table)

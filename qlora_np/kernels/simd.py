@@ -148,6 +148,10 @@ class _Builder:
                 floats.append(b.bitcast(mixed, _V8F))
         return floats
 
+    def broadcast_at(self, pointer, index):
+        """pointer[index], a float32, in all 8 lanes."""
+        return self.broadcast(self.b.load(self.b.gep(pointer, [index])))
+
     def broadcast(self, scalar):
         lanes = self.b.insert_element(ir.Constant(_V8F, None), scalar, ir.Constant(_I32, 0))
         return self.b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
@@ -177,9 +181,10 @@ _ADDRESS = types.intp
 def _make_dot_rows(rows, chains):
     """An intrinsic computing ``rows`` dots of one packed weight row with rows of x at once.
 
-    Each decoded group of 32 weights is scaled by its block's scale (giving exactly the
-    dequantized float32 values) and then multiplied with every x row, so the decode
-    work is shared by ``rows`` products.
+    Each decoded group of 32 codebook values is multiplied with every x row, so the
+    decode work is shared by ``rows`` products; each block's sum is then multiplied by
+    its scale once (as the portable loop does). ``chains`` independent accumulators a
+    row keep the FMAs from waiting on each other.
     """
     @intrinsic
     def dot_rows(typingctx, packed, x_ordered, x_stride, scales, nblocks, block_bytes, planes, out,
@@ -212,7 +217,7 @@ def _make_dot_rows(rows, chains):
                             chain = partials[r][k % chains]
                             builder.store(builder.call(ir_.fma, [codes_value, ir_.load_v8f(x_rows[r], at),
                                                                  builder.load(chain)]), chain)
-                scale = ir_.broadcast(builder.load(builder.gep(scales, [block])))
+                scale = ir_.broadcast_at(scales, block)
                 for r in range(rows):
                     block_sum = builder.load(partials[r][0])
                     for chain in partials[r][1:]:
@@ -252,10 +257,10 @@ def _make_axpy_rows(rows):
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
                 first = builder.mul(block, block_bytes)
-                shift = ir_.broadcast(builder.load(builder.gep(shifts, [block])))
-                row_coefs = [ir_.broadcast(builder.load(builder.gep(
-                    coefs, [builder.add(builder.mul(ir.Constant(nblocks.type, r), nblocks), block)])))
-                    for r in range(rows)]
+                shift = ir_.broadcast_at(shifts, block)
+                row_coefs = [ir_.broadcast_at(coefs, builder.add(builder.mul(ir.Constant(nblocks.type, r),
+                                                                             nblocks), block))
+                             for r in range(rows)]
                 step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
                 with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                              step) as (offset, _):
@@ -337,12 +342,8 @@ def _make_dot_rows_int8(rows):
                     xq = builder.load(builder.bitcast(where, _V32B.as_pointer()), align=1)
                     products = builder.call(pairs, [magnitudes, builder.call(sign, [xq, weights])])
                     lane_sums = builder.sitofp(builder.call(quads, [products, ones]), _V8F)
-                    group_scale = builder.load(builder.gep(group_scales[r], [group]))
-                    sums.append((lane_sums, ir_.broadcast(group_scale)))
+                    sums.append((lane_sums, ir_.broadcast_at(group_scales[r], group)))
                 return sums
-
-            def block_scale(block):
-                return ir_.broadcast(builder.load(builder.gep(scales, [block])))
 
             def sums_of_64(index):
                 """Each row's 8 float lane sums of the 64 products of the block at packed[index]
@@ -394,7 +395,8 @@ def _make_dot_rows_int8(rows):
                                 builder.store(updated, partial)
                         block_sums = [builder.load(partial) for partial in partials]
                     for total, block_sum in zip(totals, block_sums):
-                        updated = builder.call(ir_.fma, [block_sum, block_scale(block), builder.load(total)])
+                        scale = ir_.broadcast_at(scales, block)
+                        updated = builder.call(ir_.fma, [block_sum, scale, builder.load(total)])
                         builder.store(updated, total)
 
             is_64 = builder.icmp_unsigned("==", block_bytes, ir.Constant(block_bytes.type, 32))
