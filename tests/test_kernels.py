@@ -18,6 +18,7 @@ from qlora_np import reference
 from qlora_np.codebooks import FORMATS, NESTED_BLOCKSIZE, dynamic_map
 from qlora_np.errors import InvalidValueError
 from qlora_np.kernels import cpu
+from qlora_np.kernels.simd import HAS_AVX2
 from qlora_np.ops import scales
 
 F32 = np.float32
@@ -270,15 +271,16 @@ def test_float64_and_non_contiguous_inputs_quantize_as_their_float32_row_major_c
 
 @given(n=st.integers(1, 3000), blocksize=st.one_of(st.integers(1, 70), st.sampled_from(BNB_SIZES)),
        quant_type=st.sampled_from(QUANT_TYPES), kind=st.sampled_from(KINDS),
-       seed=st.integers(0, 2**32 - 1))
-@settings(max_examples=150)
-def test_quantize_4bit_equals_reference_for_any_blocksize(n, blocksize, quant_type, kind, seed):
+       seed=st.integers(0, 2**32 - 1), simd=st.booleans())
+@settings(max_examples=200)
+def test_quantize_4bit_equals_reference_for_any_blocksize(n, blocksize, quant_type, kind, seed, simd):
     # the public API only reaches odd block sizes through strategy="channel"/"tensor";
-    # the kernels take any block size directly
+    # the kernels take any block size directly. simd=False: the portable loop even
+    # where the AVX2 search would run (block sizes of a multiple of 16)
     rng = np.random.default_rng(seed)
     flat = cast(make_values(rng, kind, n, blocksize, quant_type), F32)
     with np.errstate(all="ignore"):
-        fast = cpu.quantize_4bit(flat, blocksize, quant_type)
+        fast = cpu.quantize_4bit(flat, blocksize, quant_type, simd=simd)
         slow = reference.quantize_4bit(flat, blocksize, quant_type)
     nblocks = -(-n // blocksize)
     assert fast[0].shape == ((n + 1) // 2,) and fast[1].shape == (nblocks,)
@@ -535,6 +537,23 @@ def test_double_quant_scale_error_is_bounded_by_the_8bit_map(absmax):
     assert np.all(error <= bound), np.max(error / np.maximum(chunk_max, 1e-300))
     # the offset is the mean (torch's summation order: close to the exact mean)
     assert abs(offset - a.mean()) <= 1e-5 * np.abs(a).mean()
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")
+@pytest.mark.parametrize("quant_type", CODEBOOK_TYPES)
+@pytest.mark.parametrize("blocksize", [16, 64, 4096])
+@pytest.mark.parametrize("kind", ["boundaries", "codebook", "mixed", "subnormal"])
+def test_avx2_search_and_portable_loop_code_identically(quant_type, blocksize, kind):
+    # the binary search (4 compares) must find the same rank as counting 15 compares,
+    # ties on a midpoint included; FP4 also maps ranks through its sort order
+    rng = np.random.default_rng(blocksize)
+    flat = cast(make_values(rng, kind, 40 * blocksize + 10, blocksize, quant_type), F32)
+    assert cpu._rank_search_applies(flat, blocksize, simd=True)
+    with np.errstate(all="ignore"):
+        avx2 = cpu.quantize_4bit(flat, blocksize, quant_type, simd=True)
+        portable = cpu.quantize_4bit(flat, blocksize, quant_type, simd=False)
+    assert avx2[0].tobytes() == portable[0].tobytes()
+    assert avx2[1].tobytes() == portable[1].tobytes()
 
 
 @pytest.mark.parametrize("quant_type", CODEBOOK_TYPES)

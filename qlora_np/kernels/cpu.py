@@ -14,6 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..codebooks import NESTED_BLOCKSIZE, get_format, nested_code_lut
+from .simd import (HAS_AVX2, RANK_STEP, avx2_quantize_blocks, avx2_quantize_blocks_reordered, rank_lut,
+                   search_table)
 
 TINY_SCALE = np.float32(1e-38)
 TINY_SCALE_BITS = TINY_SCALE.view(np.uint32)
@@ -26,8 +28,12 @@ ONE = np.float32(1)
 # 4-bit quantization
 # ---------------------------------------------------------------------------
 
-def quantize_4bit(flat, blocksize, quant_type):
-    """Same contract as :func:`qlora_np.reference.quantize_4bit`: (packed, absmax, zero_point)."""
+def quantize_4bit(flat, blocksize, quant_type, simd=None):
+    """Same contract as :func:`qlora_np.reference.quantize_4bit`: (packed, absmax, zero_point).
+
+    Full blocks of a multiple of 16 values use the AVX2 binary search where the CPU has
+    it (``simd=False`` forces the portable loop, for tests); both give the same bytes.
+    """
     fmt = get_format(quant_type)
     n = flat.size
     nblocks = -(-n // blocksize)
@@ -46,8 +52,12 @@ def quantize_4bit(flat, blocksize, quant_type):
     bits, absmax_bits = flat.view(np.uint32), absmax.view(np.uint32)
     if blocksize % 2 == 0:
         # full blocks in parallel straight into bytes, then the partial last block alone
-        _quantize_full_blocks_even(flat, bits, blocksize, n_full, fmt.midpoints, fmt.sort_order,
-                                   reorder, packed, absmax, absmax_bits)
+        if _rank_search_applies(flat, blocksize, simd):
+            _quantize_full_blocks_avx2(flat, blocksize, n_full, search_table(fmt.midpoints),
+                                       rank_lut(fmt.sort_order), reorder, packed, absmax_bits)
+        else:
+            _quantize_full_blocks_even(flat, bits, blocksize, n_full, fmt.midpoints, fmt.sort_order,
+                                       reorder, packed, absmax, absmax_bits)
         if n_full < nblocks:
             codes = np.empty(n - n_full * blocksize + n % 2, np.int32)
             _quantize_tail_block(flat, bits, n_full * blocksize, fmt.midpoints, fmt.sort_order,
@@ -62,6 +72,12 @@ def quantize_4bit(flat, blocksize, quant_type):
             codes[n] = fmt.zero_code
         _pack_codes(codes, packed)
     return packed, absmax, None
+
+
+def _rank_search_applies(flat, blocksize, simd):
+    """Whether full blocks go through the AVX2 search: wanted, present, 16-value steps, contiguous."""
+    wanted = HAS_AVX2 if simd is None else bool(simd) and HAS_AVX2
+    return wanted and blocksize % RANK_STEP == 0 and flat.flags.c_contiguous
 
 
 @njit(cache=True, inline="always")
@@ -120,6 +136,23 @@ def _quantize_full_blocks_even(flat, bits, blocksize, n_full, midpoints, sort_or
             _code_ranks(flat[start:start + blocksize], reciprocal, False, midpoints,
                         sort_order, reorder, codes)
             _pack_codes(codes, packed[start // 2:])
+
+
+@njit(parallel=True, cache=True)
+def _quantize_full_blocks_avx2(flat, blocksize, n_full, table, lut, reorder, packed, absmax_bits):
+    """:func:`_quantize_full_blocks_even` by :func:`.simd.avx2_quantize_blocks`, 64 blocks a call."""
+    group = 64
+    values_at, packed_at, absmax_at = flat.ctypes.data, packed.ctypes.data, absmax_bits.ctypes.data
+    for first in prange(-(-n_full // group)):
+        block = first * group
+        count = min(n_full - block, group)
+        start = block * blocksize
+        if reorder:
+            avx2_quantize_blocks_reordered(values_at + 4 * start, count, blocksize, table.ctypes.data,
+                                           lut.ctypes.data, packed_at + start // 2, absmax_at + 4 * block)
+        else:
+            avx2_quantize_blocks(values_at + 4 * start, count, blocksize, table.ctypes.data,
+                                 lut.ctypes.data, packed_at + start // 2, absmax_at + 4 * block)
 
 
 @njit(cache=True)
