@@ -274,6 +274,17 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize):
     return (g @ weight).astype(np.float32)
 
 
+def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
+    """x @ W.T for a batch of rows: the sums :func:`gemv` computes (the kernels differ only in
+    how they reuse each decoded weight)."""
+    return gemv(x, packed, scales, shifts, codebook, out_features, blocksize)
+
+
+def gemm_t(g, packed, scales, shifts, codebook, in_features, blocksize):
+    """g @ W for a batch of rows: the sums :func:`gemv_t` computes."""
+    return gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize)
+
+
 def _decode_weight(packed, scales, shifts, codebook, out_features, in_features, blocksize):
     zero_point = None if shifts is None else shifts.astype(np.uint8)
     flat = dequantize_4bit(packed, scales, zero_point, out_features * in_features, blocksize, codebook)

@@ -1,5 +1,6 @@
 """The fused 4-bit products (AVX2 and portable paths) against the dense float64 product."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -81,15 +82,70 @@ def test_simd_path_needs_whole_16_byte_steps():
     assert not products.simd_applies(64, simd=False)
 
 
-def test_matmul_uses_fused_kernels_for_few_rows_and_tiles_for_many(monkeypatch):
+def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
     qt, _, _, dense = _case(64, 256, "nf4", 64, True)
     calls = []
-    monkeypatch.setattr(products, "gemv", lambda *args, **kw: calls.append("gemv") or np.zeros((1, 64), np.float32))
-    qlora_np.matmul(np.ones((1, 256), np.float32), qt)
-    assert calls == ["gemv"]
-    x = np.random.default_rng(3).standard_normal((qlora_np.ops.FUSED_MAX_ROWS + 1, 256)).astype(np.float32)
-    np.testing.assert_allclose(qlora_np.matmul(x, qt), x @ dense.T, rtol=1e-5, atol=1e-4)
-    assert calls == ["gemv"]
+    for name in ("gemv", "gemm", "gemv_t", "gemm_t"):
+        kernel = getattr(products, name)
+        monkeypatch.setattr(products, name, lambda *args, kernel=kernel, name=name, **kw:
+                            calls.append(name) or kernel(*args, **kw))
+    rng = np.random.default_rng(3)
+    for rows in (1, qlora_np.ops.FUSED_MAX_ROWS_T + 1, qlora_np.ops.PANEL_MAX_ROWS + 1):
+        calls.clear()
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        g = rng.standard_normal((rows, 64)).astype(np.float32)
+        np.testing.assert_allclose(qlora_np.matmul(x, qt), x @ dense.T, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
+        if rows == 1:
+            assert calls == ["gemv", "gemv_t"]
+        elif rows <= qlora_np.ops.PANEL_MAX_ROWS:
+            assert calls == (["gemm", "gemm_t"] if HAS_AVX2 else ["gemv"])    # no AVX2: fused x @ W.T, tiled g @ W
+        else:
+            assert calls == []                                               # tiles of W and BLAS
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")
+@settings(max_examples=30, deadline=None)
+@given(out_features=st.integers(1, 40), blocks_per_row=st.integers(1, 24),
+       blocksize=st.sampled_from([32, 64, 96, 128]), quant_type=st.sampled_from(QUANT_TYPES),
+       double_quant=st.booleans(), rows=st.integers(1, 40), seed=st.integers(0, 99))
+def test_panel_products_match_dense_product(out_features, blocks_per_row, blocksize, quant_type,
+                                            double_quant, rows, seed):
+    # in up to 3072: several panel depths (512) and result chunks (128), some inside a block (96)
+    in_features = blocks_per_row * blocksize
+    qt, block_scales, shifts, dense = _case(out_features, in_features, quant_type, blocksize,
+                                            double_quant, seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    g = rng.standard_normal((rows, out_features)).astype(np.float32)
+
+    y = products.gemm(x, qt.packed, block_scales, shifts, qt.codebook, out_features, blocksize)
+    assert y.dtype == np.float32 and y.shape == (rows, out_features)
+    assert _within_summation_bound(y, x @ dense.T, np.abs(x) @ np.abs(dense).T, in_features)
+
+    gx = products.gemm_t(g, qt.packed, block_scales, shifts, qt.codebook, in_features, blocksize)
+    assert gx.dtype == np.float32 and gx.shape == (rows, in_features)
+    assert _within_summation_bound(gx, g @ dense, np.abs(g) @ np.abs(dense), out_features)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_panel_products_match_the_reference_and_ignore_the_thread_count(quant_type):
+    qt, block_scales, shifts, _ = _case(300, 576, quant_type, 64, True)       # SmolLM2's width
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((37, 576)).astype(np.float32)
+    g = rng.standard_normal((37, 300)).astype(np.float32)
+    args = (qt.packed, block_scales, shifts, qt.codebook)
+    y, gx = products.gemm(x, *args, 300, 64), products.gemm_t(g, *args, 576, 64)
+    np.testing.assert_allclose(y, reference.gemm(x, *args, 300, 64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gx, reference.gemm_t(g, *args, 576, 64), rtol=1e-5, atol=1e-4)
+    threads = numba.get_num_threads()
+    try:                                    # each result element is summed by one thread, in one order
+        numba.set_num_threads(1)
+        np.testing.assert_array_equal(products.gemm(x, *args, 300, 64), y)
+        np.testing.assert_array_equal(products.gemm_t(g, *args, 576, 64), gx)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def test_non_contiguous_and_batched_inputs():

@@ -15,9 +15,11 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ShapeError
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, avx2_axpy_rows1,
-                   avx2_axpy_rows4, avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
-                   codebook_planes, group_order, int8_table)
+from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP, avx2_axpy_rows1,
+                   avx2_axpy_rows4, avx2_decode_panel, avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4,
+                   avx2_dot_rows4_int8, avx2_panel_axpy1, avx2_panel_axpy2, avx2_panel_axpy4, avx2_panel_axpy6,
+                   avx2_panel_dot1x1, avx2_panel_dot1x4, avx2_panel_dot3x1, avx2_panel_dot3x4, codebook_planes,
+                   group_order, int8_table)
 
 
 def supports(shape, blocksize):
@@ -379,3 +381,182 @@ def _axpy_block(codes, coef, shift, codebook, out):
         byte = codes[j]
         out[2 * j] += coef * (codebook[byte >> 4] - shift)
         out[2 * j + 1] += coef * (codebook[byte & 15] - shift)
+
+
+# ---------------------------------------------------------------------------
+# Panels (AVX2): batches of rows decode each strip of W once into a cache-sized buffer
+# ---------------------------------------------------------------------------
+
+PANEL_ROWS = 8
+"""W rows in one x @ W.T panel: 8 rows × PANEL_DEPTH floats (16 KiB) stay in L1 while every
+group of 3 rows of x is multiplied with them."""
+
+PANEL_DEPTH = 512
+"""Elements of each W row in one x @ W.T panel (a multiple of 32)."""
+
+PANEL_T_WIDTH = 128
+"""Columns of g @ W one thread owns at a time (a multiple of 32, whole 512-byte rows of the result)."""
+
+PANEL_T_ROWS = 256
+"""W rows in one g @ W panel: each of its strips of 16 columns (16 KiB) stays in L1 while every
+group of up to 6 rows of g is multiplied with it."""
+
+PANEL_PAD = STRIP
+"""Floats added to the row stride of the x @ W.T buffers, so rows a power of two apart do not
+all fall into the same L1 cache set."""
+
+
+def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
+    """(rows, in) float32 x → (rows, out) float32 x @ W.T, decoding W a panel at a time (AVX2).
+
+    For batches too large to share register decodes (:func:`gemv`) but small enough that
+    decode + BLAS per tile does not pay: every panel of W (PANEL_ROWS rows × PANEL_DEPTH)
+    is decoded once, scaled, and multiplied with all rows of x in 3 × 4 register tiles
+    (:func:`.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
+    """
+    rows, in_features = x.shape
+    shifts = np.zeros_like(scales) if shifts is None else shifts
+    y = np.zeros((rows, out_features), np.float32)
+    _gemm_avx2(np.ascontiguousarray(x), packed, scales, shifts, in_features // blocksize, blocksize // 2,
+               codebook_planes(codebook), group_order(in_features), numba.get_num_threads(), y)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _gemm_avx2(x, packed, scales, shifts, blocks_per_row, block_bytes, planes, order, threads, y):
+    rows, in_features = x.shape
+    out_features = y.shape[1]
+    x_stride = in_features + PANEL_PAD
+    x_ordered = np.empty(rows * x_stride, np.float32)                 # x in lane order, rows padded
+    for r in range(rows):
+        for i in range(in_features):
+            x_ordered[r * x_stride + i] = x[r, order[i]]
+    panels = (out_features + PANEL_ROWS - 1) // PANEL_ROWS
+    for t in prange(threads):
+        panel = np.empty(PANEL_ROWS * (PANEL_DEPTH + PANEL_PAD), np.float32)
+        for p in range(t * panels // threads, (t + 1) * panels // threads):
+            first_row = p * PANEL_ROWS
+            panel_rows = min(PANEL_ROWS, out_features - first_row)
+            for first in range(0, in_features, PANEL_DEPTH):
+                depth = min(PANEL_DEPTH, in_features - first)
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
+                              first, depth, panel, depth + PANEL_PAD, STRIP)
+                _panel_dots(x_ordered[first:], x_stride, panel, depth + PANEL_PAD, panel_rows, depth,
+                            y[:, first_row:])
+
+
+@njit(cache=True)
+def _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
+                  first, depth, panel, row_stride, strip_stride):
+    """W[first_row:first_row + panel_rows, first:first + depth], scaled, into panel (lane order)."""
+    row_bytes = blocks_per_row * block_bytes
+    first_block = first_row * blocks_per_row
+    avx2_decode_panel(packed.ctypes.data + first_row * row_bytes, row_bytes,
+                      scales.ctypes.data + 4 * first_block, shifts.ctypes.data + 4 * first_block,
+                      blocks_per_row, panel_rows, first // 32, depth // 32, block_bytes // BYTES_PER_STEP,
+                      planes.ctypes.data, panel.ctypes.data, row_stride, strip_stride)
+
+
+@njit(cache=True)
+def _panel_dots(x, x_stride, panel, panel_stride, panel_rows, depth, y):
+    """y[r, o] += Σ_{k < depth} x[r·x_stride + k] · panel[o·panel_stride + k] for every row r of y
+    and o < panel_rows, in tiles of 3 rows × 4 panel rows (then 1 × 4, 3 × 1, 1 × 1 at the edges)."""
+    rows, y_stride = y.shape[0], y.strides[0] // 4
+    x_at, panel_at, y_at, count = x.ctypes.data, panel.ctypes.data, y.ctypes.data, depth // 8
+    r = 0
+    while r < rows:
+        at_x, at_y = x_at + 4 * r * x_stride, y_at + 4 * r * y_stride
+        three = r + 3 <= rows
+        o = 0
+        while o + 4 <= panel_rows:
+            at_panel = panel_at + 4 * o * panel_stride
+            if three:
+                avx2_panel_dot3x4(at_x, x_stride, at_panel, panel_stride, count, at_y + 4 * o, y_stride)
+            else:
+                avx2_panel_dot1x4(at_x, x_stride, at_panel, panel_stride, count, at_y + 4 * o, y_stride)
+            o += 4
+        for last in range(o, panel_rows):
+            at_panel = panel_at + 4 * last * panel_stride
+            if three:
+                avx2_panel_dot3x1(at_x, x_stride, at_panel, panel_stride, count, at_y + 4 * last, y_stride)
+            else:
+                avx2_panel_dot1x1(at_x, x_stride, at_panel, panel_stride, count, at_y + 4 * last, y_stride)
+        r += 3 if three else 1
+
+
+def gemm_t(g, packed, scales, shifts, codebook, in_features, blocksize):
+    """(rows, out) float32 g → (rows, in) float32 g @ W, decoding W a panel at a time (AVX2).
+
+    Each thread owns PANEL_T_WIDTH columns of the result at a time; for every PANEL_T_ROWS
+    rows of W it decodes that strip once and adds g's columns times it into all rows
+    (6 × 16 register tiles, :func:`.simd.avx2_panel_axpy6`), reading g from a copy packed in
+    the order the tiles use. Needs :func:`simd_applies`.
+    """
+    rows, out_features = g.shape
+    shifts = np.zeros_like(scales) if shifts is None else shifts
+    result = np.empty((rows, in_features), np.float32)
+    _gemm_t_avx2(np.ascontiguousarray(g), packed, scales, shifts, in_features // blocksize, blocksize // 2,
+                 codebook_planes(codebook), group_order(in_features), numba.get_num_threads(), result)
+    return result
+
+
+@njit(cache=True)
+def _tile_rows(rows_left):
+    """Rows of g the next axpy tile takes: 6 while it can, then 4, 2, 1."""
+    if rows_left >= 6:
+        return 6
+    if rows_left >= 4:
+        return 4
+    return 2 if rows_left >= 2 else 1
+
+
+@njit(parallel=True, cache=True)
+def _gemm_t_avx2(g, packed, scales, shifts, blocks_per_row, block_bytes, planes, order, threads, result):
+    rows, out_features = g.shape
+    in_features = result.shape[1]
+    g_packed = np.empty(rows * out_features, np.float32)    # each tile's rows interleaved: (out, tile)
+    first = 0
+    while first < rows:
+        tile = _tile_rows(rows - first)
+        for o in range(out_features):
+            for r in range(tile):
+                g_packed[first * out_features + o * tile + r] = g[first + r, o]
+        first += tile
+    chunks = (in_features + PANEL_T_WIDTH - 1) // PANEL_T_WIDTH
+    for t in prange(threads):
+        panel = np.empty(PANEL_T_ROWS * PANEL_T_WIDTH, np.float32)
+        sums = np.empty((rows, PANEL_T_WIDTH), np.float32)                    # lane order
+        for chunk in range(t * chunks // threads, (t + 1) * chunks // threads):
+            first_column = chunk * PANEL_T_WIDTH
+            width = min(PANEL_T_WIDTH, in_features - first_column)
+            sums[:] = 0
+            for first_row in range(0, out_features, PANEL_T_ROWS):
+                panel_rows = min(PANEL_T_ROWS, out_features - first_row)
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
+                              first_column, width, panel, STRIP, STRIP * panel_rows)
+                for strip in range(width // STRIP):
+                    _strip_axpys(g_packed, out_features, first_row, panel[strip * STRIP * panel_rows:], panel_rows,
+                                 sums[:, strip * STRIP:])
+            for r in range(rows):                                             # undo the lane order
+                for j in range(width):
+                    result[r, order[first_column + j]] = sums[r, j]
+
+
+@njit(cache=True)
+def _strip_axpys(g_packed, out_features, first_row, strip, strip_rows, sums):
+    """sums[r, 0:16] += Σ_i g[r, first_row + i] · strip[i, 0:16] for every row r, tile by tile."""
+    rows, sums_stride = sums.shape[0], sums.strides[0] // 4
+    first = 0
+    while first < rows:
+        tile = _tile_rows(rows - first)
+        g_at = g_packed.ctypes.data + 4 * (first * out_features + first_row * tile)
+        out_at = sums.ctypes.data + 4 * first * sums_stride
+        if tile == 6:
+            avx2_panel_axpy6(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+        elif tile == 4:
+            avx2_panel_axpy4(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+        elif tile == 2:
+            avx2_panel_axpy2(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+        else:
+            avx2_panel_axpy1(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+        first += tile
