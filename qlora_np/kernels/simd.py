@@ -17,6 +17,10 @@ Two row functions, each walking whole blocks of one weight row:
 * ``avx2_axpy_rows1/4`` — out_i += coef_block · (codebook[code_i] − shift_block) for 1 or 4
   rows of g   (g @ W)
 
+and, for batches, ``avx2_decode_panel`` (a strip of W rows decoded and scaled into a
+buffer) with the register tiles that multiply such a panel with many rows
+(``avx2_panel_dot*``, ``avx2_panel_axpy*``).
+
 They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``); the
 portable Numba functions in :mod:`qlora_np.kernels.products` compute the same sums.
 """
