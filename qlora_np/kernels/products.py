@@ -415,12 +415,17 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
     is decoded once, scaled, and multiplied with all rows of x in 3 × 4 register tiles
     (:func:`.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
     """
-    rows, in_features = x.shape
-    shifts = np.zeros_like(scales) if shifts is None else shifts
-    y = np.zeros((rows, out_features), np.float32)
-    _gemm_avx2(np.ascontiguousarray(x), packed, scales, shifts, in_features // blocksize, blocksize // 2,
-               codebook_planes(codebook), group_order(in_features), numba.get_num_threads(), y)
+    y = np.zeros((x.shape[0], out_features), np.float32)
+    _gemm_avx2(np.ascontiguousarray(x), *_panel_arguments(packed, scales, shifts, codebook, x.shape[1], blocksize),
+               y)
     return y
+
+
+def _panel_arguments(packed, scales, shifts, codebook, in_features, blocksize):
+    """The weight's arguments of both panel drivers, after their x or g."""
+    shifts = np.zeros_like(scales) if shifts is None else shifts
+    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, codebook_planes(codebook),
+            group_order(in_features), numba.get_num_threads())
 
 
 @njit(parallel=True, cache=True)
@@ -493,11 +498,9 @@ def gemm_t(g, packed, scales, shifts, codebook, in_features, blocksize):
     (6 × 16 register tiles, :func:`.simd.avx2_panel_axpy6`), reading g from a copy packed in
     the order the tiles use. Needs :func:`simd_applies`.
     """
-    rows, out_features = g.shape
-    shifts = np.zeros_like(scales) if shifts is None else shifts
-    result = np.empty((rows, in_features), np.float32)
-    _gemm_t_avx2(np.ascontiguousarray(g), packed, scales, shifts, in_features // blocksize, blocksize // 2,
-                 codebook_planes(codebook), group_order(in_features), numba.get_num_threads(), result)
+    result = np.empty((g.shape[0], in_features), np.float32)
+    _gemm_t_avx2(np.ascontiguousarray(g), *_panel_arguments(packed, scales, shifts, codebook, in_features,
+                                                             blocksize), result)
     return result
 
 
@@ -554,11 +557,11 @@ def _strip_axpys(g_packed, out_features, first_row, strip, strip_rows, sums):
         g_at = g_packed.ctypes.data + 4 * (first * out_features + first_row * tile)
         out_at = sums.ctypes.data + 4 * first * sums_stride
         if tile == 6:
-            avx2_panel_axpy6(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+            avx2_panel_axpy6(g_at, strip.ctypes.data, strip_rows, out_at, sums_stride)
         elif tile == 4:
-            avx2_panel_axpy4(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+            avx2_panel_axpy4(g_at, strip.ctypes.data, strip_rows, out_at, sums_stride)
         elif tile == 2:
-            avx2_panel_axpy2(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+            avx2_panel_axpy2(g_at, strip.ctypes.data, strip_rows, out_at, sums_stride)
         else:
-            avx2_panel_axpy1(g_at, 1, tile, strip.ctypes.data, strip_rows, out_at, sums_stride)
+            avx2_panel_axpy1(g_at, strip.ctypes.data, strip_rows, out_at, sums_stride)
         first += tile

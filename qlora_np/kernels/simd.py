@@ -594,19 +594,19 @@ def _make_panel_axpy(rows):
     ``rows`` rows of out (g @ W).
 
     out[m, 0:16] += Σ_{i < count} g[m, i] · strip[i, 0:16], where strip rows are contiguous
-    and g[m, i] is at g + 4·(m·g_row_step + i·g_index_step) (a packed block of g is read in
-    order): the rows × 2 sums stay in registers for the whole strip (12 of the 16 AVX2
-    registers for 6 rows), and each strip vector is loaded once for all ``rows`` rows.
+    and g is packed for the tile, g[m, i] at g + 4·(i·rows + m), so it is read in order:
+    the rows × 2 sums stay in registers for the whole strip (12 of the 16 AVX2 registers
+    for 6 rows), and each strip vector is loaded once for all ``rows`` rows.
     """
     @intrinsic
-    def panel_axpy(typingctx, g, g_row_step, g_index_step, strip, count, out, out_stride):
-        signature = types.void(*([_ADDRESS] * 7))
+    def panel_axpy(typingctx, g, strip, count, out, out_stride):
+        signature = types.void(*([_ADDRESS] * 5))
 
         def codegen(context, builder, sig, args):
-            g_at, g_row_step, g_index_step, strip_at, count, out_at, out_stride = args
+            g_at, strip_at, count, out_at, out_stride = args
             ir_ = _Builder(builder, strip_at, plane_count=0)
             strip = ir_.pointer(strip_at, _F32)
-            g_rows = [ir_.row_pointer(g_at, g_row_step, m) for m in range(rows)]
+            g_rows = [ir_.pointer(builder.add(g_at, ir.Constant(g_at.type, 4 * m)), _F32) for m in range(rows)]
             out_rows = [ir_.row_pointer(out_at, out_stride, m) for m in range(rows)]
             sums = [[cgutils.alloca_once_value(builder, ir_.load_v8f(out, ir.Constant(_I64, 8 * j)))
                      for j in range(STRIP // 8)] for out in out_rows]
@@ -614,7 +614,7 @@ def _make_panel_axpy(rows):
                 first = builder.mul(loop.index, ir.Constant(count.type, STRIP))
                 weights = [ir_.load_v8f(strip, builder.add(first, ir.Constant(count.type, 8 * j)))
                            for j in range(STRIP // 8)]
-                g_index = builder.mul(loop.index, g_index_step)
+                g_index = builder.mul(loop.index, ir.Constant(count.type, rows))
                 for g_row, row_sums in zip(g_rows, sums):
                     coef = ir_.broadcast_at(g_row, g_index)
                     for w, total in zip(weights, row_sums):
