@@ -8,12 +8,29 @@ from hypothesis import given, settings, strategies as st
 import qlora_np
 from qlora_np import reference
 from qlora_np.kernels import products
-from qlora_np.kernels.simd import HAS_AVX2
+from qlora_np.kernels import simd as simd_module
+from qlora_np.kernels.simd import HAS_AVX2, HAS_AVX512
 from qlora_np.ops import scales
 
 QUANT_TYPES = ["nf4", "fp4", "int4", "int4_asym"]
-PATHS = [pytest.param(True, id="avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")),
-         pytest.param(False, id="portable")]
+PERMUTE = pytest.param("permute", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512VL"))
+SHUFFLE = pytest.param("shuffle", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2"))
+PATHS = [PERMUTE, SHUFFLE, "portable"]
+"""The three drivers: SIMD with the AVX-512VL permute decode, SIMD with the AVX2 byte-shuffle
+decode, and portable Numba."""
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_decode():
+    chosen = simd_module.PERMUTE_DECODE
+    yield
+    simd_module.PERMUTE_DECODE = chosen
+
+
+def _use(path):
+    """Select ``path``'s decode; the ``simd`` argument the products take for it."""
+    simd_module.PERMUTE_DECODE = path == "permute"
+    return path != "portable"
 
 
 def _case(out_features, in_features, quant_type, blocksize, double_quant, seed=0):
@@ -30,13 +47,14 @@ def _within_summation_bound(result, exact, magnitudes, length):
     return np.all(np.abs(result - exact) <= 2 * (length + 2) * 2.0 ** -24 * magnitudes + 1e-30)
 
 
-@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, deadline=None)
 @given(out_features=st.integers(1, 40), blocks_per_row=st.integers(1, 6),
        blocksize=st.sampled_from([2, 6, 32, 64, 128]), quant_type=st.sampled_from(QUANT_TYPES),
        double_quant=st.booleans(), rows=st.integers(1, 4))
-def test_fused_products_match_dense_product(simd, out_features, blocks_per_row, blocksize,
+def test_fused_products_match_dense_product(path, out_features, blocks_per_row, blocksize,
                                             quant_type, double_quant, rows):
+    simd = _use(path)
     in_features = blocks_per_row * blocksize
     qt, block_scales, shifts, dense = _case(out_features, in_features, quant_type, blocksize,
                                             double_quant)
@@ -53,9 +71,10 @@ def test_fused_products_match_dense_product(simd, out_features, blocks_per_row, 
     assert _within_summation_bound(gx, g @ dense, np.abs(g) @ np.abs(dense), out_features)
 
 
-@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_fused_products_match_the_reference_products(simd, quant_type):
+def test_fused_products_match_the_reference_products(path, quant_type):
+    simd = _use(path)
     qt, block_scales, shifts, _ = _case(96, 256, quant_type, 64, True)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 256)).astype(np.float32)
@@ -67,13 +86,37 @@ def test_fused_products_match_the_reference_products(simd, quant_type):
                                reference.gemv_t(g, *args, 256, 64), rtol=1e-5, atol=1e-5)
 
 
-def test_both_paths_agree_on_a_large_weight():
+def test_all_paths_agree_on_a_large_weight():
     qt, block_scales, shifts, dense = _case(512, 2048, "nf4", 64, True)
     x = np.random.default_rng(2).standard_normal((3, 2048)).astype(np.float32)
-    results = [products.gemv(x, qt.packed, block_scales, shifts, qt.codebook, 512, 64, simd)
-               for simd in (True, False)]
-    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(results[1], x @ dense.T, rtol=1e-5, atol=1e-4)
+    g = np.random.default_rng(3).standard_normal((3, 512)).astype(np.float32)
+    paths = ["portable"] + ["shuffle"] * HAS_AVX2 + ["permute"] * HAS_AVX512
+    for path in paths:
+        simd = _use(path)
+        y = products.gemv(x, qt.packed, block_scales, shifts, qt.codebook, 512, 64, simd)
+        gx = products.gemv_t(g, qt.packed, block_scales, shifts, qt.codebook, 2048, 64, simd)
+        np.testing.assert_allclose(y, x @ dense.T, rtol=1e-5, atol=1e-4, err_msg=path)
+        np.testing.assert_allclose(gx, g @ dense, rtol=1e-5, atol=1e-4, err_msg=path)
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512VL")
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_permute_and_shuffle_decodes_give_the_same_weights(quant_type):
+    # g @ W and the panels use each decoded weight as (codebook[code] − shift) · scale with
+    # either decode, so their results must agree bit for bit (x @ W.T does not: the permute
+    # driver looks codes up in a scaled codebook, the shuffle driver scales block sums).
+    qt, block_scales, shifts, _ = _case(72, 384, quant_type, 64, True, seed=4)
+    rng = np.random.default_rng(5)
+    x, g1, g = (rng.standard_normal(shape).astype(np.float32) for shape in [(20, 384), (3, 72), (20, 72)])
+    args = (qt.packed, block_scales, shifts, qt.codebook)
+    results = {}
+    for path in ("shuffle", "permute"):
+        _use(path)
+        assert simd_module.decode_table(qt.codebook).dtype == (np.float32 if path == "permute" else np.uint8)
+        results[path] = [products.gemv_t(g1, *args, 384, 64, True), products.gemm(x, *args, 72, 64),
+                         products.gemm_t(g, *args, 384, 64)]
+    for shuffled, permuted in zip(results["shuffle"], results["permute"]):
+        np.testing.assert_array_equal(permuted, shuffled)
 
 
 def test_simd_path_needs_whole_16_byte_steps():
@@ -104,13 +147,14 @@ def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
             assert calls == []                                               # tiles of W and BLAS
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")
+@pytest.mark.parametrize("path", [PERMUTE, SHUFFLE])
 @settings(max_examples=30, deadline=None)
 @given(out_features=st.integers(1, 40), blocks_per_row=st.integers(1, 24),
        blocksize=st.sampled_from([32, 64, 96, 128]), quant_type=st.sampled_from(QUANT_TYPES),
        double_quant=st.booleans(), rows=st.integers(1, 40), seed=st.integers(0, 99))
-def test_panel_products_match_dense_product(out_features, blocks_per_row, blocksize, quant_type,
+def test_panel_products_match_dense_product(path, out_features, blocks_per_row, blocksize, quant_type,
                                             double_quant, rows, seed):
+    _use(path)
     # in up to 3072: several panel depths (512) and result chunks (128), some inside a block (96)
     in_features = blocks_per_row * blocksize
     qt, block_scales, shifts, dense = _case(out_features, in_features, quant_type, blocksize,
@@ -128,9 +172,10 @@ def test_panel_products_match_dense_product(out_features, blocks_per_row, blocks
     assert _within_summation_bound(gx, g @ dense, np.abs(g) @ np.abs(dense), out_features)
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")
+@pytest.mark.parametrize("path", [PERMUTE, SHUFFLE])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_panel_products_match_the_reference_and_ignore_the_thread_count(quant_type):
+def test_panel_products_match_the_reference_and_ignore_the_thread_count(path, quant_type):
+    _use(path)
     qt, block_scales, shifts, _ = _case(300, 576, quant_type, 64, True)       # SmolLM2's width
     rng = np.random.default_rng(7)
     x = rng.standard_normal((37, 576)).astype(np.float32)
@@ -158,8 +203,9 @@ def test_non_contiguous_and_batched_inputs():
     np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("simd", PATHS)
-def test_gemv_many_equals_one_product_per_weight(simd):
+@pytest.mark.parametrize("path", PATHS)
+def test_gemv_many_equals_one_product_per_weight(path):
+    simd = _use(path)
     parts, expected = [], []
     x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
     for seed, out_features in enumerate((40, 8, 24)):
@@ -191,10 +237,11 @@ def test_quantize_activations_equals_the_reference_bit_for_bit(rows, groups, see
     assert np.abs(xq.astype(np.int64)).max() <= 127
 
 
-@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("path", [SHUFFLE, "portable"])                  # int8 does not use the decode
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("blocksize, rows", [(32, 1), (64, 5), (128, 4), (256, 2)])
-def test_int8_activation_products_match_the_reference(simd, quant_type, blocksize, rows):
+def test_int8_activation_products_match_the_reference(path, quant_type, blocksize, rows):
+    simd = _use(path)
     qt, block_scales, _, dense = _case(37, 4 * blocksize, quant_type, blocksize, True, seed=rows)
     x = np.random.default_rng(9).standard_normal((rows, 4 * blocksize)).astype(np.float32)
     y = products.gemv_many(x, [(qt.packed, block_scales, 37)], qt.codebook, blocksize, simd,

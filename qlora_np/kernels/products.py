@@ -10,16 +10,18 @@ lookup, :mod:`.simd`) and a portable Numba driver; both sum every block first an
 then scale it, so they agree to float32 summation-order rounding.
 """
 
+from functools import lru_cache
+
 import numba
 import numpy as np
 from numba import njit, prange
 
 from ..errors import ShapeError
-from .simd import (AVX2_DOT_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP, avx2_axpy_rows1,
-                   avx2_axpy_rows4, avx2_decode_panel, avx2_dot_rows1, avx2_dot_rows1_int8, avx2_dot_rows4,
-                   avx2_dot_rows4_int8, avx2_panel_axpy1, avx2_panel_axpy2, avx2_panel_axpy4, avx2_panel_axpy6,
-                   avx2_panel_dot1x1, avx2_panel_dot1x4, avx2_panel_dot3x1, avx2_panel_dot3x4, codebook_planes,
-                   group_order, int8_table)
+from .simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP,
+                   avx2_axpy_rows1, avx2_axpy_rows4, avx2_axpy_wrows4, avx2_decode_panel, avx2_dot_rows1,
+                   avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, avx2_panel_axpy1, avx2_panel_axpy2,
+                   avx2_panel_axpy4, avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4, avx2_panel_dot3x1,
+                   avx2_panel_dot3x4, decode_table, group_order, int8_table)
 
 
 def supports(shape, blocksize):
@@ -127,7 +129,7 @@ def _avx2_call(parts, codebook, blocksize, shape, int8_activations, columns):
     if int8_activations:
         return _gemv_int8_avx2, (packed, scales, out_features) + shape + (int8_table(codebook),), columns
     order = group_order(shape[0] * blocksize)
-    return _gemv_avx2, (packed, scales, out_features, order) + shape + (codebook_planes(codebook),), columns
+    return _gemv_avx2, (packed, scales, out_features, order) + shape + (decode_table(codebook),), columns
 
 
 def _same_array_types(parts):
@@ -151,11 +153,11 @@ def _gemv_avx2(x, x_ordered, packed, scales, out_features, order, blocks_per_row
         r = 0
         while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one decode
             avx2_dot_rows4(row_packed, x_at + 4 * r * x_stride, x_stride, row_scales, blocks_per_row,
-                           block_bytes, planes.ctypes.data, y_at + 4 * (r * y_stride + column), y_stride)
+                           block_bytes, planes, y_at + 4 * (r * y_stride + column), y_stride)
             r += AVX2_DOT_ROWS
         for last in range(r, rows):
             avx2_dot_rows1(row_packed, x_at + 4 * last * x_stride, x_stride, row_scales, blocks_per_row,
-                           block_bytes, planes.ctypes.data, y_at + 4 * (last * y_stride + column), y_stride)
+                           block_bytes, planes, y_at + 4 * (last * y_stride + column), y_stride)
 
 
 @njit(cache=True)
@@ -307,6 +309,15 @@ def _int8_dot(codes, xq, table):
     return total
 
 
+@lru_cache(maxsize=32)
+def _no_shifts(nblocks):
+    """(nblocks,) float32 zeros, read-only: the shifts of a codebook weight, made once a size
+    (zeroing a fresh array took a third of a 1-row product's time)."""
+    zeros = np.zeros(nblocks, np.float32)
+    zeros.setflags(write=False)
+    return zeros
+
+
 def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=None):
     """(rows, out) float32 g → (rows, in) float32 g @ W.
 
@@ -317,13 +328,13 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
     blocks_per_row = in_features // blocksize
     threads = max(1, min(numba.get_num_threads(), out_features))
     partial = np.zeros((threads, rows, in_features), np.float32)
-    shifts = np.zeros_like(scales) if shifts is None else shifts
+    shifts = _no_shifts(scales.size) if shifts is None else shifts
     g = np.ascontiguousarray(g)
     if not simd_applies(blocksize, simd):
         _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial)
         return partial.sum(axis=0)
     _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, blocksize // 2,
-                 codebook_planes(codebook), partial)
+                 decode_table(codebook), partial)
     result = np.empty((rows, in_features), np.float32)                 # (rows, in)
     result[:, group_order(in_features)] = partial.sum(axis=0)           # undo the lane order
     return result
@@ -335,26 +346,30 @@ def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes,
     out_features = g.shape[1]
     row_bytes = blocks_per_row * block_bytes
     for t in prange(threads):
-        coefs = np.empty((rows, blocks_per_row), np.float32)     # g[r, o] · scale of each block
         out_at = partial[t].ctypes.data
-        for o in range(t * out_features // threads, (t + 1) * out_features // threads):
+        o, stop = t * out_features // threads, (t + 1) * out_features // threads
+        while o < stop:
             row = np.int64(o)
-            first_block = row * blocks_per_row
-            for r in range(rows):
-                for block in range(blocks_per_row):
-                    coefs[r, block] = g[r, row] * scales[first_block + block]
             packed_at = packed.ctypes.data + row * row_bytes
-            shifts_at = shifts.ctypes.data + 4 * first_block
+            g_at = g.ctypes.data + 4 * row
+            scales_at = scales.ctypes.data + 4 * row * blocks_per_row
+            shifts_at = shifts.ctypes.data + 4 * row * blocks_per_row
+            if rows == 1 and o + AXPY_W_ROWS <= stop:       # 4 W rows share each load and store of the result
+                avx2_axpy_wrows4(packed_at, row_bytes, out_at, in_features, g_at, out_features, scales_at,
+                                 shifts_at, blocks_per_row, block_bytes, planes)
+                o += AXPY_W_ROWS
+                continue
             r = 0
             while r + AVX2_DOT_ROWS <= rows:                 # 4 rows of g share one decode
-                avx2_axpy_rows4(packed_at, out_at + 4 * r * in_features, in_features,
-                                coefs[r:].ctypes.data, shifts_at, blocks_per_row, block_bytes,
-                                planes.ctypes.data)
+                avx2_axpy_rows4(packed_at, row_bytes, out_at + 4 * r * in_features, in_features,
+                                g_at + 4 * r * out_features, out_features, scales_at, shifts_at,
+                                blocks_per_row, block_bytes, planes)
                 r += AVX2_DOT_ROWS
             for last in range(r, rows):
-                avx2_axpy_rows1(packed_at, out_at + 4 * last * in_features, in_features,
-                                coefs[last:].ctypes.data, shifts_at, blocks_per_row, block_bytes,
-                                planes.ctypes.data)
+                avx2_axpy_rows1(packed_at, row_bytes, out_at + 4 * last * in_features, in_features,
+                                g_at + 4 * last * out_features, out_features, scales_at, shifts_at,
+                                blocks_per_row, block_bytes, planes)
+            o += 1
 
 
 @njit(parallel=True, cache=True)
@@ -423,8 +438,8 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
 
 def _panel_arguments(packed, scales, shifts, codebook, in_features, blocksize):
     """The weight's arguments of both panel drivers, after their x or g."""
-    shifts = np.zeros_like(scales) if shifts is None else shifts
-    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, codebook_planes(codebook),
+    shifts = _no_shifts(scales.size) if shifts is None else shifts
+    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, decode_table(codebook),
             group_order(in_features), numba.get_num_threads())
 
 
@@ -460,7 +475,7 @@ def _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, f
     avx2_decode_panel(packed.ctypes.data + first_row * row_bytes, row_bytes,
                       scales.ctypes.data + 4 * first_block, shifts.ctypes.data + 4 * first_block,
                       blocks_per_row, panel_rows, first // 32, depth // 32, block_bytes // BYTES_PER_STEP,
-                      planes.ctypes.data, panel.ctypes.data, row_stride, strip_stride)
+                      planes, panel.ctypes.data, row_stride, strip_stride)
 
 
 @njit(cache=True)

@@ -25,6 +25,7 @@ They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``);
 portable Numba functions in :mod:`qlora_np.kernels.products` compute the same sums.
 """
 
+import os
 from functools import lru_cache
 
 import llvmlite.binding as llvm
@@ -38,12 +39,24 @@ _FEATURES = llvm.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("fma", False))
 """Whether this CPU runs the AVX2 path (detected once at import)."""
 
+HAS_AVX512 = bool(HAS_AVX2 and _FEATURES.get("avx512f", False) and _FEATURES.get("avx512vl", False))
+"""Whether this CPU can look up all 16 codebook entries with one permute (AVX-512VL ``vpermt2ps``)."""
+
+PERMUTE_DECODE = HAS_AVX512 and os.environ.get("QLORA_NP_DECODE", "") != "shuffle"
+"""Whether the fused products decode with the permute (read at each call by :func:`decode_table`;
+``QLORA_NP_DECODE=shuffle`` in the environment, or setting this False, picks the byte shuffles)."""
+
 BYTES_PER_STEP = 16
 """Packed bytes one decode step consumes (32 weights): block byte counts must be multiples."""
 
 GROUP_ORDER = np.array([2 * t + odd for k in range(4) for odd in (1, 0) for t in range(4 * k, 4 * k + 4)])
 """Which of 32 consecutive weights each decoded lane holds: 4 vectors of 8 lanes, each
 the odd then the even elements of 8 consecutive pairs (lane halves = low / high nibbles)."""
+
+
+PERMUTE_SHIFTS = [8 * (w // 2) + 4 * (1 - w % 2) for w in GROUP_ORDER[:8]]
+"""Bit offset of each lane's code in the little-endian 4 bytes of 8 weights (GROUP_ORDER's
+first vector; the first weight of a byte is its high nibble)."""
 
 
 INT8_ORDER = np.array([2 * t + 1 for t in range(16)] + [2 * t for t in range(16)])
@@ -59,6 +72,22 @@ def group_order(n):
     order = (np.arange(0, n, 32)[:, None] + GROUP_ORDER[None, :]).reshape(-1)
     order.setflags(write=False)
     return order
+
+
+def decode_table(codebook):
+    """What the fused decode looks codes up in: the (16,) float32 codebook itself for the
+    permute decode (:data:`PERMUTE_DECODE`), else its byte planes (:func:`codebook_planes`).
+    The intrinsics pick their decode from this array's dtype when they are compiled."""
+    if PERMUTE_DECODE:
+        return _codebook_of(np.ascontiguousarray(codebook, np.float32).tobytes())
+    return codebook_planes(codebook)
+
+
+@lru_cache(maxsize=64)
+def _codebook_of(codebook_bytes):
+    table = np.frombuffer(codebook_bytes, np.float32).copy()
+    table.setflags(write=False)
+    return table
 
 
 def codebook_planes(codebook):
@@ -100,7 +129,7 @@ def _unpack_mask(width, high):
 class _Builder:
     """Helpers over an llvmlite IRBuilder: pointers, vector loads, the codebook decode."""
 
-    def __init__(self, builder, planes_address, plane_count=4):
+    def __init__(self, builder, planes_address, plane_count=4, permute=False):
         self.b = builder
         self.pshufb = self.declare(_V32B, [_V32B, _V32B], "llvm.x86.avx2.pshuf.b")
         self.fma = self.declare(_V8F, [_V8F, _V8F, _V8F], "llvm.fma.v8f32")
@@ -108,6 +137,20 @@ class _Builder:
         self.planes = [builder.load(builder.bitcast(builder.gep(planes, [ir.Constant(_I64, 32 * k)]),
                                                     _V32B.as_pointer()), align=1)
                        for k in range(plane_count)]
+        self.permute = permute
+        if permute:                                       # the 16 float32 entries, as two halves
+            self.permute2 = self.declare(_V8F, [_V8F, _V8I, _V8F], "llvm.x86.avx512.vpermi2var.ps.256")
+            entries = self.pointer(planes_address, _F32)
+            self.codebook_halves = [self.load_v8f(entries, ir.Constant(_I64, 8 * k)) for k in (0, 1)]
+
+    @classmethod
+    def for_table(cls, context, builder, table_type, table):
+        """A builder whose decode32 reads ``table``, an array argument (:func:`decode_table`):
+        the permute decode for the float32 codebook, the byte-shuffle decode for uint8 planes."""
+        address = builder.ptrtoint(context.make_array(table_type)(context, builder, table).data, _I64)
+        if table_type.dtype == types.float32:
+            return cls(builder, address, plane_count=0, permute=True)
+        return cls(builder, address)
 
     def declare(self, result, arguments, name):
         return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(result, arguments), name)
@@ -135,8 +178,22 @@ class _Builder:
         high = b.lshr(raw, ir.Constant(_V16B, [4] * 16))
         return b.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
 
+    def decode32_mapped(self, packed, index, shift=None, scale=None):
+        """decode32, each value then mapped to (value − shift) · scale (8-lane vectors, either
+        may be None). The permute decode maps its 16 table entries instead of the 32 values:
+        the same roundings, and the mapped table is hoisted out of a block's steps."""
+        def mapped(values):
+            values = values if shift is None else self.b.fsub(values, shift)
+            return values if scale is None else self.b.fmul(values, scale)
+
+        if self.permute:
+            return self.decode32_permute(packed, index, [mapped(half) for half in self.codebook_halves])
+        return [mapped(values) for values in self.decode32(packed, index)]
+
     def decode32(self, packed, index):
         """16 bytes at packed[index] → 4 × 8 float32 codebook values, in GROUP_ORDER."""
+        if self.permute:
+            return self.decode32_permute(packed, index, self.codebook_halves)
         b = self.b
         codes = self.codes32(packed, index)
         p0, p1, p2, p3 = (b.call(self.pshufb, [plane, codes]) for plane in self.planes)
@@ -151,6 +208,30 @@ class _Builder:
                 mixed = b.shuffle_vector(low_words, high_words, _unpack_mask(16, high_half))
                 floats.append(b.bitcast(mixed, _V8F))
         return floats
+
+    def decode32_permute(self, packed, index, halves):
+        """decode32 with AVX-512VL: vector k is the 4 bytes at packed[index + 4k] in all 8
+        lanes, shifted right (``vpsrlvd``) so that each lane's low nibble is its code in
+        GROUP_ORDER, then looked up among the 16 entries by one ``vpermt2ps`` (which reads
+        only the low 4 bits of each index): 3 operations per 8 weights, 1 of them a shuffle."""
+        b = self.b
+        shifts = ir.Constant(_V8I, PERMUTE_SHIFTS)
+        floats = []
+        for k in range(4):
+            where = b.gep(packed, [b.add(index, ir.Constant(index.type, 4 * k))])
+            word = b.load(b.bitcast(where, _I32.as_pointer()), align=1)
+            lanes = b.insert_element(ir.Constant(_V8I, None), word, ir.Constant(_I32, 0))
+            codes = b.lshr(b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8)), shifts)
+            floats.append(b.call(self.permute2, [halves[0], codes, halves[1]]))
+        return floats
+
+    def sum_of(self, pointers):
+        """The sum of the vectors behind ``pointers``, as a tree."""
+        values = [self.b.load(pointer) for pointer in pointers]
+        while len(values) > 1:
+            values = [self.b.fadd(values[j], values[j + 1]) if j + 1 < len(values) else values[j]
+                      for j in range(0, len(values), 2)]
+        return values[0]
 
     def broadcast_at(self, pointer, index):
         """pointer[index], a float32, in all 8 lanes."""
@@ -186,19 +267,21 @@ def _make_dot_rows(rows, chains):
     """An intrinsic computing ``rows`` dots of one packed weight row with rows of x at once.
 
     Each decoded group of 32 codebook values is multiplied with every x row, so the
-    decode work is shared by ``rows`` products; each block's sum is then multiplied by
-    its scale once (as the portable loop does). ``chains`` independent accumulators a
-    row keep the FMAs from waiting on each other.
+    decode work is shared by ``rows`` products. With the byte-shuffle decode each block's
+    sum is then multiplied by its scale once (as the portable loop does); the permute
+    decode looks codes up in the codebook times the block's scale (2 multiplies a block)
+    and so sums the dequantized weights fl(codebook[code] · scale) · x without a per-block
+    step. ``chains`` independent accumulators a row keep the FMAs from waiting on each other.
     """
     @intrinsic
     def dot_rows(typingctx, packed, x_ordered, x_stride, scales, nblocks, block_bytes, planes, out,
                  out_stride):
-        signature = types.void(*([_ADDRESS] * 9))
+        signature = types.void(*([_ADDRESS] * 6), planes, _ADDRESS, _ADDRESS)
 
         def codegen(context, builder, sig, args):
-            (packed_at, x_at, x_stride, scales_at, nblocks, block_bytes, planes_at, out_at,
+            (packed_at, x_at, x_stride, scales_at, nblocks, block_bytes, planes_value, out_at,
              out_stride) = args
-            ir_ = _Builder(builder, planes_at)
+            ir_ = _Builder.for_table(context, builder, sig.args[6], planes_value)
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
             x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
             zero = ir.Constant(_V8F, None)
@@ -208,26 +291,30 @@ def _make_dot_rows(rows, chains):
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
                 first = builder.mul(block, block_bytes)
-                for chain in (chain for row_chains in partials for chain in row_chains):
-                    builder.store(zero, chain)
+                scale = ir_.broadcast_at(scales, block)
+                if not ir_.permute:
+                    for chain in (chain for row_chains in partials for chain in row_chains):
+                        builder.store(zero, chain)
                 step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
                 with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                              step) as (offset, _):
                     index = builder.add(first, offset)
                     x_index = builder.add(index, index)                # 2 weights a byte
-                    for k, codes_value in enumerate(ir_.decode32(packed, index)):
+                    decoded = (ir_.decode32_mapped(packed, index, scale=scale) if ir_.permute
+                               else ir_.decode32(packed, index))
+                    for k, codes_value in enumerate(decoded):
                         at = builder.add(x_index, ir.Constant(x_index.type, 8 * k))
                         for r in range(rows):
                             chain = partials[r][k % chains]
                             builder.store(builder.call(ir_.fma, [codes_value, ir_.load_v8f(x_rows[r], at),
                                                                  builder.load(chain)]), chain)
-                scale = ir_.broadcast_at(scales, block)
-                for r in range(rows):
-                    block_sum = builder.load(partials[r][0])
-                    for chain in partials[r][1:]:
-                        block_sum = builder.fadd(block_sum, builder.load(chain))
-                    builder.store(builder.call(ir_.fma, [block_sum, scale, builder.load(totals[r])]),
-                                  totals[r])
+                if not ir_.permute:
+                    for total, row_chains in zip(totals, partials):
+                        block_sum = ir_.sum_of(row_chains)
+                        builder.store(builder.call(ir_.fma, [block_sum, scale, builder.load(total)]), total)
+            if ir_.permute:
+                for total, row_chains in zip(totals, partials):
+                    builder.store(ir_.sum_of(row_chains), total)
             ir_.store_row_sums(totals, out_at, out_stride)
             return context.get_dummy_value()
 
@@ -243,39 +330,58 @@ avx2_dot_rows1 = _make_dot_rows(1, 4)
 avx2_dot_rows4 = _make_dot_rows(AVX2_DOT_ROWS, 2)
 
 
-def _make_axpy_rows(rows):
-    """An intrinsic adding coef · (codebook[code] − shift) of one packed weight row into
-    ``rows`` output rows at once (for g @ W), sharing each decode among them."""
+def _make_axpy_rows(rows, w_rows=1):
+    """An intrinsic adding coef · (codebook[code] − shift) of ``w_rows`` consecutive packed
+    weight rows into ``rows`` output rows (for g @ W).
+
+    Each decode is shared by the ``rows`` output rows, and each output vector is loaded
+    and stored once for all ``w_rows`` weight rows (added in row order, so the sums are
+    the same as one row at a time). W row q starts q·row_bytes after ``packed``, its
+    scales and shifts q·nblocks after ``scales`` / ``shifts``; output row r gets W row q
+    times g[r·g_stride + q], so its coefficient in block b is that times the block's
+    scale (a float32 product, as the portable loop does).
+    """
     @intrinsic
-    def axpy_rows(typingctx, packed, out_ordered, out_stride, coefs, shifts, nblocks, block_bytes,
-                  planes):
-        signature = types.void(*([_ADDRESS] * 8))
+    def axpy_rows(typingctx, packed, row_bytes, out_ordered, out_stride, g, g_stride, scales, shifts, nblocks,
+                  block_bytes, planes):
+        signature = types.void(*([_ADDRESS] * 10), planes)
 
         def codegen(context, builder, sig, args):
-            (packed_at, out_at, out_stride, coefs_at, shifts_at, nblocks, block_bytes,
-             planes_at) = args
-            ir_ = _Builder(builder, planes_at)
-            packed, coefs, shifts = (ir_.pointer(packed_at, _I8), ir_.pointer(coefs_at, _F32),
-                                     ir_.pointer(shifts_at, _F32))
+            (packed_at, row_bytes, out_at, out_stride, g_at, g_stride, scales_at, shifts_at, nblocks,
+             block_bytes, planes_value) = args
+            ir_ = _Builder.for_table(context, builder, sig.args[10], planes_value)
+            size = nblocks.type
+            packed_rows = [ir_.pointer(builder.add(packed_at, builder.mul(ir.Constant(size, q), row_bytes)), _I8)
+                           for q in range(w_rows)]
+            g, scales, shifts = (ir_.pointer(at, _F32) for at in (g_at, scales_at, shifts_at))
+            g_values = [[ir_.broadcast_at(g, builder.add(builder.mul(ir.Constant(size, r), g_stride),
+                                                         ir.Constant(size, q)))
+                         for r in range(rows)] for q in range(w_rows)]
             outs = [ir_.row_pointer(out_at, out_stride, r) for r in range(rows)]
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
+
+                def at_block(table_row):
+                    return builder.add(builder.mul(ir.Constant(size, table_row), nblocks), block)
+
+                row_shifts = [ir_.broadcast_at(shifts, at_block(q)) for q in range(w_rows)]
+                row_coefs = [[builder.fmul(g_value, ir_.broadcast_at(scales, at_block(q))) for g_value in g_q]
+                             for q, g_q in enumerate(g_values)]
                 first = builder.mul(block, block_bytes)
-                shift = ir_.broadcast_at(shifts, block)
-                row_coefs = [ir_.broadcast_at(coefs, builder.add(builder.mul(ir.Constant(nblocks.type, r),
-                                                                             nblocks), block))
-                             for r in range(rows)]
                 step = ir.Constant(block_bytes.type, BYTES_PER_STEP)
                 with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                              step) as (offset, _):
                     index = builder.add(first, offset)
                     out_index = builder.add(index, index)
-                    for k, codes_value in enumerate(ir_.decode32(packed, index)):
-                        weights = builder.fsub(codes_value, shift)
-                        at = builder.add(out_index, ir.Constant(out_index.type, 8 * k))
-                        for out, coef in zip(outs, row_coefs):
-                            updated = builder.call(ir_.fma, [weights, coef, ir_.load_v8f(out, at)])
-                            ir_.store_v8f(updated, out, at)
+                    places = [builder.add(out_index, ir.Constant(out_index.type, 8 * k)) for k in range(4)]
+                    sums = [[ir_.load_v8f(out, at) for at in places] for out in outs]
+                    for packed, shift, coefs_q in zip(packed_rows, row_shifts, row_coefs):
+                        for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift=shift)):
+                            for row_sums, coef in zip(sums, coefs_q):
+                                row_sums[k] = builder.call(ir_.fma, [weights, coef, row_sums[k]])
+                    for out, row_sums in zip(outs, sums):
+                        for at, total in zip(places, row_sums):
+                            ir_.store_v8f(total, out, at)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -283,8 +389,12 @@ def _make_axpy_rows(rows):
     return axpy_rows
 
 
+AXPY_W_ROWS = 4
+"""How many W rows one call of ``avx2_axpy_wrows4`` adds into a single output row."""
+
 avx2_axpy_rows1 = _make_axpy_rows(1)
 avx2_axpy_rows4 = _make_axpy_rows(AVX2_DOT_ROWS)
+avx2_axpy_wrows4 = _make_axpy_rows(1, AXPY_W_ROWS)
 
 
 # ---------------------------------------------------------------------------
@@ -560,12 +670,12 @@ def avx2_decode_panel(typingctx, packed, row_bytes, scales, shifts, blocks_per_r
     after row (row_stride = 32·steps, strip_stride = STRIP) or strip after strip
     (row_stride = STRIP, strip_stride = STRIP·rows).
     """
-    signature = types.void(*([_ADDRESS] * 13))
+    signature = types.void(*([_ADDRESS] * 9), planes, *([_ADDRESS] * 3))
 
     def codegen(context, builder, sig, args):
         (packed_at, row_bytes, scales_at, shifts_at, blocks_per_row, rows, first_step, steps,
-         steps_per_block, planes_at, panel_at, row_stride, strip_stride) = args
-        ir_ = _Builder(builder, planes_at)
+         steps_per_block, planes_value, panel_at, row_stride, strip_stride) = args
+        ir_ = _Builder.for_table(context, builder, sig.args[9], planes_value)
         packed, panel = ir_.pointer(packed_at, _I8), ir_.pointer(panel_at, _F32)
         scales, shifts = ir_.pointer(scales_at, _F32), ir_.pointer(shifts_at, _F32)
         size = rows.type
@@ -579,11 +689,11 @@ def avx2_decode_panel(typingctx, packed, row_bytes, scales, shifts, blocks_per_r
                 scale, shift = ir_.broadcast_at(scales, block), ir_.broadcast_at(shifts, block)
                 index = builder.add(first_byte, builder.mul(step, ir.Constant(size, BYTES_PER_STEP)))
                 first_strip = builder.mul(step_loop.index, ir.Constant(size, 32 // STRIP))
-                for k, values in enumerate(ir_.decode32(packed, index)):
+                for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift, scale)):
                     strip = builder.add(first_strip, ir.Constant(size, 8 * k // STRIP))
                     at = builder.add(builder.add(row_at, builder.mul(strip, strip_stride)),
                                      ir.Constant(size, 8 * k % STRIP))
-                    ir_.store_v8f(builder.fmul(builder.fsub(values, shift), scale), panel, at)
+                    ir_.store_v8f(weights, panel, at)
         return context.get_dummy_value()
 
     return signature, codegen
