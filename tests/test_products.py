@@ -102,19 +102,20 @@ def test_all_paths_agree_on_a_large_weight():
 @pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512VL")
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_permute_and_shuffle_decodes_give_the_same_weights(quant_type):
-    # g @ W and the panels use each decoded weight as (codebook[code] − shift) · scale with
-    # either decode, so their results must agree bit for bit (x @ W.T does not: the permute
-    # driver looks codes up in a scaled codebook, the shuffle driver scales block sums).
+    # g @ W adds each decoded weight (codebook[code] − shift) · coef into its output element
+    # in W's row order with either decode, so 1-row, 3-row and panel results agree bit for
+    # bit. (x @ W.T does not: the two decodes put weights in different lanes, and so sum
+    # each dot in a different order.)
     qt, block_scales, shifts, _ = _case(72, 384, quant_type, 64, True, seed=4)
     rng = np.random.default_rng(5)
-    x, g1, g = (rng.standard_normal(shape).astype(np.float32) for shape in [(20, 384), (3, 72), (20, 72)])
+    g = rng.standard_normal((20, 72)).astype(np.float32)
     args = (qt.packed, block_scales, shifts, qt.codebook)
     results = {}
     for path in ("shuffle", "permute"):
         _use(path)
         assert simd_module.decode_table(qt.codebook).dtype == (np.float32 if path == "permute" else np.uint8)
-        results[path] = [products.gemv_t(g1, *args, 384, 64, True), products.gemm(x, *args, 72, 64),
-                         products.gemm_t(g, *args, 384, 64)]
+        results[path] = [products.gemv_t(g[:rows], *args, 384, 64, True) for rows in (1, 3)]
+        results[path].append(products.gemm_t(g, *args, 384, 64))
     for shuffled, permuted in zip(results["shuffle"], results["permute"]):
         np.testing.assert_array_equal(permuted, shuffled)
 

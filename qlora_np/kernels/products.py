@@ -19,9 +19,9 @@ from numba import njit, prange
 from ..errors import ShapeError
 from .simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP,
                    avx2_axpy_rows1, avx2_axpy_rows4, avx2_axpy_wrows4, avx2_decode_panel, avx2_dot_rows1,
-                   avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, avx2_panel_axpy1, avx2_panel_axpy2,
-                   avx2_panel_axpy4, avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4, avx2_panel_dot3x1,
-                   avx2_panel_dot3x4, decode_table, group_order, int8_table)
+                   avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, avx2_panel_axpy1,
+                   avx2_panel_axpy2, avx2_panel_axpy4, avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
+                   avx2_panel_dot3x1, avx2_panel_dot3x4, decode_table, int8_table, lane_order)
 
 
 def supports(shape, blocksize):
@@ -128,8 +128,9 @@ def _avx2_call(parts, codebook, blocksize, shape, int8_activations, columns):
     packed, scales, out_features = zip(*(list(parts) + [unused] * (MAX_PARTS - len(parts))))
     if int8_activations:
         return _gemv_int8_avx2, (packed, scales, out_features) + shape + (int8_table(codebook),), columns
-    order = group_order(shape[0] * blocksize)
-    return _gemv_avx2, (packed, scales, out_features, order) + shape + (decode_table(codebook),), columns
+    table = decode_table(codebook)
+    order = lane_order(shape[0] * blocksize, table)
+    return _gemv_avx2, (packed, scales, out_features, order) + shape + (table,), columns
 
 
 def _same_array_types(parts):
@@ -333,10 +334,10 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
     if not simd_applies(blocksize, simd):
         _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial)
         return partial.sum(axis=0)
-    _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, blocksize // 2,
-                 decode_table(codebook), partial)
+    table = decode_table(codebook)
+    _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, blocksize // 2, table, partial)
     result = np.empty((rows, in_features), np.float32)                 # (rows, in)
-    result[:, group_order(in_features)] = partial.sum(axis=0)           # undo the lane order
+    result[:, lane_order(in_features, table)] = partial.sum(axis=0)     # undo the lane order
     return result
 
 
@@ -439,8 +440,9 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
 def _panel_arguments(packed, scales, shifts, codebook, in_features, blocksize):
     """The weight's arguments of both panel drivers, after their x or g."""
     shifts = _no_shifts(scales.size) if shifts is None else shifts
-    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, decode_table(codebook),
-            group_order(in_features), numba.get_num_threads())
+    table = decode_table(codebook)
+    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, table,
+            lane_order(in_features, table), numba.get_num_threads())
 
 
 @njit(parallel=True, cache=True)

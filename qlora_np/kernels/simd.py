@@ -1,28 +1,35 @@
-"""AVX2 building blocks for the fused 4-bit products, written as Numba intrinsics.
+"""AVX2 and AVX-512 building blocks for the fused 4-bit products, written as Numba intrinsics.
 
 Numba cannot vectorise ``codebook[code]`` (a gather), so the fused products decode
-codes with byte shuffles instead. The 16 float32 codebook entries are split into 4
-byte planes (plane k holds byte k of every entry); ``vpshufb`` looks up 32 codes in
-one plane at once, and two rounds of unpacks (bytes → 16-bit → 32-bit) reassemble
-the floats. 16 packed bytes (32 weights) cost 4 lookups and 8 unpacks — about a
-third of the shuffle work of a per-float permute.
+codes with register lookups instead, in one of two ways:
 
-The unpacks work inside 128-bit lanes, so the 32 decoded weights come out in the
-fixed order :data:`GROUP_ORDER`; the callers permute x (or un-permute the result)
-once per call with :func:`group_order`, not once per weight row.
+* **permute** (AVX-512): 8 packed bytes are broadcast to every 64-bit lane, a variable
+  shift (``vpsrlvd``) brings each lane's code to its low 4 bits, and one ``vpermps``
+  looks 16 codes up among the 16 float32 entries held in one register: 3 operations per
+  16 weights. The 16 values come out in :data:`WIDE_ORDER`.
+* **shuffle** (AVX2): the 16 entries are split into 4 byte planes (plane k holds byte k
+  of every entry); ``vpshufb`` looks up 32 codes in one plane at once, and two rounds of
+  unpacks (bytes → 16-bit → 32-bit) reassemble the floats: 12 shuffles per 32 weights,
+  in :data:`GROUP_ORDER` (the unpacks work inside 128-bit lanes).
 
-Two row functions, each walking whole blocks of one weight row:
+Which one an intrinsic compiles is chosen by the table it is handed
+(:func:`decode_table`: the float32 codebook, or its uint8 planes). Either way the callers
+permute x (or un-permute the result) once per call with :func:`lane_order`, not once per
+weight row.
+
+Two row functions, each walking whole blocks of weight rows:
 
 * ``avx2_dot_rows1/4`` — Σ_i (codebook[code_i]·scale) · x_i for 1 or 4 rows of x   (x @ W.T)
-* ``avx2_axpy_rows1/4`` — out_i += coef_block · (codebook[code_i] − shift_block) for 1 or 4
-  rows of g   (g @ W)
+* ``avx2_axpy_rows1/4``, ``avx2_axpy_wrows4`` — out_i += coef_block · (codebook[code_i] −
+  shift_block) for 1 or 4 rows of g, or 4 W rows into 1 row of g   (g @ W)
 
 and, for batches, ``avx2_decode_panel`` (a strip of W rows decoded and scaled into a
 buffer) with the register tiles that multiply such a panel with many rows
 (``avx2_panel_dot*``, ``avx2_panel_axpy*``).
 
-They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``); the
-portable Numba functions in :mod:`qlora_np.kernels.products` compute the same sums.
+They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``), the
+permute decode only where it also has AVX-512F/VL (``HAS_AVX512``); the portable Numba
+functions in :mod:`qlora_np.kernels.products` compute the same sums.
 """
 
 import os
@@ -40,7 +47,7 @@ HAS_AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("fma", False))
 """Whether this CPU runs the AVX2 path (detected once at import)."""
 
 HAS_AVX512 = bool(HAS_AVX2 and _FEATURES.get("avx512f", False) and _FEATURES.get("avx512vl", False))
-"""Whether this CPU can look up all 16 codebook entries with one permute (AVX-512VL ``vpermt2ps``)."""
+"""Whether this CPU can look up all 16 codebook entries with one permute (AVX-512 ``vpermps``)."""
 
 PERMUTE_DECODE = HAS_AVX512 and os.environ.get("QLORA_NP_DECODE", "") != "shuffle"
 """Whether the fused products decode with the permute (read at each call by :func:`decode_table`;
@@ -54,9 +61,14 @@ GROUP_ORDER = np.array([2 * t + odd for k in range(4) for odd in (1, 0) for t in
 the odd then the even elements of 8 consecutive pairs (lane halves = low / high nibbles)."""
 
 
-PERMUTE_SHIFTS = [8 * (w // 2) + 4 * (1 - w % 2) for w in GROUP_ORDER[:8]]
-"""Bit offset of each lane's code in the little-endian 4 bytes of 8 weights (GROUP_ORDER's
-first vector; the first weight of a byte is its high nibble)."""
+WIDE_ORDER = np.array([16 * k + t + 8 * high for k in range(2) for t in range(8) for high in (0, 1)])
+"""Which of 32 consecutive weights each lane of the permute decode's 2 vectors of 16 holds:
+weights t and 8 + t of each 16 in neighbouring lanes (the low and the high 32 bits of a
+64-bit lane see bytes 0–3 and 4–7 of its 8)."""
+
+WIDE_SHIFTS = [8 * (t // 2) + 4 * (1 - t % 2) for t in range(8) for _ in (0, 1)]
+"""Bit offset of each 32-bit lane's code in its 4 bytes (the first weight of a byte is its
+high nibble)."""
 
 
 INT8_ORDER = np.array([2 * t + 1 for t in range(16)] + [2 * t for t in range(16)])
@@ -66,10 +78,15 @@ INT8_ORDER_64 = np.array([2 * t + 1 for t in range(32)] + [2 * t for t in range(
 """The same for 64 weights read as 32 bytes at once (blocks of 64): low nibbles, then high."""
 
 
+def lane_order(n, table):
+    """Index array (n,) that puts n (a multiple of 32) elements into the lane order of the
+    decode that reads ``table`` (:func:`decode_table`): WIDE_ORDER or GROUP_ORDER (cached)."""
+    return _order_of(n, table.dtype == np.float32)
+
+
 @lru_cache(maxsize=64)
-def group_order(n):
-    """Index array (n,) that puts n (a multiple of 32) elements into decoded-lane order (cached)."""
-    order = (np.arange(0, n, 32)[:, None] + GROUP_ORDER[None, :]).reshape(-1)
+def _order_of(n, wide):
+    order = (np.arange(0, n, 32)[:, None] + (WIDE_ORDER if wide else GROUP_ORDER)[None, :]).reshape(-1)
     order.setflags(write=False)
     return order
 
@@ -108,6 +125,8 @@ _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8F = ir.VectorType(_F32, 8)
+_V16F = ir.VectorType(_F32, 16)
+_V16I = ir.VectorType(_I32, 16)
 _V2F = ir.VectorType(_F32, 2)
 _V8I = ir.VectorType(_I32, 8)
 _V16B = ir.VectorType(_I8, 16)
@@ -131,17 +150,18 @@ class _Builder:
 
     def __init__(self, builder, planes_address, plane_count=4, permute=False):
         self.b = builder
+        self.lanes = 16 if permute else 8                # floats in the vectors the decode returns
+        self.vector = ir.VectorType(_F32, self.lanes)
         self.pshufb = self.declare(_V32B, [_V32B, _V32B], "llvm.x86.avx2.pshuf.b")
-        self.fma = self.declare(_V8F, [_V8F, _V8F, _V8F], "llvm.fma.v8f32")
+        self.fma = self.declare(self.vector, [self.vector] * 3, f"llvm.fma.v{self.lanes}f32")
         planes = self.pointer(planes_address, _I8)
         self.planes = [builder.load(builder.bitcast(builder.gep(planes, [ir.Constant(_I64, 32 * k)]),
                                                     _V32B.as_pointer()), align=1)
                        for k in range(plane_count)]
         self.permute = permute
-        if permute:                                       # the 16 float32 entries, as two halves
-            self.permute2 = self.declare(_V8F, [_V8F, _V8I, _V8F], "llvm.x86.avx512.vpermi2var.ps.256")
-            entries = self.pointer(planes_address, _F32)
-            self.codebook_halves = [self.load_v8f(entries, ir.Constant(_I64, 8 * k)) for k in (0, 1)]
+        if permute:                                       # the 16 float32 entries in one register
+            self.permute16 = self.declare(_V16F, [_V16F, _V16I], "llvm.x86.avx512.permvar.sf.512")
+            self.codebook = self.load_vector(self.pointer(planes_address, _F32), ir.Constant(_I64, 0))
 
     @classmethod
     def for_table(cls, context, builder, table_type, table):
@@ -163,11 +183,12 @@ class _Builder:
         offset = self.b.mul(ir.Constant(stride.type, 4 * row), stride)
         return self.pointer(self.b.add(address, offset), _F32)
 
-    def load_v8f(self, base, index):
-        return self.b.load(self.b.bitcast(self.b.gep(base, [index]), _V8F.as_pointer()), align=4)
+    def load_vector(self, base, index):
+        """``lanes`` floats at base[index]."""
+        return self.b.load(self.b.bitcast(self.b.gep(base, [index]), self.vector.as_pointer()), align=4)
 
-    def store_v8f(self, value, base, index):
-        self.b.store(value, self.b.bitcast(self.b.gep(base, [index]), _V8F.as_pointer()), align=4)
+    def store_vector(self, value, base, index):
+        self.b.store(value, self.b.bitcast(self.b.gep(base, [index]), value.type.as_pointer()), align=4)
 
     def codes32(self, packed, index):
         """16 bytes at packed[index] → their 32 codes as bytes: the low nibbles (odd
@@ -179,21 +200,22 @@ class _Builder:
         return b.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
 
     def decode32_mapped(self, packed, index, shift=None, scale=None):
-        """decode32, each value then mapped to (value − shift) · scale (8-lane vectors, either
-        may be None). The permute decode maps its 16 table entries instead of the 32 values:
-        the same roundings, and the mapped table is hoisted out of a block's steps."""
+        """decode32, each value then mapped to (value − shift) · scale (broadcast vectors,
+        either may be None). The permute decode maps its 16 table entries instead of the 32
+        values: the same roundings, and the mapped table is hoisted out of a block's steps."""
         def mapped(values):
             values = values if shift is None else self.b.fsub(values, shift)
             return values if scale is None else self.b.fmul(values, scale)
 
         if self.permute:
-            return self.decode32_permute(packed, index, [mapped(half) for half in self.codebook_halves])
+            return self.decode32_permute(packed, index, mapped(self.codebook))
         return [mapped(values) for values in self.decode32(packed, index)]
 
     def decode32(self, packed, index):
-        """16 bytes at packed[index] → 4 × 8 float32 codebook values, in GROUP_ORDER."""
+        """16 bytes at packed[index] → their 32 codebook values as vectors of ``lanes``
+        floats, in the decode's lane order (:func:`lane_order`)."""
         if self.permute:
-            return self.decode32_permute(packed, index, self.codebook_halves)
+            return self.decode32_permute(packed, index, self.codebook)
         b = self.b
         codes = self.codes32(packed, index)
         p0, p1, p2, p3 = (b.call(self.pshufb, [plane, codes]) for plane in self.planes)
@@ -209,20 +231,23 @@ class _Builder:
                 floats.append(b.bitcast(mixed, _V8F))
         return floats
 
-    def decode32_permute(self, packed, index, halves):
-        """decode32 with AVX-512VL: vector k is the 4 bytes at packed[index + 4k] in all 8
-        lanes, shifted right (``vpsrlvd``) so that each lane's low nibble is its code in
-        GROUP_ORDER, then looked up among the 16 entries by one ``vpermt2ps`` (which reads
-        only the low 4 bits of each index): 3 operations per 8 weights, 1 of them a shuffle."""
+    def decode32_permute(self, packed, index, codebook):
+        """decode32 with AVX-512: vector k is the 8 bytes at packed[index + 8k] in all 8
+        64-bit lanes, shifted right (``vpsrlvd``) so that each 32-bit lane's low nibble is
+        its code in WIDE_ORDER, then looked up among the 16 entries of ``codebook`` by one
+        ``vpermps`` (which reads only the low 4 bits of each index): 3 operations per 16
+        weights, 1 of them a shuffle."""
         b = self.b
-        shifts = ir.Constant(_V8I, PERMUTE_SHIFTS)
+        shifts = ir.Constant(_V16I, WIDE_SHIFTS)
+        wide = ir.VectorType(_I64, 8)
         floats = []
-        for k in range(4):
-            where = b.gep(packed, [b.add(index, ir.Constant(index.type, 4 * k))])
-            word = b.load(b.bitcast(where, _I32.as_pointer()), align=1)
-            lanes = b.insert_element(ir.Constant(_V8I, None), word, ir.Constant(_I32, 0))
-            codes = b.lshr(b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8)), shifts)
-            floats.append(b.call(self.permute2, [halves[0], codes, halves[1]]))
+        for k in range(2):
+            where = b.gep(packed, [b.add(index, ir.Constant(index.type, 8 * k))])
+            word = b.load(b.bitcast(where, _I64.as_pointer()), align=1)
+            lanes = b.insert_element(ir.Constant(wide, None), word, ir.Constant(_I32, 0))
+            lanes = b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
+            codes = b.lshr(b.bitcast(lanes, _V16I), shifts)
+            floats.append(b.call(self.permute16, [codebook, codes]))
         return floats
 
     def sum_of(self, pointers):
@@ -234,12 +259,13 @@ class _Builder:
         return values[0]
 
     def broadcast_at(self, pointer, index):
-        """pointer[index], a float32, in all 8 lanes."""
+        """pointer[index], a float32, in all ``lanes`` lanes."""
         return self.broadcast(self.b.load(self.b.gep(pointer, [index])))
 
     def broadcast(self, scalar):
-        lanes = self.b.insert_element(ir.Constant(_V8F, None), scalar, ir.Constant(_I32, 0))
-        return self.b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
+        lanes = self.b.insert_element(ir.Constant(self.vector, None), scalar, ir.Constant(_I32, 0))
+        everywhere = ir.Constant(ir.VectorType(_I32, self.lanes), [0] * self.lanes)
+        return self.b.shuffle_vector(lanes, lanes, everywhere)
 
     def store_row_sums(self, totals, out_at, out_stride):
         """out[r · out_stride] = the sum of the lanes of totals[r] (vectors behind allocas)."""
@@ -249,8 +275,8 @@ class _Builder:
             self.b.store(self.horizontal_sum(self.b.load(total)), where)
 
     def horizontal_sum(self, vector):
-        """The sum of 8 lanes as a tree, halves first (3 dependent adds, not 7)."""
-        width = 8
+        """The sum of a vector's lanes as a tree, halves first (3 dependent adds for 8, not 7)."""
+        width = vector.type.count
         while width > 1:
             width //= 2
             halves = [ir.Constant(ir.VectorType(_I32, width), list(range(start, start + width)))
@@ -284,9 +310,10 @@ def _make_dot_rows(rows, chains):
             ir_ = _Builder.for_table(context, builder, sig.args[6], planes_value)
             packed, scales = ir_.pointer(packed_at, _I8), ir_.pointer(scales_at, _F32)
             x_rows = [ir_.row_pointer(x_at, x_stride, r) for r in range(rows)]
-            zero = ir.Constant(_V8F, None)
+            zero = ir.Constant(ir_.vector, None)
             totals = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
-            partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains)]
+            chains_used = min(chains, 32 // ir_.lanes)                # at most one per decoded vector
+            partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(chains_used)]
                         for _ in range(rows)]
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
@@ -303,10 +330,10 @@ def _make_dot_rows(rows, chains):
                     decoded = (ir_.decode32_mapped(packed, index, scale=scale) if ir_.permute
                                else ir_.decode32(packed, index))
                     for k, codes_value in enumerate(decoded):
-                        at = builder.add(x_index, ir.Constant(x_index.type, 8 * k))
+                        at = builder.add(x_index, ir.Constant(x_index.type, ir_.lanes * k))
                         for r in range(rows):
-                            chain = partials[r][k % chains]
-                            builder.store(builder.call(ir_.fma, [codes_value, ir_.load_v8f(x_rows[r], at),
+                            chain = partials[r][k % chains_used]
+                            builder.store(builder.call(ir_.fma, [codes_value, ir_.load_vector(x_rows[r], at),
                                                                  builder.load(chain)]), chain)
                 if not ir_.permute:
                     for total, row_chains in zip(totals, partials):
@@ -351,8 +378,8 @@ def _make_axpy_rows(rows, w_rows=1):
              block_bytes, planes_value) = args
             ir_ = _Builder.for_table(context, builder, sig.args[10], planes_value)
             size = nblocks.type
-            packed_rows = [ir_.pointer(builder.add(packed_at, builder.mul(ir.Constant(size, q), row_bytes)), _I8)
-                           for q in range(w_rows)]
+            packed_rows = [ir_.pointer(builder.add(packed_at, builder.mul(ir.Constant(size, q), row_bytes)),
+                                       _I8) for q in range(w_rows)]
             g, scales, shifts = (ir_.pointer(at, _F32) for at in (g_at, scales_at, shifts_at))
             g_values = [[ir_.broadcast_at(g, builder.add(builder.mul(ir.Constant(size, r), g_stride),
                                                          ir.Constant(size, q)))
@@ -373,15 +400,16 @@ def _make_axpy_rows(rows, w_rows=1):
                                              step) as (offset, _):
                     index = builder.add(first, offset)
                     out_index = builder.add(index, index)
-                    places = [builder.add(out_index, ir.Constant(out_index.type, 8 * k)) for k in range(4)]
-                    sums = [[ir_.load_v8f(out, at) for at in places] for out in outs]
+                    places = [builder.add(out_index, ir.Constant(out_index.type, ir_.lanes * k))
+                              for k in range(32 // ir_.lanes)]
+                    sums = [[ir_.load_vector(out, at) for at in places] for out in outs]
                     for packed, shift, coefs_q in zip(packed_rows, row_shifts, row_coefs):
                         for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift=shift)):
                             for row_sums, coef in zip(sums, coefs_q):
                                 row_sums[k] = builder.call(ir_.fma, [weights, coef, row_sums[k]])
                     for out, row_sums in zip(outs, sums):
                         for at, total in zip(places, row_sums):
-                            ir_.store_v8f(total, out, at)
+                            ir_.store_vector(total, out, at)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -587,7 +615,7 @@ def _make_quantize_blocks(reorder):
             largest_of = ir_.declare(_I32, [_V8I], "llvm.vector.reduce.umax.v8i32")
             values, table = ir_.pointer(values_at, _F32), ir_.pointer(table_at, _F32)
             packed, absmax_bits = ir_.pointer(packed_at, _I8), ir_.pointer(absmax_at, _I32)
-            middle, low_half, high_half, level3, level4 = (ir_.load_v8f(table, ir.Constant(_I64, 8 * k))
+            middle, low_half, high_half, level3, level4 = (ir_.load_vector(table, ir.Constant(_I64, 8 * k))
                                                            for k in range(5))
             one = ir.Constant(_V8I, [1] * 8)
             size = blocksize.type
@@ -597,7 +625,7 @@ def _make_quantize_blocks(reorder):
                 return builder.or_(builder.shl(index, one), builder.zext(above, _V8I))
 
             def codes_of(at, scale):
-                scaled = builder.fmul(ir_.load_v8f(values, at), scale)
+                scaled = builder.fmul(ir_.load_vector(values, at), scale)
                 above = builder.fcmp_ordered(">", scaled, middle)
                 index = builder.zext(above, _V8I)
                 threshold = builder.select(above, high_half, low_half)
@@ -617,7 +645,7 @@ def _make_quantize_blocks(reorder):
                 # 1. absmax: the unsigned max of the bit patterns, sign bit cleared
                 largest = cgutils.alloca_once_value(builder, ir.Constant(_V8I, None))
                 with cgutils.for_range_slice(builder, start, stop, ir.Constant(size, 8)) as (at, _):
-                    bits = builder.bitcast(ir_.load_v8f(values, at), _V8I)
+                    bits = builder.bitcast(ir_.load_vector(values, at), _V8I)
                     magnitude = builder.and_(bits, ir.Constant(_V8I, [0x7FFFFFFF] * 8))
                     so_far = builder.load(largest)
                     builder.store(builder.select(builder.icmp_unsigned(">", magnitude, so_far), magnitude,
@@ -690,10 +718,10 @@ def avx2_decode_panel(typingctx, packed, row_bytes, scales, shifts, blocks_per_r
                 index = builder.add(first_byte, builder.mul(step, ir.Constant(size, BYTES_PER_STEP)))
                 first_strip = builder.mul(step_loop.index, ir.Constant(size, 32 // STRIP))
                 for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift, scale)):
-                    strip = builder.add(first_strip, ir.Constant(size, 8 * k // STRIP))
+                    strip = builder.add(first_strip, ir.Constant(size, ir_.lanes * k // STRIP))
                     at = builder.add(builder.add(row_at, builder.mul(strip, strip_stride)),
-                                     ir.Constant(size, 8 * k % STRIP))
-                    ir_.store_v8f(weights, panel, at)
+                                     ir.Constant(size, ir_.lanes * k % STRIP))
+                    ir_.store_vector(weights, panel, at)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -718,11 +746,11 @@ def _make_panel_axpy(rows):
             strip = ir_.pointer(strip_at, _F32)
             g_rows = [ir_.pointer(builder.add(g_at, ir.Constant(g_at.type, 4 * m)), _F32) for m in range(rows)]
             out_rows = [ir_.row_pointer(out_at, out_stride, m) for m in range(rows)]
-            sums = [[cgutils.alloca_once_value(builder, ir_.load_v8f(out, ir.Constant(_I64, 8 * j)))
+            sums = [[cgutils.alloca_once_value(builder, ir_.load_vector(out, ir.Constant(_I64, 8 * j)))
                      for j in range(STRIP // 8)] for out in out_rows]
             with cgutils.for_range(builder, count) as loop:
                 first = builder.mul(loop.index, ir.Constant(count.type, STRIP))
-                weights = [ir_.load_v8f(strip, builder.add(first, ir.Constant(count.type, 8 * j)))
+                weights = [ir_.load_vector(strip, builder.add(first, ir.Constant(count.type, 8 * j)))
                            for j in range(STRIP // 8)]
                 g_index = builder.mul(loop.index, ir.Constant(count.type, rows))
                 for g_row, row_sums in zip(g_rows, sums):
@@ -731,7 +759,7 @@ def _make_panel_axpy(rows):
                         builder.store(builder.call(ir_.fma, [w, coef, builder.load(total)]), total)
             for out, row_sums in zip(out_rows, sums):
                 for j, total in enumerate(row_sums):
-                    ir_.store_v8f(builder.load(total), out, ir.Constant(_I64, 8 * j))
+                    ir_.store_vector(builder.load(total), out, ir.Constant(_I64, 8 * j))
             return context.get_dummy_value()
 
         return signature, codegen
@@ -766,9 +794,9 @@ def _make_panel_dot(x_rows, w_rows):
                     for _ in range(x_rows)]
             with cgutils.for_range(builder, count) as loop:
                 at = builder.mul(loop.index, ir.Constant(count.type, 8))
-                weights = [ir_.load_v8f(pointer, at) for pointer in w_pointers]
+                weights = [ir_.load_vector(pointer, at) for pointer in w_pointers]
                 for x_pointer, row_sums in zip(x_pointers, sums):
-                    values = ir_.load_v8f(x_pointer, at)
+                    values = ir_.load_vector(x_pointer, at)
                     for w, total in zip(weights, row_sums):
                         builder.store(builder.call(ir_.fma, [w, values, builder.load(total)]), total)
             out = ir_.pointer(out_at, _F32)
