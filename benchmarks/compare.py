@@ -19,7 +19,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qlora_np  # noqa: E402
-from timing import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import interleaved_medians, median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def cpu_name():
@@ -73,7 +73,8 @@ def main():
     copy_input = median_seconds(lambda: np.copy(weight), repeat)
     print(machine_line())
     print(f"matrix {side}×{side} float32 ({weight.nbytes / 2**20:.0f} MiB); "
-          f"median of {repeat} runs; np.copy takes {copy_input * 1e3:.2f} ms\n")
+          f"median of {repeat} runs, each operation interleaved with its baseline in 5 rounds; "
+          f"np.copy takes {copy_input * 1e3:.2f} ms\n")
 
     header = f"{'operation':34} {'ours ms':>9} {'baseline':>22} {'base ms':>9} {'ratio':>7}  target"
     print(header)
@@ -87,8 +88,9 @@ def main():
     for quant_type in ("nf4", "fp4", "int4", "int4_asym"):
         for double_quant in (False, True):
             name = f"quantize {quant_type}{' +dq' if double_quant else ''}"
-            seconds = median_seconds(
-                lambda: qlora_np.quantize(weight, quant_type, 64, double_quant), repeat)
+            seconds, copy_input = interleaved_medians(
+                [lambda: qlora_np.quantize(weight, quant_type, 64, double_quant), lambda: np.copy(weight)],
+                repeat)
             rate = elements / seconds / 1e9
             is_target = quant_type == "nf4"
             row(name, seconds, "np.copy(input)", copy_input,
@@ -99,8 +101,8 @@ def main():
         for double_quant in (False, True):
             qt = qlora_np.quantize(weight, quant_type, 64, double_quant)
             output = qlora_np.dequantize(qt)
-            copy_output = median_seconds(lambda: np.copy(output), repeat)
-            seconds = median_seconds(lambda: qlora_np.dequantize(qt), repeat)
+            seconds, copy_output = interleaved_medians([lambda: qlora_np.dequantize(qt),
+                                                        lambda: np.copy(output)], repeat)
             row(f"dequantize {quant_type}{' +dq' if double_quant else ''}", seconds,
                 "np.copy(output)", copy_output, "≤ 1.5× copy", seconds <= 1.5 * copy_output)
 
@@ -111,15 +113,14 @@ def main():
             x = rng.standard_normal((rows, in_features), np.float32)       # (rows, in)
             g = rng.standard_normal((rows, out_features), np.float32)      # (rows, out)
             name = f"{out_features}×{in_features}, {rows} row{'s' if rows > 1 else ''}"
-            dense = median_seconds(lambda: x @ dense_weight.T, repeat)
-            forward = median_seconds(lambda: qlora_np.matmul(x, qt), repeat)
+            dense, forward, int8, dense_t, backward = interleaved_medians(
+                [lambda: x @ dense_weight.T, lambda: qlora_np.matmul(x, qt),
+                 lambda: qlora_np.matmul(x, qt, int8_activations=True), lambda: g @ dense_weight,
+                 lambda: qlora_np.matmul_t(g, qt)], repeat)
             target = (f"≥ 3× faster", forward * 3 <= dense) if rows == 1 else ("≤ 0.8×", forward <= 0.8 * dense)
             row(f"matmul {name}", forward, "numpy x @ W.T (fp32)", dense, *target)
-            int8 = median_seconds(lambda: qlora_np.matmul(x, qt, int8_activations=True), repeat)
             row(f"matmul int8 x, {name}", int8, "numpy x @ W.T (fp32)", dense,
                 "(approximate, as llama.cpp)", None)
-            dense_t = median_seconds(lambda: g @ dense_weight, repeat)
-            backward = median_seconds(lambda: qlora_np.matmul_t(g, qt), repeat)
             row(f"matmul_t {name}", backward, "numpy g @ W (fp32)", dense_t,
                 f"{backward / forward:.2f}× matmul (≤ 1.5)", backward <= 1.5 * forward)
 

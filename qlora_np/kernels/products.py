@@ -10,15 +10,14 @@ lookup, :mod:`.simd`) and a portable Numba driver; both sum every block first an
 then scale it, so they agree to float32 summation-order rounding.
 """
 
-from functools import lru_cache
-
 import numba
 import numpy as np
 from numba import njit, prange
 
 from ..errors import ShapeError
+from .cpu import zero_shifts
 from .simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP,
-                   avx2_axpy_rows1, avx2_axpy_rows4, avx2_axpy_wrows4, avx2_decode_panel, avx2_dot_rows1,
+                   avx2_axpy_rows1, avx2_axpy_rows4, avx2_axpy_wrows, avx2_decode_panel, avx2_dot_rows1,
                    avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, avx2_panel_axpy1,
                    avx2_panel_axpy2, avx2_panel_axpy4, avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
                    avx2_panel_dot3x1, avx2_panel_dot3x4, decode_table, int8_table, lane_order)
@@ -310,15 +309,6 @@ def _int8_dot(codes, xq, table):
     return total
 
 
-@lru_cache(maxsize=32)
-def _no_shifts(nblocks):
-    """(nblocks,) float32 zeros, read-only: the shifts of a codebook weight, made once a size
-    (zeroing a fresh array took a third of a 1-row product's time)."""
-    zeros = np.zeros(nblocks, np.float32)
-    zeros.setflags(write=False)
-    return zeros
-
-
 def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=None):
     """(rows, out) float32 g → (rows, in) float32 g @ W.
 
@@ -329,7 +319,7 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
     blocks_per_row = in_features // blocksize
     threads = max(1, min(numba.get_num_threads(), out_features))
     partial = np.zeros((threads, rows, in_features), np.float32)
-    shifts = _no_shifts(scales.size) if shifts is None else shifts
+    shifts = zero_shifts(scales.size) if shifts is None else shifts
     g = np.ascontiguousarray(g)
     if not simd_applies(blocksize, simd):
         _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial)
@@ -355,8 +345,8 @@ def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes,
             g_at = g.ctypes.data + 4 * row
             scales_at = scales.ctypes.data + 4 * row * blocks_per_row
             shifts_at = shifts.ctypes.data + 4 * row * blocks_per_row
-            if rows == 1 and o + AXPY_W_ROWS <= stop:       # 4 W rows share each load and store of the result
-                avx2_axpy_wrows4(packed_at, row_bytes, out_at, in_features, g_at, out_features, scales_at,
+            if rows == 1 and o + AXPY_W_ROWS <= stop:       # 8 W rows share each load and store of the result
+                avx2_axpy_wrows(packed_at, row_bytes, out_at, in_features, g_at, out_features, scales_at,
                                  shifts_at, blocks_per_row, block_bytes, planes)
                 o += AXPY_W_ROWS
                 continue
@@ -439,7 +429,7 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
 
 def _panel_arguments(packed, scales, shifts, codebook, in_features, blocksize):
     """The weight's arguments of both panel drivers, after their x or g."""
-    shifts = _no_shifts(scales.size) if shifts is None else shifts
+    shifts = zero_shifts(scales.size) if shifts is None else shifts
     table = decode_table(codebook)
     return (packed, scales, shifts, in_features // blocksize, blocksize // 2, table,
             lane_order(in_features, table), numba.get_num_threads())

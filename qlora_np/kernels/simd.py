@@ -20,8 +20,8 @@ weight row.
 Two row functions, each walking whole blocks of weight rows:
 
 * ``avx2_dot_rows1/4`` — Σ_i (codebook[code_i]·scale) · x_i for 1 or 4 rows of x   (x @ W.T)
-* ``avx2_axpy_rows1/4``, ``avx2_axpy_wrows4`` — out_i += coef_block · (codebook[code_i] −
-  shift_block) for 1 or 4 rows of g, or 4 W rows into 1 row of g   (g @ W)
+* ``avx2_axpy_rows1/4``, ``avx2_axpy_wrows`` — out_i += coef_block · (codebook[code_i] −
+  shift_block) for 1 or 4 rows of g, or AXPY_W_ROWS (8) W rows into 1 row of g   (g @ W)
 
 and, for batches, ``avx2_decode_panel`` (a strip of W rows decoded and scaled into a
 buffer) with the register tiles that multiply such a panel with many rows
@@ -232,23 +232,22 @@ class _Builder:
         return floats
 
     def decode32_permute(self, packed, index, codebook):
-        """decode32 with AVX-512: vector k is the 8 bytes at packed[index + 8k] in all 8
-        64-bit lanes, shifted right (``vpsrlvd``) so that each 32-bit lane's low nibble is
-        its code in WIDE_ORDER, then looked up among the 16 entries of ``codebook`` by one
-        ``vpermps`` (which reads only the low 4 bits of each index): 3 operations per 16
-        weights, 1 of them a shuffle."""
+        """decode32 with AVX-512: two :meth:`decode16_permute` steps."""
+        return [self.decode16_permute(packed, self.b.add(index, ir.Constant(index.type, 8 * k)), codebook)
+                for k in range(2)]
+
+    def decode16_permute(self, packed, index, codebook):
+        """The 8 bytes at packed[index] in all 8 64-bit lanes, shifted right (``vpsrlvd``) so
+        that each 32-bit lane's low nibble is its code in WIDE_ORDER, then looked up among
+        the 16 entries of ``codebook`` by one ``vpermps`` (which reads only the low 4 bits of
+        each index): 3 operations for 16 weights, 1 of them a shuffle."""
         b = self.b
-        shifts = ir.Constant(_V16I, WIDE_SHIFTS)
+        word = b.load(b.bitcast(b.gep(packed, [index]), _I64.as_pointer()), align=1)
         wide = ir.VectorType(_I64, 8)
-        floats = []
-        for k in range(2):
-            where = b.gep(packed, [b.add(index, ir.Constant(index.type, 8 * k))])
-            word = b.load(b.bitcast(where, _I64.as_pointer()), align=1)
-            lanes = b.insert_element(ir.Constant(wide, None), word, ir.Constant(_I32, 0))
-            lanes = b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
-            codes = b.lshr(b.bitcast(lanes, _V16I), shifts)
-            floats.append(b.call(self.permute16, [codebook, codes]))
-        return floats
+        lanes = b.insert_element(ir.Constant(wide, None), word, ir.Constant(_I32, 0))
+        lanes = b.shuffle_vector(lanes, lanes, ir.Constant(_V8I, [0] * 8))
+        codes = b.lshr(b.bitcast(lanes, _V16I), ir.Constant(_V16I, WIDE_SHIFTS))
+        return b.call(self.permute16, [codebook, codes])
 
     def sum_of(self, pointers):
         """The sum of the vectors behind ``pointers``, as a tree."""
@@ -417,12 +416,12 @@ def _make_axpy_rows(rows, w_rows=1):
     return axpy_rows
 
 
-AXPY_W_ROWS = 4
-"""How many W rows one call of ``avx2_axpy_wrows4`` adds into a single output row."""
+AXPY_W_ROWS = 8
+"""How many W rows one call of ``avx2_axpy_wrows`` adds into a single output row."""
 
 avx2_axpy_rows1 = _make_axpy_rows(1)
 avx2_axpy_rows4 = _make_axpy_rows(AVX2_DOT_ROWS)
-avx2_axpy_wrows4 = _make_axpy_rows(1, AXPY_W_ROWS)
+avx2_axpy_wrows = _make_axpy_rows(1, AXPY_W_ROWS)
 
 
 # ---------------------------------------------------------------------------
@@ -675,6 +674,51 @@ def _make_quantize_blocks(reorder):
 
 avx2_quantize_blocks = _make_quantize_blocks(reorder=False)
 avx2_quantize_blocks_reordered = _make_quantize_blocks(reorder=True)
+
+
+# ---------------------------------------------------------------------------
+# Dequantize (AVX-512): the permute decode, put back into element order
+# ---------------------------------------------------------------------------
+
+DEQUANTIZE_STEP = 8
+"""Packed bytes one step of :func:`avx512_dequantize_blocks` decodes (16 values): block byte
+counts must be multiples."""
+
+_WIDE_TO_NATURAL = [int(np.flatnonzero(WIDE_ORDER[:16] == i)[0]) for i in range(16)]
+
+
+@intrinsic
+def avx512_dequantize_blocks(typingctx, packed, scales, shifts, nblocks, block_bytes, table, out):
+    """out = (codebook[code] − shift) · scale for ``nblocks`` whole blocks, in element order.
+
+    Per block the 16 table entries are mapped to (entry − shift) · scale (the very float32
+    operations of the scalar loop, so the values are identical); per 8 packed bytes the
+    permute decode gives 16 values in WIDE_ORDER and one more ``vpermps`` puts them in
+    element order for a 64-byte store.
+    """
+    signature = types.void(*([_ADDRESS] * 5), table, _ADDRESS)
+
+    def codegen(context, builder, sig, args):
+        packed_at, scales_at, shifts_at, nblocks, block_bytes, table_value, out_at = args
+        ir_ = _Builder.for_table(context, builder, sig.args[5], table_value)
+        packed, out = ir_.pointer(packed_at, _I8), ir_.pointer(out_at, _F32)
+        scales, shifts = ir_.pointer(scales_at, _F32), ir_.pointer(shifts_at, _F32)
+        to_natural = ir.Constant(_V16I, _WIDE_TO_NATURAL)
+        size = nblocks.type
+        with cgutils.for_range(builder, nblocks) as block_loop:
+            block = block_loop.index
+            shift, scale = ir_.broadcast_at(shifts, block), ir_.broadcast_at(scales, block)
+            codebook = builder.fmul(builder.fsub(ir_.codebook, shift), scale)
+            first = builder.mul(block, block_bytes)
+            with cgutils.for_range_slice(builder, ir.Constant(size, 0), block_bytes,
+                                         ir.Constant(size, DEQUANTIZE_STEP)) as (offset, _):
+                index = builder.add(first, offset)
+                values = ir_.decode16_permute(packed, index, codebook)
+                ordered = builder.call(ir_.permute16, [values, to_natural])
+                ir_.store_vector(ordered, out, builder.add(index, index))
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 # ---------------------------------------------------------------------------
