@@ -318,7 +318,8 @@ def _dequantize_range_wide(packed, absmax, shift, blocksize, table, start, out, 
 
 @njit(parallel=True, cache=True)
 def _dequantize_blocks_wide(packed, absmax, shift, blocksize, table, start, out):
-    """:func:`_dequantize_blocks_even` on :func:`_dequantize_range_wide`."""
+    """:func:`_dequantize_blocks_even` on :func:`_dequantize_range_wide`: a driver of its own
+    rather than a flag, so that CPUs without AVX-512 never compile the intrinsic."""
     blocks = -(-out.size // blocksize)
     group = 16
     for g in prange(-(-blocks // group)):
