@@ -112,10 +112,12 @@ def test_transformers_loads_our_checkpoint_with_the_same_logits(tmp_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="cpu").eval()
     with torch.no_grad():
         theirs = hf(torch.tensor(IDS[None])).logits[0].float().numpy()
-    # Was 1e-4. With torch 2.13 and bitsandbytes 0.49.2–0.50.2 / transformers 4.57–5.24 from
-    # PyPI (3 Dec 2026) the logits differ by up to 0.03 (~0.5 %, about bf16 rounding), although
-    # bnb's dequantize_4bit of the loaded weights equals ours bit for bit; a wrong layout
-    # (q/k order, nibble order, scales) moves logits by whole units. Open: see the stop note.
+    # Was 1e-4. bitsandbytes 0.49–0.50 on CPU repack a loaded Linear4bit for their CPU kernel
+    # and compute it in bfloat16 whatever bnb_4bit_compute_dtype says: the loaded state has
+    # bf16 absmax, and each Linear4bit output is a bf16 value (checked 3 Dec 2026, torch 2.13,
+    # bnb 0.50.2, transformers 5.24: one layer's output is within one bf16 step of
+    # bf16(x) @ bf16(W).T with W from our codes). So the logits differ by up to ~0.03 (0.5 %);
+    # a wrong layout (q/k order, nibble order, scales) moves them by whole units.
     np.testing.assert_allclose(model.forward(IDS), theirs, atol=0.06)
 
 
