@@ -244,7 +244,7 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
     if blocksize % 2 == 0 and start % blocksize == 0:
         blocks = -(-n // blocksize)
         if simd is not False and simd_kernels.PERMUTE_DECODE and blocksize % (2 * DEQUANTIZE_STEP) == 0:
-            table = np.ascontiguousarray(codebook, np.float32)
+            table = simd_kernels.decode_table(codebook)           # the float32 codebook
             if parallel:
                 _dequantize_blocks_wide(packed, absmax, shift, blocksize, table, start, out)
             else:

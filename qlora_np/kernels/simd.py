@@ -199,23 +199,22 @@ class _Builder:
         high = b.lshr(raw, ir.Constant(_V16B, [4] * 16))
         return b.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
 
-    def decode32_mapped(self, packed, index, shift=None, scale=None):
-        """decode32, each value then mapped to (value − shift) · scale (broadcast vectors,
-        either may be None). The permute decode maps its 16 table entries instead of the 32
-        values: the same roundings, and the mapped table is hoisted out of a block's steps."""
+    def decode32(self, packed, index, shift=None, scale=None):
+        """16 bytes at packed[index] → their 32 codebook values as vectors of ``lanes``
+        floats, in the decode's lane order (:func:`lane_order`), each mapped to
+        (value − shift) · scale (broadcast vectors, either may be None). The permute decode
+        maps its 16 table entries instead of the 32 values: the same roundings, and the
+        mapped table is hoisted out of a block's steps."""
         def mapped(values):
             values = values if shift is None else self.b.fsub(values, shift)
             return values if scale is None else self.b.fmul(values, scale)
 
         if self.permute:
             return self.decode32_permute(packed, index, mapped(self.codebook))
-        return [mapped(values) for values in self.decode32(packed, index)]
+        return [mapped(values) for values in self.decode32_shuffle(packed, index)]
 
-    def decode32(self, packed, index):
-        """16 bytes at packed[index] → their 32 codebook values as vectors of ``lanes``
-        floats, in the decode's lane order (:func:`lane_order`)."""
-        if self.permute:
-            return self.decode32_permute(packed, index, self.codebook)
+    def decode32_shuffle(self, packed, index):
+        """decode32 with AVX2 byte shuffles, unmapped: 4 × 8 floats in GROUP_ORDER."""
         b = self.b
         codes = self.codes32(packed, index)
         p0, p1, p2, p3 = (b.call(self.pshufb, [plane, codes]) for plane in self.planes)
@@ -326,8 +325,7 @@ def _make_dot_rows(rows, chains):
                                              step) as (offset, _):
                     index = builder.add(first, offset)
                     x_index = builder.add(index, index)                # 2 weights a byte
-                    decoded = (ir_.decode32_mapped(packed, index, scale=scale) if ir_.permute
-                               else ir_.decode32(packed, index))
+                    decoded = ir_.decode32(packed, index, scale=scale if ir_.permute else None)
                     for k, codes_value in enumerate(decoded):
                         at = builder.add(x_index, ir.Constant(x_index.type, ir_.lanes * k))
                         for r in range(rows):
@@ -403,7 +401,7 @@ def _make_axpy_rows(rows, w_rows=1):
                               for k in range(32 // ir_.lanes)]
                     sums = [[ir_.load_vector(out, at) for at in places] for out in outs]
                     for packed, shift, coefs_q in zip(packed_rows, row_shifts, row_coefs):
-                        for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift=shift)):
+                        for k, weights in enumerate(ir_.decode32(packed, index, shift=shift)):
                             for row_sums, coef in zip(sums, coefs_q):
                                 row_sums[k] = builder.call(ir_.fma, [weights, coef, row_sums[k]])
                     for out, row_sums in zip(outs, sums):
@@ -761,7 +759,7 @@ def avx2_decode_panel(typingctx, packed, row_bytes, scales, shifts, blocks_per_r
                 scale, shift = ir_.broadcast_at(scales, block), ir_.broadcast_at(shifts, block)
                 index = builder.add(first_byte, builder.mul(step, ir.Constant(size, BYTES_PER_STEP)))
                 first_strip = builder.mul(step_loop.index, ir.Constant(size, 32 // STRIP))
-                for k, weights in enumerate(ir_.decode32_mapped(packed, index, shift, scale)):
+                for k, weights in enumerate(ir_.decode32(packed, index, shift, scale)):
                     strip = builder.add(first_strip, ir.Constant(size, ir_.lanes * k // STRIP))
                     at = builder.add(builder.add(row_at, builder.mul(strip, strip_stride)),
                                      ir.Constant(size, ir_.lanes * k % STRIP))
