@@ -248,6 +248,11 @@ class _Builder:
         codes = b.lshr(b.bitcast(lanes, _V16I), ir.Constant(_V16I, WIDE_SHIFTS))
         return b.call(self.permute16, [codebook, codes])
 
+    def prefetch(self, pointer):
+        """Ask for the cache line at ``pointer`` (an i8 pointer) ahead of its use (``prefetcht0``)."""
+        function = self.declare(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32], "llvm.prefetch.p0")
+        self.b.call(function, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
     def sum_of(self, pointers):
         """The sum of the vectors behind ``pointers``, as a tree."""
         values = [self.b.load(pointer) for pointer in pointers]
@@ -364,6 +369,12 @@ def _make_axpy_rows(rows, w_rows=1):
     scales and shifts q·nblocks after ``scales`` / ``shifts``; output row r gets W row q
     times g[r·g_stride + q], so its coefficient in block b is that times the block's
     scale (a float32 product, as the portable loop does).
+
+    With several W rows, the next ``w_rows`` rows (and their scales and shifts) are
+    prefetched as fast as these are read: the hardware prefetchers do not follow 8 short
+    interleaved streams, and without this the product ran at 1.6–1.7× ``x @ W.T`` on
+    8192×2048 with W out of cache, 1.0–1.2× with it. (Past the last row of a call this
+    prefetches bytes it will not read, which is harmless: a prefetch never faults.)
     """
     @intrinsic
     def axpy_rows(typingctx, packed, row_bytes, out_ordered, out_stride, g, g_stride, scales, shifts, nblocks,
@@ -382,12 +393,17 @@ def _make_axpy_rows(rows, w_rows=1):
                                                          ir.Constant(size, q)))
                          for r in range(rows)] for q in range(w_rows)]
             outs = [ir_.row_pointer(out_at, out_stride, r) for r in range(rows)]
+            group_bytes = builder.mul(ir.Constant(size, w_rows), row_bytes)
             with cgutils.for_range(builder, nblocks) as block_loop:
                 block = block_loop.index
 
                 def at_block(table_row):
                     return builder.add(builder.mul(ir.Constant(size, table_row), nblocks), block)
 
+                if w_rows > 1:                  # the next rows' scales and shifts: w_rows floats a block
+                    ahead = builder.mul(builder.add(nblocks, block), ir.Constant(size, w_rows))
+                    for table in (scales, shifts):
+                        ir_.prefetch(builder.bitcast(builder.gep(table, [ahead]), _I8.as_pointer()))
                 row_shifts = [ir_.broadcast_at(shifts, at_block(q)) for q in range(w_rows)]
                 row_coefs = [[builder.fmul(g_value, ir_.broadcast_at(scales, at_block(q))) for g_value in g_q]
                              for q, g_q in enumerate(g_values)]
@@ -396,6 +412,11 @@ def _make_axpy_rows(rows, w_rows=1):
                 with cgutils.for_range_slice(builder, ir.Constant(block_bytes.type, 0), block_bytes,
                                              step) as (offset, _):
                     index = builder.add(first, offset)
+                    if w_rows > 1:              # the next rows' bytes: w_rows · 16 a step
+                        ahead = builder.add(group_bytes, builder.mul(index, ir.Constant(size, w_rows)))
+                        for line in range(0, BYTES_PER_STEP * w_rows, 64):
+                            line_at = builder.add(ahead, ir.Constant(size, line))
+                            ir_.prefetch(builder.gep(packed_rows[0], [line_at]))
                     out_index = builder.add(index, index)
                     places = [builder.add(out_index, ir.Constant(out_index.type, ir_.lanes * k))
                               for k in range(32 // ir_.lanes)]
@@ -656,7 +677,8 @@ def _make_quantize_blocks(reorder):
                 scale = ir_.broadcast(builder.fdiv(ir.Constant(_F32, 1.0), floored))
                 # 3. codes of 16 values a step, packed into 8 bytes
                 with cgutils.for_range_slice(builder, start, stop, ir.Constant(size, RANK_STEP)) as (at, _):
-                    first, second = codes_of(at, scale), codes_of(builder.add(at, ir.Constant(size, 8)), scale)
+                    first = codes_of(at, scale)
+                    second = codes_of(builder.add(at, ir.Constant(size, 8)), scale)
                     evens = builder.shuffle_vector(first, second, ir.Constant(_V8I, list(range(0, 16, 2))))
                     odds = builder.shuffle_vector(first, second, ir.Constant(_V8I, list(range(1, 16, 2))))
                     pairs = builder.or_(builder.shl(evens, ir.Constant(_V8I, [4] * 8)), odds)
@@ -786,7 +808,8 @@ def _make_panel_axpy(rows):
             g_at, strip_at, count, out_at, out_stride = args
             ir_ = _Builder(builder, strip_at, plane_count=0)
             strip = ir_.pointer(strip_at, _F32)
-            g_rows = [ir_.pointer(builder.add(g_at, ir.Constant(g_at.type, 4 * m)), _F32) for m in range(rows)]
+            g_rows = [ir_.pointer(builder.add(g_at, ir.Constant(g_at.type, 4 * m)), _F32)
+                      for m in range(rows)]
             out_rows = [ir_.row_pointer(out_at, out_stride, m) for m in range(rows)]
             sums = [[cgutils.alloca_once_value(builder, ir_.load_vector(out, ir.Constant(_I64, 8 * j)))
                      for j in range(STRIP // 8)] for out in out_rows]
