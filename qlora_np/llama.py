@@ -22,7 +22,7 @@ from .errors import CheckpointError, InvalidValueError, ShapeError, UnknownForma
 from .gguf_io import decode_tensor, field_value
 from .kernels import llama_cpu
 from .lora import LoRALinear
-from .ops import FUSED_MAX_ROWS, fuse_together, fused_product, quantize
+from .ops import FUSED_MAX_ROWS, compute_dtype_name, fuse_together, fused_product, quantize
 from .safetensors_io import read_checkpoint_tensors, read_json
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -201,6 +201,13 @@ class LlamaModel:
     def linear_layers(self):
         """Every linear layer: the blocks' (in order) and the LM head."""
         return [layer for block in self.blocks for layer in block.linears.values()] + [self.output]
+
+    def set_compute_dtype(self, compute_dtype):
+        """Let every layer's large 4-bit products multiply in "bfloat16" (or "float32", the
+        default): see :attr:`qlora_np.lora.LoRALinear.compute_dtype`."""
+        name = compute_dtype_name(compute_dtype)
+        for layer in self.linear_layers():
+            layer.compute_dtype = name
 
     def train(self):
         """Training mode: adapters' dropout is on and layers keep what backward needs."""

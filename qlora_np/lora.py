@@ -103,6 +103,9 @@ class LoRALinear:
         self.use_rslora = use_rslora
         self.training = True
         self.merged = False
+        self.compute_dtype = "float32"
+        """What a 4-bit W's large products multiply in: "bfloat16" rounds x and W to bfloat16
+        with float32 sums, as bitsandbytes' compute dtype (faster training; see :func:`qlora_np.matmul`)."""
         self.dropout_rng = np.random.default_rng(seed)
         self._cache = None
         self._unmerged_base = None
@@ -347,14 +350,14 @@ class LoRALinear:
 
     def _base_product(self, x2):
         if isinstance(self.base, QuantizedTensor):
-            return matmul(x2, self.base)
+            return matmul(x2, self.base, compute_dtype=self.compute_dtype)
         if self.device == "cuda":
             return cuda_kernels().gemm(x2, self.base, transpose_b=True)
         return x2 @ self.base.T
 
     def _base_product_t(self, g):
         if isinstance(self.base, QuantizedTensor):
-            return matmul_t(g, self.base)
+            return matmul_t(g, self.base, compute_dtype=self.compute_dtype)
         if self.device == "cuda":
             return cuda_kernels().gemm(g, self.base)
         return g @ self.base

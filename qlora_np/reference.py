@@ -292,6 +292,26 @@ def _decode_weight(packed, scales, shifts, codebook, out_features, in_features, 
 
 
 # ---------------------------------------------------------------------------
+# bfloat16 products (opt-in for training): the plain version of kernels.bf16
+# ---------------------------------------------------------------------------
+
+def round_to_bfloat16(a):
+    """float32 array → the nearest bfloat16 values (ties to even), as float32; NaN stays NaN."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    # 1. add half a bfloat16 ulp, minus one when the kept last bit is even (ties to even)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    # 2. NaN must not round into infinity: keep its top bits and set the quiet bit
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded[nan] = (bits[nan] >> 16) | 0x40
+    return (rounded << 16).astype(np.uint32).view(np.float32).reshape(np.shape(a))
+
+
+def matmul_bf16(a, b):
+    """a (rows, k) @ b (k, n) with both rounded to bfloat16, summed exactly (float64) → float32."""
+    return (round_to_bfloat16(a).astype(np.float64) @ round_to_bfloat16(b).astype(np.float64)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
 # Int8 activations: the approximation llama.cpp makes when decoding (opt-in here)
 # ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, InvalidValueError, UnknownFormatError
 from .data import epoch_batches
 from .llama_lora import inject_lora, loss_and_backward, summed_loss
+from .ops import compute_dtype_name
 from .optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule, warmup_linear_schedule
 from .safetensors_io import atomic_write
 
@@ -32,6 +33,10 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 SCHEDULES = {"cosine": warmup_cosine_schedule, "linear": warmup_linear_schedule}
 RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "checkpoint_every")
 """Config fields a resumed run may change (e.g. to train longer); any other change is refused."""
+
+
+SETTINGS_ADDED_LATER = {"compute_dtype": "float32"}
+"""Settings that older checkpoints do not record, with what those runs used."""
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TrainConfig:
     eval_every: int = 0                     # 0: evaluate only at the end
     checkpoint_every: int = 0               # 0: only a final checkpoint (when output_dir is set)
     gradient_checkpointing: bool = False
+    compute_dtype: str = "float32"          # "bfloat16": the base's large products as bnb computes them
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +79,7 @@ class TrainConfig:
         if bad:
             settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise InvalidValueError(f"invalid training settings: {settings}")
+        compute_dtype_name(self.compute_dtype)                     # UnknownFormatError if unknown
         if self.schedule not in (*SCHEDULES, "constant"):
             raise UnknownFormatError(f"schedule must be 'cosine', 'linear' or 'constant', "
                                      f"got {self.schedule!r}")
@@ -103,6 +110,7 @@ class Trainer:
         self.pad_id = model.tokenizer.eos_id if model.tokenizer is not None else 0
         self.params = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
                                   config.use_rslora, seed=config.seed)
+        model.set_compute_dtype(config.compute_dtype)
         self.optimizer = AdamW(self.params, config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(len(self._batches(0)) / config.grad_accum)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -249,7 +257,7 @@ class Trainer:
                                   f"({type(error).__name__}: {error})") from None
 
     def _check_compatible(self, folder, state):
-        saved = state["config"]
+        saved = {**SETTINGS_ADDED_LATER, **state["config"]}
         mine = self.config.to_json()
         changed = sorted(key for key in set(saved) | set(mine)
                          if key not in RESUMABLE_CHANGES and saved.get(key) != mine.get(key))

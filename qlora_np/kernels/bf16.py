@@ -1,0 +1,206 @@
+"""bfloat16 products for large batches: ``a @ b`` with a and b rounded to bfloat16 and
+summed in float32, as bitsandbytes computes with ``compute_dtype=bfloat16``.
+
+Where the CPU has AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake and Sapphire Rapids) one
+``vdpbf16ps`` adds two bfloat16 products into each of 16 float32 sums: twice the
+multiply-adds of a float32 FMA, and about twice NumPy's float32 BLAS on the training
+shapes. Elsewhere the same roundings are multiplied by NumPy's float32 BLAS (the products
+of two bfloat16 values are exact in float32), which gives the same result up to float32
+summation order.
+
+Layout: a is rounded into (rows, k/2) uint32 *pairs* (element 2j in the low half, 2j + 1
+in the high half), which is a's row-major bfloat16 bytes; b is packed into panels of
+PANEL columns, ``panels[p, j, c]`` = the pair (b[2j, PANEL·p + c], b[2j + 1, PANEL·p + c]).
+A register tile then multiplies TILE_ROWS rows of a with one panel: per pair of k, one
+broadcast of each row's pair and one ``vdpbf16ps`` per 16 columns.
+"""
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .simd import HAS_AVX512
+
+HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
+"""Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
+
+PANEL = 32
+"""Columns of b in one panel: two 16-lane vectors of float32 sums a row."""
+
+TILE_ROWS = 6
+"""Rows of a one register tile multiplies with a panel (12 sums of 16 lanes in registers)."""
+
+_ROUNDING_BIAS = np.uint32(0x7FFF)
+_QUIET_NAN = np.uint32(0x40)
+
+
+# ---------------------------------------------------------------------------
+# Rounding to bfloat16 (round to nearest, ties to even, as torch and vcvtneps2bf16 do)
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _bfloat16_bits(bits):
+    """float32 bits (uint32) → the 16 bits of the nearest bfloat16; NaN stays a (quiet) NaN."""
+    if bits & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000):
+        return (bits >> np.uint32(16)) | _QUIET_NAN
+    return (bits + _ROUNDING_BIAS + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@njit(parallel=True, cache=True)
+def round_pairs(a, pairs):
+    """a (rows, k) float32 → pairs (rows, ceil(k/2)) uint32: a rounded to bfloat16, two a
+    uint32 (an odd k's last pair has a zero high half)."""
+    rows, k = a.shape
+    for r in prange(rows):
+        bits = a[r].view(np.uint32)
+        for j in range(k // 2):
+            pairs[r, j] = _bfloat16_bits(bits[2 * j]) | (_bfloat16_bits(bits[2 * j + 1]) << np.uint32(16))
+        if k % 2:
+            pairs[r, k // 2] = _bfloat16_bits(bits[k - 1])
+
+
+@njit(parallel=True, cache=True)
+def pack_panels(b, panels):
+    """b (k, n) float32, any strides → panels (ceil(n/PANEL), ceil(k/2), PANEL) uint32 of
+    bfloat16 pairs down b's columns, zero past b's edges. (Pairs of b's rows in the outer
+    loop: whether b is W or W.T, the 2 × PANEL values read stay within a few cache lines.)"""
+    k, n = b.shape
+    for p in prange(panels.shape[0]):
+        columns = min(PANEL, n - p * PANEL)
+        for j in range(panels.shape[1]):
+            for c in range(columns):
+                pair = _bfloat16_bits(np.float32(b[2 * j, p * PANEL + c]).view(np.uint32))
+                if 2 * j + 1 < k:
+                    high = np.float32(b[2 * j + 1, p * PANEL + c]).view(np.uint32)
+                    pair |= _bfloat16_bits(high) << np.uint32(16)
+                panels[p, j, c] = pair
+            for c in range(columns, PANEL):
+                panels[p, j, c] = 0
+
+
+@njit(parallel=True, cache=True)
+def round_to_bfloat16(a, out):
+    """out (rows, k) float32 = a (rows, k) float32 rounded to bfloat16 (the portable path's operands)."""
+    for r in prange(a.shape[0]):
+        bits, rounded = a[r].view(np.uint32), out[r].view(np.uint32)
+        for i in range(bits.size):
+            rounded[i] = _bfloat16_bits(bits[i]) << np.uint32(16)
+
+
+# ---------------------------------------------------------------------------
+# The register tile (AVX-512 BF16)
+# ---------------------------------------------------------------------------
+
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+
+
+def _make_tile(rows):
+    """An intrinsic setting c[r, 0:PANEL] = Σ_j a_pairs[r, j] · panel[j] for ``rows`` rows.
+
+    llvmlite has no bfloat16 type, so ``vdpbf16ps`` (which LLVM declares on bfloat16
+    vectors) is written as inline assembly on the pairs' 32-bit lanes.
+    """
+    @intrinsic
+    def tile(typingctx, a_at, a_stride, panel_at, depth, c_at, c_stride):
+        signature = types.void(*([types.intp] * 6))
+
+        def codegen(context, builder, sig, args):
+            a_at, a_stride, panel_at, depth, c_at, c_stride = args
+            dot = ir.InlineAsm(ir.FunctionType(_V16F, [_V16F, _V16I, _V16I]), "vdpbf16ps $3, $2, $0",
+                               "=v,0,v,v")
+
+            def row_address(at, stride, r):
+                return builder.add(at, builder.mul(ir.Constant(_I64, 4 * r), stride))
+
+            a_rows = [builder.inttoptr(row_address(a_at, a_stride, r), _I32.as_pointer()) for r in range(rows)]
+            panel = builder.inttoptr(panel_at, _V16I.as_pointer())
+            sums = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(2)]
+                    for _ in range(rows)]
+            with cgutils.for_range(builder, depth) as loop:
+                j = loop.index
+                columns = [builder.load(builder.gep(panel, [builder.add(builder.add(j, j), ir.Constant(_I64, h))]),
+                                        align=4) for h in range(2)]
+                for a_row, row_sums in zip(a_rows, sums):
+                    pair = builder.insert_element(ir.Constant(_V16I, None), builder.load(builder.gep(a_row, [j])),
+                                                  ir.Constant(_I32, 0))
+                    pair = builder.shuffle_vector(pair, pair, ir.Constant(_V16I, [0] * 16))
+                    for half, total in zip(columns, row_sums):
+                        builder.store(builder.call(dot, [builder.load(total), pair, half]), total)
+            for r, row_sums in enumerate(sums):
+                c_row = builder.inttoptr(row_address(c_at, c_stride, r), _V16F.as_pointer())
+                for h, total in enumerate(row_sums):
+                    builder.store(builder.load(total), builder.gep(c_row, [ir.Constant(_I64, h)]), align=4)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+if HAS_AVX512_BF16:
+    llvm.initialize_native_asmparser()      # Numba's code generator needs it for inline assembly
+_tile_rows6 = _make_tile(TILE_ROWS)
+_tile_row1 = _make_tile(1)
+
+
+@njit(parallel=True, cache=True)
+def _panel_products(pairs, panels, c, c_stride):
+    """c (rows, panels·PANEL, row stride c_stride floats) = pairs @ panels; each thread takes
+    whole panels, so a panel stays in the cache while every row of a streams past it."""
+    rows, depth = pairs.shape
+    a_at, c_at = pairs.ctypes.data, c.ctypes.data
+    for p in prange(panels.shape[0]):
+        panel_at = panels[p].ctypes.data
+        r = 0
+        while r + TILE_ROWS <= rows:
+            _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * (r * c_stride + p * PANEL),
+                        c_stride)
+            r += TILE_ROWS
+        for last in range(r, rows):
+            _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth, c_at + 4 * (last * c_stride + p * PANEL),
+                       c_stride)
+
+
+# ---------------------------------------------------------------------------
+# The product
+# ---------------------------------------------------------------------------
+
+def rounded_rows(a, simd=None):
+    """What :func:`matmul_bf16` takes as a: (rows, k) float32 → its bfloat16 pairs (AVX-512
+    BF16) or its bfloat16 values as float32 (portable). Round once, multiply many times."""
+    a = np.ascontiguousarray(a, np.float32)
+    if HAS_AVX512_BF16 if simd is None else simd:
+        pairs = np.empty((a.shape[0], (a.shape[1] + 1) // 2), np.uint32)
+        round_pairs(a, pairs)
+        return pairs
+    rounded = np.empty_like(a)
+    round_to_bfloat16(a, rounded)
+    return rounded
+
+
+def matmul_bf16(a_rounded, b, out=None):
+    """a @ b in bfloat16 with float32 sums: ``a_rounded`` from :func:`rounded_rows` (rows, k),
+    b (k, n) float32 with any strides → (rows, n) float32, written into ``out`` (a view
+    with unit column stride, e.g. some columns of a larger result) when given."""
+    k, n = b.shape
+    rows = a_rounded.shape[0]
+    if out is None:
+        out = np.empty((rows, n), np.float32)
+    if a_rounded.dtype == np.float32:                               # portable: BLAS on rounded values
+        b_rounded = np.empty(b.shape, np.float32)
+        round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
+        np.matmul(a_rounded, b_rounded, out=out)
+        return out
+    panels = np.empty((-(-n // PANEL), a_rounded.shape[1], PANEL), np.uint32)
+    pack_panels(b, panels)
+    if n % PANEL == 0 and out.strides[1] == 4 and out.strides[0] % 4 == 0:
+        _panel_products(a_rounded, panels, out, out.strides[0] // 4)
+        return out
+    padded = np.empty((rows, panels.shape[0] * PANEL), np.float32)
+    _panel_products(a_rounded, panels, padded, padded.shape[1])
+    out[...] = padded[:, :n]
+    return out

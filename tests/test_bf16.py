@@ -1,0 +1,128 @@
+"""bfloat16 products (kernels.bf16, and compute_dtype="bfloat16" in matmul / matmul_t)
+against the plain rounding-then-exact-sum reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import qlora_np
+from qlora_np import reference
+from qlora_np.errors import UnknownFormatError
+from qlora_np.kernels import bf16
+from qlora_np.ops import PANEL_MAX_ROWS
+
+SIMD = pytest.param(True, marks=pytest.mark.skipif(not bf16.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
+PATHS = [SIMD, False]
+"""The two paths: vdpbf16ps register tiles, and BLAS on the rounded values."""
+
+
+def _bound(a, b):
+    """What float32 sums of k exact bfloat16 products may be off by: k · 2⁻²³ · Σ|a||b|
+    (each of the k additions rounds once; vdpbf16ps also flushes subnormals, which
+    these tests' values never are)."""
+    k = a.shape[1]
+    return k * 2.0 ** -23 * (np.abs(reference.round_to_bfloat16(a)).astype(np.float64)
+                             @ np.abs(reference.round_to_bfloat16(b)).astype(np.float64)) + 1e-30
+
+
+def test_rounding_is_to_nearest_even_and_keeps_specials():
+    one_ulp = 2.0 ** -7                                    # bfloat16's ulp at 1
+    values = np.array([1.0, 1 + one_ulp / 2, 1 + 1.5 * one_ulp, 1 + one_ulp / 2 + 2 ** -20, -2.5e-3,
+                       np.inf, -np.inf, np.nan, 3.4e38, 0.0, -0.0], np.float32)
+    expected = [1.0, 1.0, 1 + 2 * one_ulp, 1 + one_ulp]                # ties go to the even neighbour
+    rounded = reference.round_to_bfloat16(values)
+    np.testing.assert_array_equal(rounded[:4], expected)
+    assert np.isnan(rounded[7]) and np.isinf(rounded[8]) and rounded[5] == np.inf and rounded[6] == -np.inf
+    assert np.signbit(rounded[10]) and not np.signbit(rounded[9])
+    assert (rounded.view(np.uint32) & 0xFFFF == 0).all()
+    kernel = np.empty_like(values[None])
+    bf16.round_to_bfloat16(values[None], kernel)
+    np.testing.assert_array_equal(kernel[0].view(np.uint32), rounded.view(np.uint32))
+    pairs = np.empty((1, (values.size + 1) // 2), np.uint32)
+    bf16.round_pairs(values[None], pairs)
+    halves = np.stack([pairs[0] & 0xFFFF, pairs[0] >> 16], axis=1).reshape(-1)[:values.size]
+    np.testing.assert_array_equal(halves.astype(np.uint32) << 16, rounded.view(np.uint32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 20), k=st.integers(1, 70), n=st.integers(1, 80), transposed=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+@pytest.mark.parametrize("simd", PATHS)
+def test_product_matches_reference(simd, rows, k, n, transposed, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    b = rng.standard_normal((n, k)).astype(np.float32).T if transposed else \
+        rng.standard_normal((k, n)).astype(np.float32)                    # (k, n), either stride
+    result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
+    assert result.shape == (rows, n) and result.dtype == np.float32
+    assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+
+
+@pytest.mark.parametrize("simd", PATHS)
+def test_product_writes_into_a_column_view(simd):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((13, 40), np.float32), rng.standard_normal((40, 64), np.float32)
+    out = np.full((13, 100), 7.0, np.float32)
+    bf16.matmul_bf16(bf16.rounded_rows(a, simd), b, out=out[:, 32:96])
+    assert (np.abs(out[:, 32:96] - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+    assert (out[:, :32] == 7).all() and (out[:, 96:] == 7).all()
+
+
+def test_both_paths_agree_on_a_training_shape():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((300, 576), np.float32), rng.standard_normal((576, 200), np.float32)
+    paths = [bf16.matmul_bf16(bf16.rounded_rows(a, simd), b) for simd in (True, False)
+             if simd is False or bf16.HAS_AVX512_BF16]
+    for result in paths:
+        assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4_asym"])
+def test_matmul_and_matmul_t_in_bfloat16(quant_type):
+    rng = np.random.default_rng(3)
+    out_features, in_features, rows = 96, 128, PANEL_MAX_ROWS + 30        # the decoded-tile path
+    qt = qlora_np.quantize(rng.standard_normal((out_features, in_features), np.float32), quant_type, 64, True)
+    weight = qlora_np.dequantize(qt)                                        # (out, in)
+    x = rng.standard_normal((rows, in_features), np.float32)
+    g = rng.standard_normal((rows, out_features), np.float32)
+    y = qlora_np.matmul(x, qt, compute_dtype="bfloat16")
+    assert (np.abs(y - reference.matmul_bf16(x, weight.T)) <= _bound(x, weight.T)).all()
+    grad = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
+    assert (np.abs(grad - reference.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
+    exact = qlora_np.matmul(x, qt)
+    assert 0 < np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()      # really rounded, and only that
+
+
+def test_small_batches_stay_exact_float32():
+    rng = np.random.default_rng(4)
+    qt = qlora_np.quantize(rng.standard_normal((64, 128), np.float32), "nf4", 64)
+    x = rng.standard_normal((3, 128), np.float32)
+    np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"), qlora_np.matmul(x, qt))
+
+
+def test_unknown_compute_dtype_is_a_typed_error():
+    qt = qlora_np.quantize(np.ones((64, 64), np.float32), "nf4", 64)
+    for bad in ("float16", "bf16", 3, object()):
+        with pytest.raises(UnknownFormatError, match="compute_dtype"):
+            qlora_np.matmul(np.ones((1, 64), np.float32), qt, compute_dtype=bad)
+    with pytest.raises(UnknownFormatError, match="compute_dtype"):
+        qlora_np.matmul_t(np.ones((1, 64), np.float32), qt, compute_dtype="half")
+
+
+def test_lora_layer_trains_in_bfloat16():
+    from qlora_np.lora import LoRALinear
+    rng = np.random.default_rng(5)
+    layer = LoRALinear.from_weight(rng.standard_normal((64, 128), np.float32), r=4, seed=0)
+    layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape).astype(np.float32)
+    x = rng.standard_normal((PANEL_MAX_ROWS + 10, 128), np.float32)
+    g = rng.standard_normal((PANEL_MAX_ROWS + 10, 64), np.float32)
+    results = {}
+    for compute_dtype in ("float32", "bfloat16"):
+        layer.compute_dtype = compute_dtype
+        y = layer.forward(x)
+        grad_x = layer.backward(g)
+        results[compute_dtype] = y, grad_x, layer.grad_lora_a.copy()
+        layer.zero_grad()
+    for exact, rounded in zip(results["float32"][:2], results["bfloat16"][:2]):
+        assert 0 < np.abs(rounded - exact).max() <= 0.02 * np.abs(exact).max()
+    np.testing.assert_array_equal(results["float32"][2], results["bfloat16"][2])   # A's gradient skips W
