@@ -1,13 +1,15 @@
 """Training speed and memory: a QLoRA step on SmolLM2-135M, qlora_np against plain PyTorch.
 
     python benchmarks/train_step.py [--steps 3] [--batch 4] [--seq 256] [--threads 2]
-                                    [--torch-python PATH]
+                                    [--compute-dtype both] [--torch-python PATH]
 
 One step = forward, backward and AdamW for LoRA r=8 (alpha 16) on q, k, v, o, gate,
 up and down of every block, on ``batch`` rows of ``seq`` random tokens, all tokens
 labelled. Each side runs in its own subprocess, so each peak RSS is its own:
 
-* qlora_np: the GGUF re-quantized to NF4 with double quant (the QLoRA set-up);
+* qlora_np: the GGUF re-quantized to NF4 with double quant (the QLoRA set-up), once
+  with float32 products and once with ``compute_dtype="bfloat16"`` (as bitsandbytes
+  computes on the CPU);
 * PyTorch (when ``--torch-python`` has torch): the same model written directly in
   torch (no transformers), the same GGUF weights decoded to frozen float32, LoRA
   adapters as trainable tensors, autograd, ``torch.optim.AdamW``; with bitsandbytes
@@ -36,6 +38,7 @@ path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
 numba.set_num_threads(threads)
 model = LlamaModel.from_gguf(path, quant_type="nf4")
 params = inject_lora(model, "all-linear", r=8, alpha=16)
+model.set_compute_dtype(sys.argv[6])
 optimizer = AdamW(params, lr=1e-4)
 rng = np.random.default_rng(0)
 ids = rng.integers(0, model.config.vocab_size, (batch, seq))
@@ -169,6 +172,8 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compute-dtype", default="both", choices=["float32", "bfloat16", "both"],
+                        help="what qlora_np's 4-bit products multiply in (default: a run with each)")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="a Python with torch (and gguf) installed (default: this one)")
     args = parser.parse_args()
@@ -177,10 +182,12 @@ def main():
     common = [path, args.steps, args.batch, args.seq, args.threads]
     print(f"{os.path.basename(path)}: LoRA r=8 on all 7 linear layers, batch {args.batch} × seq {args.seq}"
           f" = {tokens} tokens a step, {args.threads} threads, {args.steps} steps")
-    ours = run(sys.executable, OURS, common)
-    if ours is None:
-        return
-    our_speed = summary("qlora_np (NF4 + dq, NumPy/Numba)", ours, tokens)
+    ours = {}
+    for compute_dtype in ("float32", "bfloat16") if args.compute_dtype == "both" else (args.compute_dtype,):
+        result = run(sys.executable, OURS, common + [compute_dtype])
+        if result is None:
+            return
+        ours[compute_dtype] = result, summary(f"qlora_np (NF4 + dq, {compute_dtype} products)", result, tokens)
     has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"], capture_output=True)
     if has_torch.returncode != 0:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
@@ -190,8 +197,9 @@ def main():
         return
     label = f"torch {theirs['torch']} ({'bnb NF4' if theirs['bnb'] else 'fp32 frozen'})"
     their_speed = summary(label, theirs, tokens)
-    print(f"speed ratio qlora_np / torch: {our_speed / their_speed:.2f} (target ≥ 2.0); "
-          f"peak RSS ratio: {ours['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
+    for compute_dtype, (result, our_speed) in ours.items():
+        print(f"qlora_np {compute_dtype} / torch: speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
+              f"peak RSS {result['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
 
 
 if __name__ == "__main__":
