@@ -16,6 +16,7 @@ broadcast of each row's pair and one ``vdpbf16ps`` per 16 columns.
 """
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -62,23 +63,23 @@ def round_pairs(a, pairs):
             pairs[r, k // 2] = _bfloat16_bits(bits[k - 1])
 
 
-@njit(parallel=True, cache=True)
-def pack_panels(b, panels):
-    """b (k, n) float32, any strides → panels (ceil(n/PANEL), ceil(k/2), PANEL) uint32 of
-    bfloat16 pairs down b's columns, zero past b's edges. (Pairs of b's rows in the outer
-    loop: whether b is W or W.T, the 2 × PANEL values read stay within a few cache lines.)"""
+@njit(cache=True)
+def pack_panel(b, p, panel):
+    """Panel p of b (k, n) float32, any strides → panel (ceil(k/2), PANEL) uint32: the
+    bfloat16 pairs (b[2j, PANEL·p + c], b[2j + 1, PANEL·p + c]), zero past b's edges.
+    (Pairs of b's rows in the outer loop: whether b is W or W.T, the 2 × PANEL values
+    read stay within a few cache lines.)"""
     k, n = b.shape
-    for p in prange(panels.shape[0]):
-        columns = min(PANEL, n - p * PANEL)
-        for j in range(panels.shape[1]):
-            for c in range(columns):
-                pair = _bfloat16_bits(np.float32(b[2 * j, p * PANEL + c]).view(np.uint32))
-                if 2 * j + 1 < k:
-                    high = np.float32(b[2 * j + 1, p * PANEL + c]).view(np.uint32)
-                    pair |= _bfloat16_bits(high) << np.uint32(16)
-                panels[p, j, c] = pair
-            for c in range(columns, PANEL):
-                panels[p, j, c] = 0
+    columns = min(PANEL, n - p * PANEL)
+    for j in range(panel.shape[0]):
+        for c in range(columns):
+            pair = _bfloat16_bits(np.float32(b[2 * j, p * PANEL + c]).view(np.uint32))
+            if 2 * j + 1 < k:
+                high = np.float32(b[2 * j + 1, p * PANEL + c]).view(np.uint32)
+                pair |= _bfloat16_bits(high) << np.uint32(16)
+            panel[j, c] = pair
+        for c in range(columns, PANEL):
+            panel[j, c] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -148,21 +149,27 @@ _tile_row1 = _make_tile(1)
 
 
 @njit(parallel=True, cache=True)
-def _panel_products(pairs, panels, c, c_stride):
-    """c (rows, panels·PANEL, row stride c_stride floats) = pairs @ panels; each thread takes
-    whole panels, so a panel stays in the cache while every row of a streams past it."""
+def _panel_products(pairs, b, c, c_stride, threads):
+    """c (rows, ≥ n, row stride c_stride floats) = pairs @ b, b (k, n) float32, in panels
+    of PANEL columns (c must have room for the last panel's whole width). Each thread
+    packs its panels one at a time into its own buffer, which stays in the cache while
+    every row of a streams past it."""
     rows, depth = pairs.shape
+    count = -(-b.shape[1] // PANEL)
     a_at, c_at = pairs.ctypes.data, c.ctypes.data
-    for p in prange(panels.shape[0]):
-        panel_at = panels[p].ctypes.data
-        r = 0
-        while r + TILE_ROWS <= rows:
-            _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * (r * c_stride + p * PANEL),
-                        c_stride)
-            r += TILE_ROWS
-        for last in range(r, rows):
-            _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth, c_at + 4 * (last * c_stride + p * PANEL),
-                       c_stride)
+    for t in prange(threads):
+        panel = np.empty((depth, PANEL), np.uint32)
+        panel_at = panel.ctypes.data
+        for p in range(t * count // threads, (t + 1) * count // threads):
+            pack_panel(b, p, panel)
+            r = 0
+            while r + TILE_ROWS <= rows:
+                _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * (r * c_stride + p * PANEL),
+                            c_stride)
+                r += TILE_ROWS
+            for last in range(r, rows):
+                _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth,
+                           c_at + 4 * (last * c_stride + p * PANEL), c_stride)
 
 
 # ---------------------------------------------------------------------------
@@ -195,12 +202,11 @@ def matmul_bf16(a_rounded, b, out=None):
         round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
         np.matmul(a_rounded, b_rounded, out=out)
         return out
-    panels = np.empty((-(-n // PANEL), a_rounded.shape[1], PANEL), np.uint32)
-    pack_panels(b, panels)
+    threads = min(numba.get_num_threads(), -(-n // PANEL))
     if n % PANEL == 0 and out.strides[1] == 4 and out.strides[0] % 4 == 0:
-        _panel_products(a_rounded, panels, out, out.strides[0] // 4)
+        _panel_products(a_rounded, b, out, out.strides[0] // 4, threads)
         return out
-    padded = np.empty((rows, panels.shape[0] * PANEL), np.float32)
-    _panel_products(a_rounded, panels, padded, padded.shape[1])
+    padded = np.empty((rows, -(-n // PANEL) * PANEL), np.float32)       # room for the last panel
+    _panel_products(a_rounded, b, padded, padded.shape[1], threads)
     out[...] = padded[:, :n]
     return out
