@@ -221,7 +221,8 @@ def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float3
     PANEL_MAX_ROWS rows: training batches) round x and W to bfloat16 and sum in float32,
     as bitsandbytes does with that compute dtype: ~1.7× faster where the CPU has AVX-512
     BF16 (:mod:`.kernels.bf16`), with the relative error of bfloat16 (~4e-3 a factor).
-    Fewer rows stay exact: their fused and panel kernels are faster still.
+    Fewer rows stay exact: their fused and panel kernels are faster still, and so do the
+    GPU kernels.
     """
     _weight_shape(qt)
     bfloat16 = compute_dtype_name(compute_dtype) == "bfloat16"

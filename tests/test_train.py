@@ -226,6 +226,25 @@ def test_bad_settings_raise():
         TrainConfig(dropout=1.0)
     with pytest.raises(UnknownFormatError, match="schedule"):
         TrainConfig(schedule="step")
+    with pytest.raises(UnknownFormatError, match="compute_dtype"):
+        TrainConfig(compute_dtype="float16")
+
+
+def test_compute_dtype_reaches_every_layer_and_is_part_of_a_run(tmp_path, smollm2_tokenizer, saved_run):
+    folder, examples = saved_run
+    trainer = fresh_trainer(smollm2_tokenizer, examples, compute_dtype="bfloat16")
+    assert {layer.compute_dtype for layer in trainer.model.linear_layers()} == {"bfloat16"}
+    with pytest.raises(CheckpointError, match="compute_dtype: checkpoint 'float32', now 'bfloat16'"):
+        trainer.resume(folder)
+    def without_compute_dtype(state_bytes):                          # as written before it existed
+        state = json.loads(state_bytes)
+        del state["config"]["compute_dtype"]
+        return json.dumps(state).encode()
+
+    older = damaged_copy(folder, tmp_path, STATE, without_compute_dtype)
+    resumed = fresh_trainer(smollm2_tokenizer, examples)
+    resumed.resume(older)
+    assert resumed.step == 1
 
 
 def test_trained_adapters_change_generation_mode_free_of_dropout(smollm2_tokenizer):
