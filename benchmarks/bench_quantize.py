@@ -57,7 +57,7 @@ class Dequantize:
 class Matmul:
     """x @ W.T with W quantized (out=in=4096) against NumPy on the dense float32 W."""
 
-    params = [1, 32]
+    params = [1, 32, 1024]
     param_names = ["rows"]
 
     def setup(self, rows):
@@ -66,9 +66,14 @@ class Matmul:
         self.qt = qlora_np.quantize(self.weight, "nf4", 64, True)
         self.x = rng.standard_normal((rows, SIDE), np.float32)
         qlora_np.matmul(self.x, self.qt)
+        qlora_np.matmul(self.x, self.qt, compute_dtype="bfloat16")
 
     def time_matmul_nf4(self, rows):
         qlora_np.matmul(self.x, self.qt)
+
+    def time_matmul_nf4_bfloat16(self, rows):
+        """The same in bfloat16 (only batches above 256 rows use it; fewer stay float32)."""
+        qlora_np.matmul(self.x, self.qt, compute_dtype="bfloat16")
 
     def time_matmul_nf4_int8_activations(self, rows):
         qlora_np.matmul(self.x, self.qt, int8_activations=True)

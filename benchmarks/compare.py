@@ -3,7 +3,8 @@
     python benchmarks/compare.py [--side 4096] [--repeat 15]
 
 Prints the machine, then for each operation the median time, the baseline it is
-measured against, their ratio and whether the issue's target holds. When
+measured against, their ratio and whether the issue's target holds; last, a 1024-row
+training batch in float32 and with ``compute_dtype="bfloat16"``. When
 bitsandbytes (with torch) happens to be installed its CPU quantize/dequantize are
 timed too. The asv suites in this folder track the same operations over commits.
 """
@@ -123,6 +124,18 @@ def main():
                 "(approximate, as llama.cpp)", None)
             row(f"matmul_t {name}", backward, "numpy g @ W (fp32)", dense_t,
                 f"{backward / forward:.2f}× matmul (≤ 1.5)", backward <= 1.5 * forward)
+
+    qt = qlora_np.quantize(weight, "nf4", 64, True)
+    x = rng.standard_normal((1024, side), np.float32)                       # a training batch
+    g = rng.standard_normal((1024, side), np.float32)
+    dense, exact, rounded, dense_t, rounded_t = interleaved_medians(
+        [lambda: x @ weight.T, lambda: qlora_np.matmul(x, qt),
+         lambda: qlora_np.matmul(x, qt, compute_dtype="bfloat16"), lambda: g @ weight,
+         lambda: qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")], max(5, repeat // 3))
+    row(f"matmul {side}×{side}, 1024 rows", exact, "numpy x @ W.T (fp32)", dense, "(decoded tiles + BLAS)", None)
+    row("matmul, 1024 rows, bfloat16", rounded, "numpy x @ W.T (fp32)", dense,
+        f"{exact / rounded:.2f}× faster than float32", None)
+    row("matmul_t, 1024 rows, bfloat16", rounded_t, "numpy g @ W (fp32)", dense_t, "", None)
 
     for name, seconds in bitsandbytes_rows(weight, repeat):
         row(name, seconds, "np.copy(input)", copy_input, "", None)
