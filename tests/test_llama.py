@@ -453,3 +453,35 @@ def test_gguf_without_model_sizes_is_refused(tmp_path):
     writer.close()
     with pytest.raises(CheckpointError, match="llama.\\* metadata"):
         LlamaModel.from_gguf(tmp_path / "bare.gguf")
+
+
+def _full_attention_and_gradients(q, k, v, mask, grad_out):
+    """Unchunked attention and its gradients, by the textbook formulas (float64)."""
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = np.where(mask, q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]), -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = probs @ v_full
+    grad_probs = grad_out @ v_full.transpose(0, 1, 3, 2)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True)) / np.sqrt(q.shape[-1])
+    shape = (k.shape[0], k.shape[1], group) + k.shape[2:]
+    return (out, grad_scores @ k_full, (grad_scores.transpose(0, 1, 3, 2) @ q).reshape(shape).sum(axis=2),
+            (probs.transpose(0, 1, 3, 2) @ grad_out).reshape(shape).sum(axis=2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_attention_and_its_backward_follow_the_formulas(packed):
+    from qlora_np.llama_lora import _attention, _attention_backward, _attention_mask
+
+    rng = np.random.default_rng(0)
+    B, H, KV, T, d = 2, 4, 2, 150, 8
+    q, grad_out = rng.standard_normal((2, B, H, T, d))
+    k, v = rng.standard_normal((2, B, KV, T, d))
+    segments = np.repeat(np.arange(4), -(-T // 4))[None, :T].repeat(B, 0) if packed else None
+    mask = _attention_mask(T, segments)
+    out, probs = _attention(q, k, v, mask)
+    grads = _attention_backward(q, k, v, probs, out, grad_out)
+    expected = _full_attention_and_gradients(q, k, v, mask, grad_out)
+    for name, got, want in zip(["out", "grad_q", "grad_k", "grad_v"], (out,) + grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)
