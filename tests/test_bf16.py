@@ -100,6 +100,15 @@ def test_small_batches_stay_exact_float32():
     np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"), qlora_np.matmul(x, qt))
 
 
+@pytest.mark.parametrize("simd", PATHS)
+def test_mismatched_operands_are_refused(simd):
+    from qlora_np.errors import ShapeError
+
+    rounded = bf16.rounded_rows(np.ones((3, 64), np.float32), simd)
+    with pytest.raises(ShapeError, match="does not match"):
+        bf16.matmul_bf16(rounded, np.ones((66, 32), np.float32))
+
+
 def test_unknown_compute_dtype_is_a_typed_error():
     qt = qlora_np.quantize(np.ones((64, 64), np.float32), "nf4", 64)
     for bad in ("float16", "bf16", 3, object()):

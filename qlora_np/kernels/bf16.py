@@ -3,14 +3,14 @@ summed in float32, as bitsandbytes computes with ``compute_dtype=bfloat16``.
 
 Where the CPU has AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake and Sapphire Rapids) one
 ``vdpbf16ps`` adds two bfloat16 products into each of 16 float32 sums: twice the
-multiply-adds of a float32 FMA, and about twice NumPy's float32 BLAS on the training
-shapes. Elsewhere the same roundings are multiplied by NumPy's float32 BLAS (the products
+multiply-adds of a float32 FMA; on the training shapes 1.3–2× NumPy's float32 BLAS,
+rounding and packing included. Elsewhere the same roundings are multiplied by NumPy's float32 BLAS (the products
 of two bfloat16 values are exact in float32), which gives the same result up to float32
 summation order.
 
 Layout: a is rounded into (rows, k/2) uint32 *pairs* (element 2j in the low half, 2j + 1
-in the high half), which is a's row-major bfloat16 bytes; b is packed into panels of
-PANEL columns, ``panels[p, j, c]`` = the pair (b[2j, PANEL·p + c], b[2j + 1, PANEL·p + c]).
+in the high half), which is a's row-major bfloat16 bytes; b is packed a panel of PANEL
+columns at a time, ``panel[j, c]`` = the pair (b[2j, PANEL·p + c], b[2j + 1, PANEL·p + c]).
 A register tile then multiplies TILE_ROWS rows of a with one panel: per pair of k, one
 broadcast of each row's pair and one ``vdpbf16ps`` per 16 columns.
 """
@@ -23,6 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..errors import ShapeError
 from .simd import HAS_AVX512
 
 HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
@@ -195,6 +196,8 @@ def matmul_bf16(a_rounded, b, out=None):
     with unit column stride, e.g. some columns of a larger result) when given."""
     k, n = b.shape
     rows = a_rounded.shape[0]
+    if a_rounded.shape[1] != (k if a_rounded.dtype == np.float32 else (k + 1) // 2):
+        raise ShapeError(f"rounded a of shape {a_rounded.shape} does not match b of shape {b.shape}")
     if out is None:
         out = np.empty((rows, n), np.float32)
     if a_rounded.dtype == np.float32:                               # portable: BLAS on rounded values
