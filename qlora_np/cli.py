@@ -78,13 +78,18 @@ def build_parser():
 
 def _add_train_config_arguments(parser):
     """One option per :class:`TrainConfig` field (--lr, --batch-size, --packing, …)."""
-    from .train import TrainConfig
+    from .ops import COMPUTE_DTYPES
+    from .train import SCHEDULES, TrainConfig
 
+    choices = {"schedule": (*SCHEDULES, "constant"), "compute_dtype": COMPUTE_DTYPES}
     for field in dataclasses.fields(TrainConfig):
         option = "--" + field.name.replace("_", "-")
         if field.name == "target_modules":
             parser.add_argument(option, default=",".join(field.default),
                                 help="comma-separated module names, or all-linear (default: all seven)")
+        elif field.name in choices:
+            parser.add_argument(option, default=field.default, choices=choices[field.name],
+                                help=f"default {field.default}")
         elif isinstance(field.default, bool):
             parser.add_argument(option, action="store_true", default=field.default)
         else:
