@@ -4,9 +4,9 @@ summed in float32, as bitsandbytes computes with ``compute_dtype=bfloat16``.
 Where the CPU has AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake and Sapphire Rapids) one
 ``vdpbf16ps`` adds two bfloat16 products into each of 16 float32 sums: twice the
 multiply-adds of a float32 FMA; on the training shapes 1.3–2× NumPy's float32 BLAS,
-rounding and packing included. Elsewhere the same roundings are multiplied by NumPy's float32 BLAS (the products
-of two bfloat16 values are exact in float32), which gives the same result up to float32
-summation order.
+rounding and packing included. Elsewhere the same roundings are multiplied by NumPy's
+float32 BLAS (the products of two bfloat16 values are exact in float32), which gives the
+same result up to float32 summation order.
 
 Layout: a is rounded into (rows, k/2) uint32 *pairs* (element 2j in the low half, 2j + 1
 in the high half), which is a's row-major bfloat16 bytes; b is packed a panel of PANEL
@@ -118,17 +118,19 @@ def _make_tile(rows):
             def row_address(at, stride, r):
                 return builder.add(at, builder.mul(ir.Constant(_I64, 4 * r), stride))
 
-            a_rows = [builder.inttoptr(row_address(a_at, a_stride, r), _I32.as_pointer()) for r in range(rows)]
+            a_rows = [builder.inttoptr(row_address(a_at, a_stride, r), _I32.as_pointer())
+                      for r in range(rows)]
             panel = builder.inttoptr(panel_at, _V16I.as_pointer())
             sums = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(2)]
                     for _ in range(rows)]
             with cgutils.for_range(builder, depth) as loop:
                 j = loop.index
-                columns = [builder.load(builder.gep(panel, [builder.add(builder.add(j, j), ir.Constant(_I64, h))]),
+                pair_index = builder.add(j, j)
+                columns = [builder.load(builder.gep(panel, [builder.add(pair_index, ir.Constant(_I64, h))]),
                                         align=4) for h in range(2)]
                 for a_row, row_sums in zip(a_rows, sums):
-                    pair = builder.insert_element(ir.Constant(_V16I, None), builder.load(builder.gep(a_row, [j])),
-                                                  ir.Constant(_I32, 0))
+                    a_pair = builder.load(builder.gep(a_row, [j]))
+                    pair = builder.insert_element(ir.Constant(_V16I, None), a_pair, ir.Constant(_I32, 0))
                     pair = builder.shuffle_vector(pair, pair, ir.Constant(_V16I, [0] * 16))
                     for half, total in zip(columns, row_sums):
                         builder.store(builder.call(dot, [builder.load(total), pair, half]), total)
@@ -165,8 +167,8 @@ def _panel_products(pairs, b, c, c_stride, threads):
             pack_panel(b, p, panel)
             r = 0
             while r + TILE_ROWS <= rows:
-                _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * (r * c_stride + p * PANEL),
-                            c_stride)
+                _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth,
+                            c_at + 4 * (r * c_stride + p * PANEL), c_stride)
                 r += TILE_ROWS
             for last in range(r, rows):
                 _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth,

@@ -422,8 +422,8 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
     (:func:`.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
     """
     y = np.zeros((x.shape[0], out_features), np.float32)
-    _gemm_avx2(np.ascontiguousarray(x), *_panel_arguments(packed, scales, shifts, codebook, x.shape[1], blocksize),
-               y)
+    panel_arguments = _panel_arguments(packed, scales, shifts, codebook, x.shape[1], blocksize)
+    _gemm_avx2(np.ascontiguousarray(x), *panel_arguments, y)
     return y
 
 
@@ -452,8 +452,8 @@ def _gemm_avx2(x, packed, scales, shifts, blocks_per_row, block_bytes, planes, o
             panel_rows = min(PANEL_ROWS, out_features - first_row)
             for first in range(0, in_features, PANEL_DEPTH):
                 depth = min(PANEL_DEPTH, in_features - first)
-                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
-                              first, depth, panel, depth + PANEL_PAD, STRIP)
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes,
+                              first_row, panel_rows, first, depth, panel, depth + PANEL_PAD, STRIP)
                 _panel_dots(x_ordered[first:], x_stride, panel, depth + PANEL_PAD, panel_rows, depth,
                             y[:, first_row:])
 
@@ -544,11 +544,11 @@ def _gemm_t_avx2(g, packed, scales, shifts, blocks_per_row, block_bytes, planes,
             sums[:] = 0
             for first_row in range(0, out_features, PANEL_T_ROWS):
                 panel_rows = min(PANEL_T_ROWS, out_features - first_row)
-                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
-                              first_column, width, panel, STRIP, STRIP * panel_rows)
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes,
+                              first_row, panel_rows, first_column, width, panel, STRIP, STRIP * panel_rows)
                 for strip in range(width // STRIP):
-                    _strip_axpys(g_packed, out_features, first_row, panel[strip * STRIP * panel_rows:], panel_rows,
-                                 sums[:, strip * STRIP:])
+                    _strip_axpys(g_packed, out_features, first_row, panel[strip * STRIP * panel_rows:],
+                                 panel_rows, sums[:, strip * STRIP:])
             for r in range(rows):                                             # undo the lane order
                 for j in range(width):
                     result[r, order[first_column + j]] = sums[r, j]
