@@ -11,9 +11,12 @@ out below, in the reverse order of the forward:
     logits = Wout (RMSNorm(x)·g_out);   loss = mean cross-entropy over labels ≠ ignore_index
 """
 
+import sys
+
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
+from .kernels import training_cpu
 from .llama import LINEAR_NAMES, apply_rope, rope_tables, silu
 from .lora import LoRALinear, init_adapters
 from .tensor import QuantizedTensor
@@ -163,55 +166,55 @@ def _forward(model, ids, rope, mask, dtype, checkpoint):
         else:
             x, step = _block_forward(cfg, block, x, rope, mask)
         saved.append(step)
-    final, rms = _rms_norm(x, model.output_norm, cfg.rms_norm_eps)
+    final, rms = _passes(dtype).rms_norm_forward(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
     return saved, final
 
 
 def _rope_rows(cfg, positions, dtype):
-    """RoPE's cos and sin for every row of a (batch·seq, heads, head_dim) view: (batch·seq, hd/2) each."""
+    """RoPE's cos and sin for every (batch, position) of the batch: (batch·seq, hd/2) each."""
     cos, sin = rope_tables(np.asarray(positions).reshape(-1), cfg.head_dim, cfg.rope_theta)
     return cos.astype(dtype), sin.astype(dtype)
 
 
 def _attention_mask(seq, segments):
-    """Which keys each query may see: causal (T, T), or (B, 1, T, T) causal within its segment."""
+    """Which keys each query may see: causal (1, T, T), or (B, T, T) causal within its segment."""
     causal = np.tril(np.ones((seq, seq), bool))
     if segments is None:
-        return causal
+        return causal[None]
     segments = np.asarray(segments)
     same = segments[:, :, None] == segments[:, None, :]                    # (B, T, T)
-    return (same & causal)[:, None]
+    return same & causal
 
 
 def _block_forward(cfg, block, x, rope, mask):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
-    lin = block.linears
+    lin, passes = block.linears, _passes(x.dtype)
     step = {"x": x}
-    n, step["rms1"] = _rms_norm(x, block.attn_norm, cfg.rms_norm_eps)
-    q = _train(lin["attn_q"], n).reshape(B * T, cfg.num_heads, cfg.head_dim)
-    k = _train(lin["attn_k"], n).reshape(B * T, cfg.num_kv_heads, cfg.head_dim)
+    n, step["rms1"] = passes.rms_norm_forward(x, block.attn_norm, cfg.rms_norm_eps)
+    q = _train(lin["attn_q"], n).reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = _train(lin["attn_k"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q = apply_rope(q, *rope).reshape(B, T, cfg.num_heads, -1).transpose(0, 2, 1, 3)      # (B, H, T, hd)
-    k = apply_rope(k, *rope).reshape(B, T, cfg.num_kv_heads, -1).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
-    v = v.transpose(0, 2, 1, 3)                                                     # (B, KV, T, hd)
+    q, k = passes.rope_into_heads(q, *rope), passes.rope_into_heads(k, *rope)   # (B, H or KV, T, hd)
+    v = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                              # (B, KV, T, hd)
     attention, probs = _attention(q, k, v, mask)                                   # (B, H, T, hd)
     step.update(q=q, k=k, v=v, probs=probs, attention=attention)
     x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
     step["x_mid"] = x
-    m, step["rms2"] = _rms_norm(x, block.ffn_norm, cfg.rms_norm_eps)
+    m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
     step.update(gate=gate, up=up)
-    return x + _train(lin["ffn_down"], silu(gate) * up), step
+    return x + _train(lin["ffn_down"], passes.swiglu(gate, up)), step
 
 
 def _backward(model, saved, grad_final, rope, mask):
     cfg = model.config
     last = saved[-1]
-    grad = _rms_norm_backward(last["x"], last["rms"], model.output_norm, grad_final)
+    passes = _passes(grad_final.dtype)
+    grad = passes.add_rms_norm_backward(np.zeros_like(grad_final), last["x"], last["rms"], model.output_norm,
+                                        grad_final)
     B, T, _ = grad.shape
-    inverse_rope = rope[0], -rope[1]                                       # rotation by −angle
     for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
         lin = block.linears
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
@@ -219,24 +222,19 @@ def _backward(model, saved, grad_final, rope, mask):
                 layer.dropout_rng.bit_generator.state = step["rng_states"][name]
             _, step = _block_forward(cfg, block, step["x"], rope, mask)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
-        grad_hidden = lin["ffn_down"].backward(grad)
-        gate, up = step["gate"], step["up"]
-        sigmoid = 1 / (1 + np.exp(-gate))
-        grad_gate = grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid))       # d silu
-        grad_up = grad_hidden * gate * sigmoid
-        grad_m = lin["ffn_gate"].backward(grad_gate) + lin["ffn_up"].backward(grad_up)
-        grad = grad + _rms_norm_backward(step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
+        grad_gate, grad_up = passes.swiglu_backward(lin["ffn_down"].backward(grad), step["gate"], step["up"])
+        grad_m = lin["ffn_gate"].backward(grad_gate)
+        grad_m += lin["ffn_up"].backward(grad_up)
+        passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = lin["attn_output"].backward(grad).reshape(B, T, cfg.num_heads, cfg.head_dim)
         grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
                                                      step["attention"], grad_o.transpose(0, 2, 1, 3))
-        grad_q = grad_q.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_heads, -1)
-        grad_k = grad_k.transpose(0, 2, 1, 3).reshape(B * T, cfg.num_kv_heads, -1)
-        grad_q, grad_k = apply_rope(grad_q, *inverse_rope), apply_rope(grad_k, *inverse_rope)
-        grad_n = (lin["attn_q"].backward(grad_q.reshape(B, T, -1))
-                  + lin["attn_k"].backward(grad_k.reshape(B, T, -1))
-                  + lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1)))
-        grad = grad + _rms_norm_backward(step["x"], step["rms1"], block.attn_norm, grad_n)
+        grad_q, grad_k = passes.rope_back_from_heads(grad_q, *rope), passes.rope_back_from_heads(grad_k, *rope)
+        grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
+        grad_n += lin["attn_k"].backward(grad_k.reshape(B, T, -1))
+        grad_n += lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        passes.add_rms_norm_backward(grad, step["x"], step["rms1"], block.attn_norm, grad_n)
 
 
 def _train(layer, x):
@@ -244,57 +242,116 @@ def _train(layer, x):
     return layer.forward(x).astype(x.dtype, copy=False)
 
 
-def _rms_norm(x, weight, eps):
-    """(RMSNorm(x)·weight, 1/rms) keeping x's dtype."""
+def _attention(q, k, v, mask):
+    """Masked grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output (B, H, T, d), probabilities.
+
+    The H query heads are grouped by the kv head they read (g = H / KV of them), and
+    each group's queries are stacked into one (g·T, d) matrix: one product per kv
+    head, and no copies of k and v per query head. The probabilities, (B, KV, g·T, T),
+    are the largest arrays here; the softmax turns the scores into them in place.
+    """
+    B, H, T, d = q.shape
+    kv_heads = k.shape[1]
+    grouped_q = q.reshape(B, kv_heads, H // kv_heads * T, d)                      # (B, KV, g·T, d)
+    scores = grouped_q @ k.transpose(0, 1, 3, 2)                                  # (B, KV, g·T, T)
+    probs = _passes(q.dtype).masked_softmax(scores, mask, 1 / np.sqrt(d))
+    return (probs @ v).reshape(B, H, T, d), probs
+
+
+def _attention_backward(q, k, v, probs, out, grad_out):
+    """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped as :func:`_attention` does.
+
+    With each group's queries stacked, the products with probs and with the score
+    gradients sum over the group's query heads by themselves (the gradient of a kv
+    head shared by g query heads is the sum of theirs).
+    """
+    B, H, T, d = q.shape
+    kv_heads = k.shape[1]
+    grouped = (B, kv_heads, H // kv_heads * T, d)
+    grouped_q, grouped_out = q.reshape(grouped), out.reshape(grouped)
+    grouped_grad = np.ascontiguousarray(grad_out).reshape(grouped)                # (B, KV, g·T, d)
+    grad_v = probs.transpose(0, 1, 3, 2) @ grouped_grad                           # (B, KV, T, d)
+    grad_scores = grouped_grad @ v.transpose(0, 1, 3, 2)                          # (B, KV, g·T, T): dP
+    _passes(q.dtype).masked_softmax_backward(grad_scores, probs, grouped_grad, grouped_out, 1 / np.sqrt(d))
+    grad_q = (grad_scores @ k).reshape(B, H, T, d)
+    grad_k = grad_scores.transpose(0, 1, 3, 2) @ grouped_q                        # (B, KV, T, d)
+    return grad_q, grad_k, grad_v
+
+
+# ---------------------------------------------------------------------------
+# The element-wise passes in NumPy: the references of kernels.training_cpu
+# ---------------------------------------------------------------------------
+
+def _passes(dtype):
+    """Where a step's element-wise passes come from: the Numba kernels of
+    :mod:`qlora_np.kernels.training_cpu` for float32, the NumPy functions below (same
+    names, same results up to float32 rounding) for other dtypes."""
+    return training_cpu if dtype == np.float32 else sys.modules[__name__]
+
+
+def rms_norm_forward(x, weight, eps):
+    """x (..., d) → (x·r·weight, r) with r = 1/sqrt(mean(x²) + eps) of shape (..., 1), in x's dtype."""
     inverse_rms = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return (x * inverse_rms * weight).astype(x.dtype), inverse_rms.astype(x.dtype)
 
 
-def _rms_norm_backward(x, inverse_rms, weight, grad_out):
-    """dL/dx of y = x·r·w with r = (mean(x²) + eps)^(-1/2)."""
+def add_rms_norm_backward(grad, x, inverse_rms, weight, grad_out):
+    """grad += dL/dx of y = x·r·w, r = (mean(x²) + eps)^(-1/2); returns grad."""
     scaled = grad_out * weight                                              # (…, d)
-    return inverse_rms * scaled - x * inverse_rms ** 3 * np.mean(scaled * x, axis=-1, keepdims=True)
+    grad += inverse_rms * scaled - x * inverse_rms ** 3 * np.mean(scaled * x, axis=-1, keepdims=True)
+    return grad
 
 
-def _attention(q, k, v, mask):
-    """Masked grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output, probabilities.
+def rope_into_heads(x, cos, sin):
+    """x (B, T, H, hd) → (B, H, T, hd), adjacent pairs rotated by the angles of cos, sin (B·T, hd/2)."""
+    B, T, H, hd = x.shape
+    rotated = apply_rope(x.reshape(B * T, H, hd), cos, sin).reshape(B, T, H, hd)
+    return np.ascontiguousarray(rotated.transpose(0, 2, 1, 3))
 
-    ``mask`` (T, T) or (B, 1, T, T) says which keys each query sees; it always lets a
-    query see itself, so no row of the softmax is empty. The (B, H, T, T) scores are
-    the largest arrays here, so they are turned into probabilities in place.
+
+def rope_back_from_heads(grad, cos, sin):
+    """grad (B, H, T, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
+    B, H, T, hd = grad.shape
+    rows = grad.transpose(0, 2, 1, 3).reshape(B * T, H, hd)
+    return apply_rope(rows, cos, -sin).reshape(B, T, H, hd)
+
+
+def masked_softmax(scores, mask, scale):
+    """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
+
+    scores (B, KV, g·T, T), each kv head's g query heads stacked; mask (B or 1, T, T).
     """
-    B, H, T, d = q.shape
-    group = H // k.shape[1]
-    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)        # (B, H, T, d)
-    probs = q @ k_full.transpose(0, 1, 3, 2)                                        # (B, H, T, T)
-    probs *= q.dtype.type(1 / np.sqrt(d))
-    np.copyto(probs, q.dtype.type(-np.inf), where=~mask)
-    probs -= probs.max(axis=-1, keepdims=True)
-    np.exp(probs, out=probs)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return probs @ v_full, probs
+    B, KV, R, T = scores.shape
+    heads = scores.reshape(B, KV, R // T, T, T)                              # (B, KV, g, T, T)
+    heads *= scores.dtype.type(scale)
+    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, None])
+    heads -= heads.max(axis=-1, keepdims=True)
+    np.exp(heads, out=heads)
+    heads /= heads.sum(axis=-1, keepdims=True)
+    return scores
 
 
-def _attention_backward(q, k, v, probs, out, grad_out):
-    """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v (GQA heads summed per group).
+def masked_softmax_backward(grad_probs, probs, grad_out, out, scale):
+    """dL/dscores from dL/dprobs in place: scale·P·(dP − Σ_j P_j dP_j); returns grad_probs.
 
-    The softmax backward needs Σ_j P_ij·dP_ij per row, which equals grad_out_i · out_i
-    (as out_i = Σ_j P_ij v_j), so it is computed from (T, d) arrays, not (T, T) ones.
+    Σ_j P_j dP_j of a row equals grad_out · out of that row (as out = Σ_j P_j v_j),
+    so it comes from the (…, hd) arrays, not the (…, T) ones.
     """
-    B, H, T, d = q.shape
-    kv_heads = k.shape[1]
-    group = H // kv_heads
-    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    grad_v_full = probs.transpose(0, 1, 3, 2) @ grad_out                            # (B, H, T, d)
-    grad_scores = grad_out @ v_full.transpose(0, 1, 3, 2)                           # (B, H, T, T): dP
-    grad_scores -= np.sum(grad_out * out, axis=-1, keepdims=True)
-    grad_scores *= probs
-    grad_scores *= q.dtype.type(1 / np.sqrt(d))
-    grad_q = grad_scores @ k_full                                                   # (B, H, T, d)
-    grad_k_full = grad_scores.transpose(0, 1, 3, 2) @ q
-    grad_k = grad_k_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
-    grad_v = grad_v_full.reshape(B, kv_heads, group, T, d).sum(axis=2)
-    return grad_q, grad_k, grad_v
+    grad_probs -= np.sum(grad_out * out, axis=-1, keepdims=True)
+    grad_probs *= probs
+    grad_probs *= probs.dtype.type(scale)
+    return grad_probs
+
+
+def swiglu(gate, up):
+    """silu(gate)·up."""
+    return silu(gate) * up
+
+
+def swiglu_backward(grad_hidden, gate, up):
+    """Gradients of hidden = silu(gate)·up: (dL/dgate, dL/dup); d silu/dg = σ·(1 + g·(1 − σ))."""
+    sigmoid = 1 / (1 + np.exp(-gate))
+    return grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), grad_hidden * gate * sigmoid
 
 
 def _cross_entropy(logits, labels, normalizer):

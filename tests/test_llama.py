@@ -459,7 +459,7 @@ def _full_attention_and_gradients(q, k, v, mask, grad_out):
     """Unchunked attention and its gradients, by the textbook formulas (float64)."""
     group = q.shape[1] // k.shape[1]
     k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.where(mask, q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]), -np.inf)
+    scores = np.where(mask[:, None], q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]), -np.inf)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     out = probs @ v_full

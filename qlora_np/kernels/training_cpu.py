@@ -1,0 +1,233 @@
+"""Numba kernels for the element-wise passes of a training step (:mod:`qlora_np.llama_lora`).
+
+Between its weight products a training step runs chains of NumPy calls over
+activation-sized arrays: each a pass over memory, on one core. Each kernel here
+does one such chain in one pass, row by row, spread over the Numba threads. The
+plain NumPy functions of the same names in :mod:`qlora_np.llama_lora` are their
+references (float64 training runs those):
+
+* :func:`rms_norm_forward` / :func:`add_rms_norm_backward` — RMSNorm and its gradient;
+* :func:`rope_into_heads` / :func:`rope_back_from_heads` — RoPE fused with the
+  (batch, seq, heads) → (batch, heads, seq) transpose the attention products need,
+  and the inverse rotation fused with the transpose back;
+* :func:`masked_softmax` / :func:`masked_softmax_backward` — the attention softmax
+  (scale, mask, normalise) in place, and its gradient;
+* :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients.
+
+All take and return float32 C-contiguous arrays. ``fastmath`` is on where a kernel sums
+(row sums of squares, softmax sums, dot products): those sums may be taken in any order,
+so results match the references within float32 rounding, not bit for bit; exp is
+:func:`~qlora_np.kernels.exp32.exp32` (within 1.4 ulp of the exact value). The same
+inputs always give the same bytes, so training stays reproducible.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .exp32 import exp32
+from .llama_cpu import swiglu
+
+__all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_heads", "rope_back_from_heads",
+           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward"]
+
+
+# ---------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------
+
+def rms_norm_forward(x, weight, eps):
+    """x (..., d) → (x·r·weight, r) with r = 1/sqrt(mean(x²) + eps) of shape (..., 1)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    inverse_rms = np.empty((rows.shape[0], 1), np.float32)
+    _rms_norm_rows(rows, weight, np.float32(eps), out, inverse_rms)
+    return out.reshape(x.shape), inverse_rms.reshape(x.shape[:-1] + (1,))
+
+
+@njit(parallel=True, cache=True)
+def _rms_norm_rows(x, weight, eps, out, inverse_rms):
+    for t in prange(x.shape[0]):
+        _rms_norm_row(x[t], weight, eps, out[t], inverse_rms[t])
+
+
+@njit(cache=True, fastmath=True)
+def _rms_norm_row(x, weight, eps, out, inverse_rms):
+    square_sum = np.float32(0)
+    for i in range(x.size):
+        square_sum += x[i] * x[i]
+    inverse = np.float32(1) / np.sqrt(square_sum / np.float32(x.size) + eps)
+    inverse_rms[0] = inverse
+    for i in range(x.size):
+        out[i] = x[i] * inverse * weight[i]
+
+
+def add_rms_norm_backward(grad, x, inverse_rms, weight, grad_out):
+    """grad += dL/dx of y = x·r·weight (r as :func:`rms_norm_forward` returned it); returns grad."""
+    d = x.shape[-1]
+    _rms_norm_backward_rows(grad.reshape(-1, d), x.reshape(-1, d), inverse_rms.reshape(-1, 1), weight,
+                            grad_out.reshape(-1, d))
+    return grad
+
+
+@njit(parallel=True, cache=True)
+def _rms_norm_backward_rows(grad, x, inverse_rms, weight, grad_out):
+    for t in prange(x.shape[0]):
+        _rms_norm_backward_row(grad[t], x[t], inverse_rms[t, 0], weight, grad_out[t])
+
+
+@njit(cache=True, fastmath=True)
+def _rms_norm_backward_row(grad, x, inverse, weight, grad_out):
+    """grad += r·(g·w) − x·r³·mean((g·w)·x)."""
+    dot = np.float32(0)
+    for i in range(x.size):
+        dot += grad_out[i] * weight[i] * x[i]
+    coefficient = inverse * inverse * inverse * (dot / np.float32(x.size))
+    for i in range(x.size):
+        grad[i] += inverse * (grad_out[i] * weight[i]) - x[i] * coefficient
+
+
+# ---------------------------------------------------------------------------
+# RoPE, fused with the transposes into and out of head-major order
+# ---------------------------------------------------------------------------
+
+def rope_into_heads(x, cos, sin):
+    """x (B, T, H, hd) → (B, H, T, hd), adjacent pairs rotated by the angles of cos, sin (B·T, hd/2)."""
+    B, T, H, hd = x.shape
+    out = np.empty((B, H, T, hd), np.float32)
+    _rope_into_heads(x, cos.reshape(B, T, -1), sin.reshape(B, T, -1), out)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _rope_into_heads(x, cos, sin, out):
+    B, T, H, hd = x.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(H):
+            _rotate_pairs(x[b, t, h], cos[b, t], sin[b, t], out[b, h, t])
+
+
+def rope_back_from_heads(grad, cos, sin):
+    """grad (B, H, T, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
+    B, H, T, hd = grad.shape
+    out = np.empty((B, T, H, hd), np.float32)
+    _rope_back_from_heads(grad, cos.reshape(B, T, -1), -sin.reshape(B, T, -1), out)   # rotation by −angle
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _rope_back_from_heads(grad, cos, sin, out):
+    B, H, T, hd = grad.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(H):
+            _rotate_pairs(grad[b, h, t], cos[b, t], sin[b, t], out[b, t, h])
+
+
+@njit(cache=True)
+def _rotate_pairs(x, cos, sin, out):
+    """out[2i], out[2i+1] = x[2i]·cos_i − x[2i+1]·sin_i, x[2i]·sin_i + x[2i+1]·cos_i."""
+    for i in range(cos.size):
+        even, odd = x[2 * i], x[2 * i + 1]
+        out[2 * i] = even * cos[i] - odd * sin[i]
+        out[2 * i + 1] = even * sin[i] + odd * cos[i]
+
+
+# ---------------------------------------------------------------------------
+# Attention softmax
+# ---------------------------------------------------------------------------
+
+def masked_softmax(scores, mask, scale):
+    """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
+
+    scores (B, KV, g·T, T): query heads grouped by the kv head they read, so row r
+    of a group is query position r mod T; mask (B or 1, T, T) bool, True where query
+    t may see key s (every row must allow at least one key).
+    """
+    B, KV, R, T = scores.shape
+    ends = T - np.argmax(mask[:, :, ::-1], axis=-1)          # (B or 1, T): 1 + the last key allowed
+    _masked_softmax_rows(scores.reshape(-1, T), mask, ends, np.float32(scale), R, KV * R)
+    return scores
+
+
+@njit(parallel=True, cache=True)
+def _masked_softmax_rows(scores, mask, ends, scale, rows_per_head, rows_per_batch):
+    T = scores.shape[1]
+    for row in prange(scores.shape[0]):
+        b = row // rows_per_batch if mask.shape[0] > 1 else 0
+        t = row % rows_per_head % T
+        _masked_softmax_row(scores[row], mask[b, t], ends[b, t], scale)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _masked_softmax_row(scores, allowed, end, scale):
+    """Keys from ``end`` on are all masked (causal: half the row): set to 0 without exp."""
+    largest = np.float32(-np.inf)
+    for s in range(end):
+        largest = max(largest, scores[s] * scale if allowed[s] else np.float32(-np.inf))
+    total = np.float32(0)
+    for s in range(end):
+        weight = exp32(scores[s] * scale - largest) if allowed[s] else np.float32(0)
+        scores[s] = weight
+        total += weight
+    inverse = np.float32(1) / total
+    for s in range(end):
+        scores[s] *= inverse
+    scores[end:] = 0
+
+
+def masked_softmax_backward(grad_probs, probs, grad_out, out, scale):
+    """dL/dscores from dL/dprobs, in place in grad_probs; returns it.
+
+    For out = probs @ v: dL/dscore_s = scale · P_s · (dP_s − Σ_j P_j dP_j), and
+    Σ_j P_j dP_j = grad_out · out of the same row, a dot product of hd numbers.
+    grad_probs, probs (B, KV, g·T, T); grad_out, out (B, KV, g·T, hd).
+    """
+    T, hd = probs.shape[-1], out.shape[-1]
+    _softmax_backward_rows(grad_probs.reshape(-1, T), probs.reshape(-1, T), grad_out.reshape(-1, hd),
+                           out.reshape(-1, hd), np.float32(scale))
+    return grad_probs
+
+
+@njit(parallel=True, cache=True)
+def _softmax_backward_rows(grad, probs, grad_out, out, scale):
+    for row in prange(grad.shape[0]):
+        _softmax_backward_row(grad[row], probs[row], grad_out[row], out[row], scale)
+
+
+@njit(cache=True, fastmath=True)
+def _softmax_backward_row(grad, probs, grad_out, out, scale):
+    weighted = np.float32(0)
+    for i in range(out.size):
+        weighted += grad_out[i] * out[i]
+    for s in range(grad.size):
+        grad[s] = (grad[s] - weighted) * probs[s] * scale
+
+
+# ---------------------------------------------------------------------------
+# SwiGLU backward (the forward, swiglu, is the inference kernel's)
+# ---------------------------------------------------------------------------
+
+def swiglu_backward(grad_hidden, gate, up):
+    """Gradients of hidden = silu(gate)·up: (dL/dgate, dL/dup), each shaped like gate."""
+    width = gate.shape[-1]
+    grad_gate, grad_up = np.empty_like(gate), np.empty_like(up)
+    _swiglu_backward_rows(grad_hidden.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width),
+                          grad_gate.reshape(-1, width), grad_up.reshape(-1, width))
+    return grad_gate, grad_up
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_backward_rows(grad_hidden, gate, up, grad_gate, grad_up):
+    for t in prange(gate.shape[0]):
+        _swiglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
+
+
+@njit(cache=True, error_model="numpy")      # no division-by-zero branch: the loop vectorises
+def _swiglu_backward_row(grad_hidden, gate, up, grad_gate, grad_up):
+    """With σ = sigmoid(gate): d silu/d gate = σ·(1 + gate·(1 − σ)), silu = gate·σ."""
+    one = np.float32(1)
+    for i in range(gate.size):
+        sigmoid = one / (one + exp32(-gate[i]))
+        grad_gate[i] = grad_hidden[i] * up[i] * sigmoid * (one + gate[i] * (one - sigmoid))
+        grad_up[i] = grad_hidden[i] * gate[i] * sigmoid

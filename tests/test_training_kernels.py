@@ -1,0 +1,153 @@
+"""The Numba kernels of qlora_np.kernels.training_cpu and exp32 against their NumPy references."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qlora_np import llama_lora as reference
+from qlora_np.kernels import training_cpu
+from qlora_np.kernels.exp32 import exp32
+from numba import njit
+
+# The kernels sum in any order (fastmath) and use exp32 (≤ 1.4 ulp) where NumPy uses its
+# own exp (≤ 3 ulp from exp32): float32 rounding of sums of up to a few hundred terms
+# of size ~1 stays far below this.
+TOLERANCE = dict(rtol=3e-5, atol=3e-6)
+
+
+@njit
+def _exp32_all(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = exp32(x[i])
+    return out
+
+
+def test_exp32_is_within_two_ulp_of_the_exact_exp_over_the_normal_range():
+    x = np.linspace(-87.3, 88.7228, 1_000_001, dtype=np.float32)
+    exact = np.exp(x.astype(np.float64))
+    relative = np.abs(_exp32_all(x) / exact - 1)
+    assert relative.max() < 2 * 2.0 ** -24                     # 2 units in the last place
+
+
+def test_exp32_rounds_subnormal_results_once():
+    x = np.linspace(-103.9, -87.4, 100_001, dtype=np.float32)
+    exact = np.exp(x.astype(np.float64)).astype(np.float32)    # correctly rounded
+    spacing = np.float32(2.0 ** -149)                          # the subnormal step
+    assert np.max(np.abs(_exp32_all(x) - exact)) <= spacing
+
+
+def test_exp32_edges():
+    x = np.array([0, -0.0, 1, -np.inf, np.inf, np.nan, -105, -1000, 89, 1000], np.float32)
+    got = _exp32_all(x)
+    assert got[0] == got[1] == 1
+    np.testing.assert_allclose(got[2], np.e, rtol=2 ** -23)
+    assert got[3] == 0 and got[4] == np.inf and np.isnan(got[5])
+    assert got[6] == 0 and got[7] == 0                          # e^x rounds to 0
+    assert got[8] == np.inf and got[9] == np.inf
+    assert _exp32_all(x[:1].repeat(64))[63] == 1                # the vectorised loop agrees
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), width=st.integers(1, 300), seed=st.integers(0, 99))
+def test_rms_norm_forward_and_backward_match_the_reference(rows, width, seed):
+    rng = np.random.default_rng(seed)
+    x, grad_out, grad = (rng.standard_normal((3, 2, rows, width)) * 2).astype(np.float32)
+    weight = rng.standard_normal(width).astype(np.float32)
+    got_y, got_inverse = training_cpu.rms_norm_forward(x, weight, 1e-5)
+    want_y, want_inverse = reference.rms_norm_forward(x, weight, 1e-5)
+    np.testing.assert_allclose(got_y, want_y, **TOLERANCE)
+    np.testing.assert_allclose(got_inverse, want_inverse, **TOLERANCE)
+    got = training_cpu.add_rms_norm_backward(grad.copy(), x, want_inverse, weight, grad_out)
+    want = reference.add_rms_norm_backward(grad.copy(), x, want_inverse, weight, grad_out)
+    np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 20), H=st.integers(1, 4), half=st.integers(1, 8),
+       seed=st.integers(0, 99))
+def test_rope_into_and_back_from_heads_match_the_reference(B, T, H, half, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, H, 2 * half)).astype(np.float32)
+    angles = rng.uniform(-7, 7, (B * T, half))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    heads = training_cpu.rope_into_heads(x, cos, sin)
+    assert heads.shape == (B, H, T, 2 * half)
+    np.testing.assert_allclose(heads, reference.rope_into_heads(x, cos, sin), **TOLERANCE)
+    back = training_cpu.rope_back_from_heads(heads, cos, sin)
+    np.testing.assert_allclose(back, reference.rope_back_from_heads(heads, cos, sin), **TOLERANCE)
+    np.testing.assert_allclose(back, x, **TOLERANCE)               # a rotation, undone
+
+
+def _mask(rng, B, T, kind):
+    causal = np.tril(np.ones((T, T), bool))
+    if kind == "causal":
+        return causal[None]
+    if kind == "segments":
+        segments = np.sort(rng.integers(0, 3, (B, T)), axis=1)
+        return (segments[:, :, None] == segments[:, None, :]) & causal
+    mask = rng.random((B, T, T)) < 0.5                          # any pattern, one key at least
+    mask[:, np.arange(T), rng.integers(0, T, T)] = True
+    return mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), KV=st.integers(1, 3), group=st.integers(1, 3), T=st.integers(1, 40),
+       hd=st.integers(1, 16), kind=st.sampled_from(["causal", "segments", "any"]), seed=st.integers(0, 99))
+def test_masked_softmax_and_its_backward_match_the_reference(B, KV, group, T, hd, kind, seed):
+    rng = np.random.default_rng(seed)
+    mask = _mask(rng, B, T, kind)
+    scores = (rng.standard_normal((B, KV, group * T, T)) * 4).astype(np.float32)
+    scale = 1 / np.sqrt(hd)
+    probs = training_cpu.masked_softmax(scores.copy(), mask, scale)
+    want = reference.masked_softmax(scores.copy(), mask, scale)
+    np.testing.assert_allclose(probs, want, **TOLERANCE)
+    heads_mask = np.broadcast_to(mask[:, None, None], (B, KV, group, T, T)).reshape(probs.shape)
+    assert np.all(probs[~heads_mask] == 0)                      # masked keys get exactly 0
+    np.testing.assert_allclose(probs.sum(axis=-1), 1, rtol=1e-5)
+
+    grad_probs = rng.standard_normal(probs.shape).astype(np.float32)
+    grad_out, out = rng.standard_normal((2, B, KV, group * T, hd)).astype(np.float32)
+    got = training_cpu.masked_softmax_backward(grad_probs.copy(), want, grad_out, out, scale)
+    expected = reference.masked_softmax_backward(grad_probs.copy(), want, grad_out, out, scale)
+    np.testing.assert_allclose(got, expected, rtol=3e-5, atol=3e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), width=st.integers(1, 300), seed=st.integers(0, 99))
+def test_swiglu_and_its_backward_match_the_reference(rows, width, seed):
+    rng = np.random.default_rng(seed)
+    gate, up, grad_hidden = (rng.standard_normal((3, 2, rows, width)) * 5).astype(np.float32)
+    np.testing.assert_allclose(training_cpu.swiglu(gate, up), reference.swiglu(gate, up), **TOLERANCE)
+    for got, want in zip(training_cpu.swiglu_backward(grad_hidden, gate, up),
+                         reference.swiglu_backward(grad_hidden, gate, up)):
+        np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+def test_swiglu_saturates_like_the_reference_far_out():
+    gate = np.array([[-200, -90, -20, 0, 20, 90, 200]], np.float32)
+    up = np.ones_like(gate)
+    with np.errstate(over="ignore"):                            # NumPy's exp(200) is inf, as meant
+        want_hidden, want_grads = reference.swiglu(gate, up), reference.swiglu_backward(up, gate, up)
+    np.testing.assert_allclose(training_cpu.swiglu(gate, up), want_hidden, atol=1e-30)
+    for got, want in zip(training_cpu.swiglu_backward(up, gate, up), want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_float32_training_attention_matches_the_float64_path(packed):
+    """The kernels (float32) and the NumPy references (float64) inside _attention and its backward."""
+    rng = np.random.default_rng(1)
+    B, H, KV, T, d = 2, 6, 2, 70, 16
+    q, grad_out = rng.standard_normal((2, B, H, T, d))
+    k, v = rng.standard_normal((2, B, KV, T, d))
+    segments = np.repeat(np.arange(3), -(-T // 3))[None, :T].repeat(B, 0) if packed else None
+    mask = reference._attention_mask(T, segments)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        cast = [a.astype(dtype) for a in (q, k, v, grad_out)]
+        out, probs = reference._attention(*cast[:3], mask)
+        results[dtype] = (out,) + reference._attention_backward(*cast[:3], probs, out, cast[3])
+    for got, want in zip(results[np.float32], results[np.float64]):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
