@@ -21,6 +21,7 @@ the ratios (targets: ≥ 2× their tokens/s at ≤ 0.5× their peak RSS).
 
 import os
 
+THEIR_ENVIRONMENT = dict(os.environ)     # torch runs as the user's environment has it, without our settings
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
 
 import argparse  # noqa: E402
@@ -145,10 +146,10 @@ print(json.dumps({"times": times, "losses": losses, "bnb": bnb is not None, "tor
 """
 
 
-def run(python, script, args):
+def run(python, script, args, env=None):
     """Run one side in a subprocess; its JSON result, or None (with the reason printed)."""
     result = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True,
-                            timeout=3600)
+                            timeout=3600, env=env)
     if result.returncode != 0:
         print(f"  failed: {result.stderr.strip()[-800:]}")
         return None
@@ -192,7 +193,7 @@ def main():
     if has_torch.returncode != 0:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
         return
-    theirs = run(args.torch_python, TORCH, common)
+    theirs = run(args.torch_python, TORCH, common, THEIR_ENVIRONMENT)
     if theirs is None:
         return
     label = f"torch {theirs['torch']} ({'bnb NF4' if theirs['bnb'] else 'fp32 frozen'})"

@@ -195,12 +195,13 @@ def _block_forward(cfg, block, x, rope, mask):
     n, step["rms1"] = passes.rms_norm_forward(x, block.attn_norm, cfg.rms_norm_eps)
     q = _train(lin["attn_q"], n).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = _train(lin["attn_k"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = _train(lin["attn_v"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q, k = passes.rope_into_heads(q, *rope), passes.rope_into_heads(k, *rope)   # (B, H or KV, T, hd)
-    v = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                              # (B, KV, T, hd)
-    attention, probs = _attention(q, k, v, mask)                                   # (B, H, T, hd)
+    v = _train(lin["attn_v"], n)
+    q = passes.rope_into_groups(q, *rope, cfg.num_kv_heads)                       # (B, KV, T·g, hd)
+    k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
+    v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
+    attention, probs = _attention(q, k, v, mask)                                   # (B, KV, T·g, hd)
     step.update(q=q, k=k, v=v, probs=probs, attention=attention)
-    x = x + _train(lin["attn_output"], attention.transpose(0, 2, 1, 3).reshape(B, T, -1))
+    x = x + _train(lin["attn_output"], _groups_to_heads(attention, T))
     step["x_mid"] = x
     m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
@@ -227,13 +228,13 @@ def _backward(model, saved, grad_final, rope, mask):
         grad_m += lin["ffn_up"].backward(grad_up)
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
-        grad_o = lin["attn_output"].backward(grad).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
         grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
-                                                     step["attention"], grad_o.transpose(0, 2, 1, 3))
-        grad_q, grad_k = passes.rope_back_from_heads(grad_q, *rope), passes.rope_back_from_heads(grad_k, *rope)
+                                                     step["attention"], grad_o)
+        grad_q, grad_k = passes.rope_back_from_groups(grad_q, *rope), passes.rope_back_from_groups(grad_k, *rope)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
         grad_n += lin["attn_k"].backward(grad_k.reshape(B, T, -1))
-        grad_n += lin["attn_v"].backward(grad_v.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        grad_n += lin["attn_v"].backward(_groups_to_heads(grad_v, T))
         passes.add_rms_norm_backward(grad, step["x"], step["rms1"], block.attn_norm, grad_n)
 
 
@@ -242,39 +243,74 @@ def _train(layer, x):
     return layer.forward(x).astype(x.dtype, copy=False)
 
 
-def _attention(q, k, v, mask):
-    """Masked grouped-query attention: q (B, H, T, d), k/v (B, KV, T, d) → output (B, H, T, d), probabilities.
+ATTENTION_CHUNK = 128
+"""Query positions per attention chunk. A chunk's queries see no key after its last
+position, so its products stop there: over 256 positions the attention products do
+3/4 of the work of the full square (smaller chunks save more work, but the smaller
+products ran no faster here)."""
 
-    The H query heads are grouped by the kv head they read (g = H / KV of them), and
-    each group's queries are stacked into one (g·T, d) matrix: one product per kv
-    head, and no copies of k and v per query head. The probabilities, (B, KV, g·T, T),
-    are the largest arrays here; the softmax turns the scores into them in place.
+
+def _heads_to_groups(x, kv_heads, head_dim):
+    """(B, T, H·hd) → (B, KV, T·g, hd): row t·g + j of group k is head k·g + j at position t."""
+    B, T, _ = x.shape
+    grouped = x.reshape(B, T, kv_heads, -1).transpose(0, 2, 1, 3)                 # (B, KV, T, g·hd)
+    return np.ascontiguousarray(grouped).reshape(B, kv_heads, -1, head_dim)
+
+
+def _groups_to_heads(x, T):
+    """(B, KV, T·g, hd) → (B, T, H·hd): the inverse of :func:`_heads_to_groups`."""
+    B, kv_heads = x.shape[:2]
+    return x.reshape(B, kv_heads, T, -1).transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+def _attention(q, k, v, mask):
+    """Masked grouped-query attention: q (B, KV, T·g, d), k/v (B, KV, T, d) → output like q, probabilities.
+
+    q comes in :func:`_heads_to_groups` order: the g query heads that read kv head k
+    are stacked in group k, position by position, so one product per kv head serves
+    them all, with no copies of k and v per query head, and rows [t0·g, t1·g) are the
+    queries of positions t0 … t1-1. Queries go in chunks of ATTENTION_CHUNK positions,
+    each against the keys up to its last position (the mask is causal). Returns the
+    output and each chunk's probabilities (B, KV, chunk·g, keys) — the largest arrays
+    here, which the softmax makes from the scores in place.
     """
-    B, H, T, d = q.shape
-    kv_heads = k.shape[1]
-    grouped_q = q.reshape(B, kv_heads, H // kv_heads * T, d)                      # (B, KV, g·T, d)
-    scores = grouped_q @ k.transpose(0, 1, 3, 2)                                  # (B, KV, g·T, T)
-    probs = _passes(q.dtype).masked_softmax(scores, mask, 1 / np.sqrt(d))
-    return (probs @ v).reshape(B, H, T, d), probs
+    rows, d = q.shape[2:]
+    T = k.shape[2]
+    group = rows // T
+    out = np.empty_like(q)
+    probs = []
+    for start in range(0, T, ATTENTION_CHUNK):
+        end = min(start + ATTENTION_CHUNK, T)
+        queries = slice(start * group, end * group)
+        scores = q[:, :, queries] @ k[:, :, :end].transpose(0, 1, 3, 2)            # (B, KV, c·g, end)
+        chunk = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], 1 / np.sqrt(d))
+        np.matmul(chunk, v[:, :, :end], out=out[:, :, queries])
+        probs.append(chunk)
+    return out, probs
 
 
 def _attention_backward(q, k, v, probs, out, grad_out):
-    """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped as :func:`_attention` does.
+    """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped and chunked as
+    :func:`_attention` does; grad_out (B, KV, T·g, d) like out.
 
-    With each group's queries stacked, the products with probs and with the score
-    gradients sum over the group's query heads by themselves (the gradient of a kv
-    head shared by g query heads is the sum of theirs).
+    With each group's queries stacked, the products for k and v sum over the group's
+    query heads by themselves (a kv head shared by g query heads gets the sum of
+    their gradients), and over the chunks by adding up.
     """
-    B, H, T, d = q.shape
-    kv_heads = k.shape[1]
-    grouped = (B, kv_heads, H // kv_heads * T, d)
-    grouped_q, grouped_out = q.reshape(grouped), out.reshape(grouped)
-    grouped_grad = np.ascontiguousarray(grad_out).reshape(grouped)                # (B, KV, g·T, d)
-    grad_v = probs.transpose(0, 1, 3, 2) @ grouped_grad                           # (B, KV, T, d)
-    grad_scores = grouped_grad @ v.transpose(0, 1, 3, 2)                          # (B, KV, g·T, T): dP
-    _passes(q.dtype).masked_softmax_backward(grad_scores, probs, grouped_grad, grouped_out, 1 / np.sqrt(d))
-    grad_q = (grad_scores @ k).reshape(B, H, T, d)
-    grad_k = grad_scores.transpose(0, 1, 3, 2) @ grouped_q                        # (B, KV, T, d)
+    rows, d = q.shape[2:]
+    T = k.shape[2]
+    group = rows // T
+    grad_q, grad_k, grad_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
+    for start, chunk in zip(range(0, T, ATTENTION_CHUNK), probs):
+        end = min(start + ATTENTION_CHUNK, T)
+        queries = slice(start * group, end * group)
+        grad_chunk = grad_out[:, :, queries]                                          # (B, KV, c·g, d)
+        grad_v[:, :, :end] += chunk.transpose(0, 1, 3, 2) @ grad_chunk
+        grad_scores = grad_chunk @ v[:, :, :end].transpose(0, 1, 3, 2)               # dP (B, KV, c·g, end)
+        _passes(q.dtype).masked_softmax_backward(grad_scores, chunk, grad_chunk, out[:, :, queries],
+                                                 1 / np.sqrt(d))
+        np.matmul(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
+        grad_k[:, :, :end] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, queries]
     return grad_q, grad_k, grad_v
 
 
@@ -302,29 +338,32 @@ def add_rms_norm_backward(grad, x, inverse_rms, weight, grad_out):
     return grad
 
 
-def rope_into_heads(x, cos, sin):
-    """x (B, T, H, hd) → (B, H, T, hd), adjacent pairs rotated by the angles of cos, sin (B·T, hd/2)."""
+def rope_into_groups(x, cos, sin, kv_heads):
+    """x (B, T, H, hd) → (B, KV, T·g, hd) in :func:`_heads_to_groups` order, adjacent pairs
+    rotated by the angles of cos, sin (B·T, hd/2)."""
     B, T, H, hd = x.shape
-    rotated = apply_rope(x.reshape(B * T, H, hd), cos, sin).reshape(B, T, H, hd)
-    return np.ascontiguousarray(rotated.transpose(0, 2, 1, 3))
+    rotated = apply_rope(x.reshape(B * T, H, hd), cos, sin)                       # (B·T, H, hd)
+    return _heads_to_groups(rotated.reshape(B, T, H * hd), kv_heads, hd)
 
 
-def rope_back_from_heads(grad, cos, sin):
-    """grad (B, H, T, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
-    B, H, T, hd = grad.shape
-    rows = grad.transpose(0, 2, 1, 3).reshape(B * T, H, hd)
-    return apply_rope(rows, cos, -sin).reshape(B, T, H, hd)
+def rope_back_from_groups(grad, cos, sin):
+    """grad (B, KV, T·g, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
+    B, hd = grad.shape[0], grad.shape[-1]
+    T = cos.shape[0] // B
+    heads = _groups_to_heads(grad, T).reshape(B * T, -1, hd)                       # (B·T, H, hd)
+    return apply_rope(heads, cos, -sin).reshape(B, T, -1, hd)
 
 
 def masked_softmax(scores, mask, scale):
     """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
 
-    scores (B, KV, g·T, T), each kv head's g query heads stacked; mask (B or 1, T, T).
+    scores (B, KV, T·g, S), row t·g + j for query position t; mask (B or 1, T, S).
     """
-    B, KV, R, T = scores.shape
-    heads = scores.reshape(B, KV, R // T, T, T)                              # (B, KV, g, T, T)
+    B, KV, rows, S = scores.shape
+    T = mask.shape[1]
+    heads = scores.reshape(B, KV, T, rows // T, S)                           # (B, KV, T, g, S)
     heads *= scores.dtype.type(scale)
-    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, None])
+    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, :, None])
     heads -= heads.max(axis=-1, keepdims=True)
     np.exp(heads, out=heads)
     heads /= heads.sum(axis=-1, keepdims=True)

@@ -480,8 +480,16 @@ def test_training_attention_and_its_backward_follow_the_formulas(packed):
     k, v = rng.standard_normal((2, B, KV, T, d))
     segments = np.repeat(np.arange(4), -(-T // 4))[None, :T].repeat(B, 0) if packed else None
     mask = _attention_mask(T, segments)
-    out, probs = _attention(q, k, v, mask)
-    grads = _attention_backward(q, k, v, probs, out, grad_out)
+
+    def grouped(x):          # (B, H, T, d) → (B, KV, T·g, d), row t·g + j = head k·g + j at t
+        return x.reshape(B, KV, H // KV, T, d).transpose(0, 1, 3, 2, 4).reshape(B, KV, -1, d)
+
+    def by_head(x):
+        return x.reshape(B, KV, T, H // KV, d).transpose(0, 1, 3, 2, 4).reshape(B, H, T, d)
+
+    out, probs = _attention(grouped(q), k, v, mask)
+    grad_q, grad_k, grad_v = _attention_backward(grouped(q), k, v, probs, out, grouped(grad_out))
     expected = _full_attention_and_gradients(q, k, v, mask, grad_out)
-    for name, got, want in zip(["out", "grad_q", "grad_k", "grad_v"], (out,) + grads, expected):
+    got = (by_head(out), by_head(grad_q), grad_k, grad_v)
+    for name, got, want in zip(["out", "grad_q", "grad_k", "grad_v"], got, expected):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)

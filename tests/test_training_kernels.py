@@ -64,18 +64,22 @@ def test_rms_norm_forward_and_backward_match_the_reference(rows, width, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 20), H=st.integers(1, 4), half=st.integers(1, 8),
-       seed=st.integers(0, 99))
-def test_rope_into_and_back_from_heads_match_the_reference(B, T, H, half, seed):
+@given(B=st.integers(1, 3), T=st.integers(1, 20), KV=st.integers(1, 3), group=st.integers(1, 3),
+       half=st.integers(1, 8), seed=st.integers(0, 99))
+def test_rope_into_and_back_from_groups_match_the_reference(B, T, KV, group, half, seed):
     rng = np.random.default_rng(seed)
+    H = KV * group
     x = rng.standard_normal((B, T, H, 2 * half)).astype(np.float32)
     angles = rng.uniform(-7, 7, (B * T, half))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    heads = training_cpu.rope_into_heads(x, cos, sin)
-    assert heads.shape == (B, H, T, 2 * half)
-    np.testing.assert_allclose(heads, reference.rope_into_heads(x, cos, sin), **TOLERANCE)
-    back = training_cpu.rope_back_from_heads(heads, cos, sin)
-    np.testing.assert_allclose(back, reference.rope_back_from_heads(heads, cos, sin), **TOLERANCE)
+    groups = training_cpu.rope_into_groups(x, cos, sin, KV)
+    assert groups.shape == (B, KV, T * group, 2 * half)
+    np.testing.assert_allclose(groups, reference.rope_into_groups(x, cos, sin, KV), **TOLERANCE)
+    b, t, h = rng.integers(B), rng.integers(T), rng.integers(H)      # the layout: head h at t
+    rotated = reference.apply_rope(x[b, t, h][None, None], cos[b * T + t][None], sin[b * T + t][None])
+    np.testing.assert_allclose(groups[b, h // group, t * group + h % group], rotated[0, 0], **TOLERANCE)
+    back = training_cpu.rope_back_from_groups(groups, cos, sin)
+    np.testing.assert_allclose(back, reference.rope_back_from_groups(groups, cos, sin), **TOLERANCE)
     np.testing.assert_allclose(back, x, **TOLERANCE)               # a rotation, undone
 
 
@@ -97,17 +101,17 @@ def _mask(rng, B, T, kind):
 def test_masked_softmax_and_its_backward_match_the_reference(B, KV, group, T, hd, kind, seed):
     rng = np.random.default_rng(seed)
     mask = _mask(rng, B, T, kind)
-    scores = (rng.standard_normal((B, KV, group * T, T)) * 4).astype(np.float32)
+    scores = (rng.standard_normal((B, KV, T * group, T)) * 4).astype(np.float32)
     scale = 1 / np.sqrt(hd)
     probs = training_cpu.masked_softmax(scores.copy(), mask, scale)
     want = reference.masked_softmax(scores.copy(), mask, scale)
     np.testing.assert_allclose(probs, want, **TOLERANCE)
-    heads_mask = np.broadcast_to(mask[:, None, None], (B, KV, group, T, T)).reshape(probs.shape)
+    heads_mask = np.broadcast_to(mask[:, None, :, None], (B, KV, T, group, T)).reshape(probs.shape)
     assert np.all(probs[~heads_mask] == 0)                      # masked keys get exactly 0
     np.testing.assert_allclose(probs.sum(axis=-1), 1, rtol=1e-5)
 
     grad_probs = rng.standard_normal(probs.shape).astype(np.float32)
-    grad_out, out = rng.standard_normal((2, B, KV, group * T, hd)).astype(np.float32)
+    grad_out, out = rng.standard_normal((2, B, KV, T * group, hd)).astype(np.float32)
     got = training_cpu.masked_softmax_backward(grad_probs.copy(), want, grad_out, out, scale)
     expected = reference.masked_softmax_backward(grad_probs.copy(), want, grad_out, out, scale)
     np.testing.assert_allclose(got, expected, rtol=3e-5, atol=3e-5)
@@ -136,10 +140,11 @@ def test_swiglu_saturates_like_the_reference_far_out():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_float32_training_attention_matches_the_float64_path(packed):
-    """The kernels (float32) and the NumPy references (float64) inside _attention and its backward."""
+    """The kernels (float32) and the NumPy references (float64) inside _attention and its backward
+    (three chunks of queries, the last one short)."""
     rng = np.random.default_rng(1)
-    B, H, KV, T, d = 2, 6, 2, 70, 16
-    q, grad_out = rng.standard_normal((2, B, H, T, d))
+    B, H, KV, T, d = 2, 6, 2, 150, 16
+    q, grad_out = rng.standard_normal((2, B, KV, T * H // KV, d))
     k, v = rng.standard_normal((2, B, KV, T, d))
     segments = np.repeat(np.arange(3), -(-T // 3))[None, :T].repeat(B, 0) if packed else None
     mask = reference._attention_mask(T, segments)

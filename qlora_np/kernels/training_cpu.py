@@ -7,9 +7,9 @@ plain NumPy functions of the same names in :mod:`qlora_np.llama_lora` are their
 references (float64 training runs those):
 
 * :func:`rms_norm_forward` / :func:`add_rms_norm_backward` — RMSNorm and its gradient;
-* :func:`rope_into_heads` / :func:`rope_back_from_heads` — RoPE fused with the
-  (batch, seq, heads) → (batch, heads, seq) transpose the attention products need,
-  and the inverse rotation fused with the transpose back;
+* :func:`rope_into_groups` / :func:`rope_back_from_groups` — RoPE fused with the
+  reordering the attention products need (each kv head's query heads stacked), and
+  the inverse rotation fused with the reordering back;
 * :func:`masked_softmax` / :func:`masked_softmax_backward` — the attention softmax
   (scale, mask, normalise) in place, and its gradient;
 * :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients.
@@ -27,7 +27,7 @@ from numba import njit, prange
 from .exp32 import exp32
 from .llama_cpu import swiglu
 
-__all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_heads", "rope_back_from_heads",
+__all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
            "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward"]
 
 
@@ -87,41 +87,50 @@ def _rms_norm_backward_row(grad, x, inverse, weight, grad_out):
 
 
 # ---------------------------------------------------------------------------
-# RoPE, fused with the transposes into and out of head-major order
+# RoPE, fused with the reordering into and out of kv-head groups
 # ---------------------------------------------------------------------------
 
-def rope_into_heads(x, cos, sin):
-    """x (B, T, H, hd) → (B, H, T, hd), adjacent pairs rotated by the angles of cos, sin (B·T, hd/2)."""
+def rope_into_groups(x, cos, sin, kv_heads):
+    """x (B, T, H, hd) → (B, KV, T·g, hd), adjacent pairs rotated by the angles of cos, sin (B·T, hd/2).
+
+    Row t·g + j of group k holds head k·g + j at position t (g = H / KV): each kv head's
+    query heads stacked position by position, so that rows [t0·g, t1·g) are the queries
+    of positions t0 … t1-1 (with kv_heads = H, one head per group).
+    """
     B, T, H, hd = x.shape
-    out = np.empty((B, H, T, hd), np.float32)
-    _rope_into_heads(x, cos.reshape(B, T, -1), sin.reshape(B, T, -1), out)
+    out = np.empty((B, kv_heads, T * (H // kv_heads), hd), np.float32)
+    _rope_into_groups(x, cos.reshape(B, T, -1), sin.reshape(B, T, -1), out)
     return out
 
 
 @njit(parallel=True, cache=True)
-def _rope_into_heads(x, cos, sin, out):
+def _rope_into_groups(x, cos, sin, out):
     B, T, H, hd = x.shape
+    group = H // out.shape[1]
     for bt in prange(B * T):
         b, t = bt // T, bt % T
         for h in range(H):
-            _rotate_pairs(x[b, t, h], cos[b, t], sin[b, t], out[b, h, t])
+            _rotate_pairs(x[b, t, h], cos[b, t], sin[b, t], out[b, h // group, t * group + h % group])
 
 
-def rope_back_from_heads(grad, cos, sin):
-    """grad (B, H, T, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
-    B, H, T, hd = grad.shape
-    out = np.empty((B, T, H, hd), np.float32)
-    _rope_back_from_heads(grad, cos.reshape(B, T, -1), -sin.reshape(B, T, -1), out)   # rotation by −angle
+def rope_back_from_groups(grad, cos, sin):
+    """grad (B, KV, T·g, hd) in :func:`rope_into_groups`' order → (B, T, KV·g, hd), rotated back
+    by the angles (the gradient of RoPE)."""
+    B, KV, rows, hd = grad.shape
+    T = cos.shape[0] // B
+    out = np.empty((B, T, KV * (rows // T), hd), np.float32)
+    _rope_back_from_groups(grad, cos.reshape(B, T, -1), -sin.reshape(B, T, -1), out)   # rotation by −angle
     return out
 
 
 @njit(parallel=True, cache=True)
-def _rope_back_from_heads(grad, cos, sin, out):
-    B, H, T, hd = grad.shape
+def _rope_back_from_groups(grad, cos, sin, out):
+    B, T, H, hd = out.shape
+    group = H // grad.shape[1]
     for bt in prange(B * T):
         b, t = bt // T, bt % T
         for h in range(H):
-            _rotate_pairs(grad[b, h, t], cos[b, t], sin[b, t], out[b, t, h])
+            _rotate_pairs(grad[b, h // group, t * group + h % group], cos[b, t], sin[b, t], out[b, t, h])
 
 
 @njit(cache=True)
@@ -140,22 +149,23 @@ def _rotate_pairs(x, cos, sin, out):
 def masked_softmax(scores, mask, scale):
     """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
 
-    scores (B, KV, g·T, T): query heads grouped by the kv head they read, so row r
-    of a group is query position r mod T; mask (B or 1, T, T) bool, True where query
-    t may see key s (every row must allow at least one key).
+    scores (B, KV, T·g, S) in :func:`rope_into_groups`' row order (row t·g + j is query
+    position t); mask (B or 1, T, S) bool, True where query t may see key s (every row
+    must allow at least one key).
     """
-    B, KV, R, T = scores.shape
-    ends = T - np.argmax(mask[:, :, ::-1], axis=-1)          # (B or 1, T): 1 + the last key allowed
-    _masked_softmax_rows(scores.reshape(-1, T), mask, ends, np.float32(scale), R, KV * R)
+    B, KV, rows, S = scores.shape
+    ends = S - np.argmax(mask[:, :, ::-1], axis=-1)          # (B or 1, T): 1 + the last key allowed
+    _masked_softmax_rows(scores.reshape(-1, S), mask, ends, np.float32(scale), rows // mask.shape[1],
+                         KV * rows)
     return scores
 
 
 @njit(parallel=True, cache=True)
-def _masked_softmax_rows(scores, mask, ends, scale, rows_per_head, rows_per_batch):
-    T = scores.shape[1]
+def _masked_softmax_rows(scores, mask, ends, scale, group, rows_per_batch):
+    T = mask.shape[1]
     for row in prange(scores.shape[0]):
         b = row // rows_per_batch if mask.shape[0] > 1 else 0
-        t = row % rows_per_head % T
+        t = row // group % T
         _masked_softmax_row(scores[row], mask[b, t], ends[b, t], scale)
 
 
@@ -181,7 +191,7 @@ def masked_softmax_backward(grad_probs, probs, grad_out, out, scale):
 
     For out = probs @ v: dL/dscore_s = scale · P_s · (dP_s − Σ_j P_j dP_j), and
     Σ_j P_j dP_j = grad_out · out of the same row, a dot product of hd numbers.
-    grad_probs, probs (B, KV, g·T, T); grad_out, out (B, KV, g·T, hd).
+    grad_probs, probs (B, KV, T·g, S); grad_out, out (B, KV, T·g, hd).
     """
     T, hd = probs.shape[-1], out.shape[-1]
     _softmax_backward_rows(grad_probs.reshape(-1, T), probs.reshape(-1, T), grad_out.reshape(-1, hd),
