@@ -188,7 +188,8 @@ def main():
         result = run(sys.executable, OURS, common + [compute_dtype])
         if result is None:
             return
-        ours[compute_dtype] = result, summary(f"qlora_np (NF4 + dq, {compute_dtype} products)", result, tokens)
+        label = f"qlora_np (NF4 + dq, {compute_dtype} products)"
+        ours[compute_dtype] = result, summary(label, result, tokens)
     has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"], capture_output=True)
     if has_torch.returncode != 0:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")

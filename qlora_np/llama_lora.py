@@ -231,7 +231,8 @@ def _backward(model, saved, grad_final, rope, mask):
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
         grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
                                                      step["attention"], grad_o)
-        grad_q, grad_k = passes.rope_back_from_groups(grad_q, *rope), passes.rope_back_from_groups(grad_k, *rope)
+        grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
+        grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
         grad_n += lin["attn_k"].backward(grad_k.reshape(B, T, -1))
         grad_n += lin["attn_v"].backward(_groups_to_heads(grad_v, T))

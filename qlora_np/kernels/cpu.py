@@ -311,7 +311,8 @@ def _dequantize_range_wide(packed, absmax, shift, blocksize, table, start, out, 
         block = start // blocksize + first
         avx512_dequantize_blocks(packed.ctypes.data + block * (blocksize // 2),
                                  absmax.ctypes.data + 4 * block, shift.ctypes.data + 4 * block,
-                                 whole - first, blocksize // 2, table, out.ctypes.data + 4 * first * blocksize)
+                                 whole - first, blocksize // 2, table,
+                                 out.ctypes.data + 4 * first * blocksize)
     if stop > whole:
         _dequantize_block_range(packed, absmax, shift, blocksize, table, start, out, max(whole, first), stop)
 

@@ -99,18 +99,8 @@ def rope_into_groups(x, cos, sin, kv_heads):
     """
     B, T, H, hd = x.shape
     out = np.empty((B, kv_heads, T * (H // kv_heads), hd), np.float32)
-    _rope_into_groups(x, cos.reshape(B, T, -1), sin.reshape(B, T, -1), out)
+    _rope_between_layouts(x, cos.reshape(B, T, -1), sin.reshape(B, T, -1), out, True)
     return out
-
-
-@njit(parallel=True, cache=True)
-def _rope_into_groups(x, cos, sin, out):
-    B, T, H, hd = x.shape
-    group = H // out.shape[1]
-    for bt in prange(B * T):
-        b, t = bt // T, bt % T
-        for h in range(H):
-            _rotate_pairs(x[b, t, h], cos[b, t], sin[b, t], out[b, h // group, t * group + h % group])
 
 
 def rope_back_from_groups(grad, cos, sin):
@@ -119,18 +109,24 @@ def rope_back_from_groups(grad, cos, sin):
     B, KV, rows, hd = grad.shape
     T = cos.shape[0] // B
     out = np.empty((B, T, KV * (rows // T), hd), np.float32)
-    _rope_back_from_groups(grad, cos.reshape(B, T, -1), -sin.reshape(B, T, -1), out)   # rotation by −angle
+    _rope_between_layouts(out, cos.reshape(B, T, -1), -sin.reshape(B, T, -1), grad, False)   # by −angle
     return out
 
 
 @njit(parallel=True, cache=True)
-def _rope_back_from_groups(grad, cos, sin, out):
-    B, T, H, hd = out.shape
-    group = H // grad.shape[1]
+def _rope_between_layouts(by_head, cos, sin, grouped, into_groups):
+    """Rotate every (position, head) row from by_head (B, T, H, hd) into grouped
+    (B, KV, T·g, hd), or the other way round."""
+    B, T, H, hd = by_head.shape
+    group = H // grouped.shape[1]
     for bt in prange(B * T):
         b, t = bt // T, bt % T
         for h in range(H):
-            _rotate_pairs(grad[b, h // group, t * group + h % group], cos[b, t], sin[b, t], out[b, t, h])
+            grouped_row = grouped[b, h // group, t * group + h % group]
+            if into_groups:
+                _rotate_pairs(by_head[b, t, h], cos[b, t], sin[b, t], grouped_row)
+            else:
+                _rotate_pairs(grouped_row, cos[b, t], sin[b, t], by_head[b, t, h])
 
 
 @njit(cache=True)
