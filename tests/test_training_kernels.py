@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from numba import njit
 
 from qlora_np import llama_lora as reference
 from qlora_np.kernels import training_cpu
 from qlora_np.kernels.exp32 import exp32
-from numba import njit
 
 # The kernels sum in any order (fastmath) and use exp32 (≤ 1.4 ulp) where NumPy uses its
 # own exp (≤ 3 ulp from exp32): float32 rounding of sums of up to a few hundred terms

@@ -36,17 +36,22 @@ def rms_norm(x, weight, eps):
     return out
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def _rms_norm_rows(x, weight, eps, out):
-    hidden = x.shape[1]
     for t in range(x.shape[0]):
-        row = x[t]
-        square_sum = np.float32(0)
-        for i in range(hidden):
-            square_sum += row[i] * row[i]
-        inverse = np.float32(1) / np.sqrt(square_sum / np.float32(hidden) + eps)
-        for i in range(hidden):
-            out[t, i] = row[i] * inverse * weight[i]
+        rms_norm_row(x[t], weight, eps, out[t])
+
+
+@njit(cache=True, fastmath=True)
+def rms_norm_row(x, weight, eps, out):
+    """out = x · r · weight for one row; returns r = 1/sqrt(mean(x²) + eps) (training keeps it)."""
+    square_sum = np.float32(0)
+    for i in range(x.size):
+        square_sum += x[i] * x[i]
+    inverse = np.float32(1) / np.sqrt(square_sum / np.float32(x.size) + eps)
+    for i in range(x.size):
+        out[i] = x[i] * inverse * weight[i]
+    return inverse
 
 
 def attend(q, k, v, cos, sin, keys, values, start):

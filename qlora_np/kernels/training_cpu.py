@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from .exp32 import exp32
-from .llama_cpu import swiglu
+from .llama_cpu import rms_norm_row, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
            "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward"]
@@ -47,18 +47,7 @@ def rms_norm_forward(x, weight, eps):
 @njit(parallel=True, cache=True)
 def _rms_norm_rows(x, weight, eps, out, inverse_rms):
     for t in prange(x.shape[0]):
-        _rms_norm_row(x[t], weight, eps, out[t], inverse_rms[t])
-
-
-@njit(cache=True, fastmath=True)
-def _rms_norm_row(x, weight, eps, out, inverse_rms):
-    square_sum = np.float32(0)
-    for i in range(x.size):
-        square_sum += x[i] * x[i]
-    inverse = np.float32(1) / np.sqrt(square_sum / np.float32(x.size) + eps)
-    inverse_rms[0] = inverse
-    for i in range(x.size):
-        out[i] = x[i] * inverse * weight[i]
+        inverse_rms[t, 0] = rms_norm_row(x[t], weight, eps, out[t])
 
 
 def add_rms_norm_backward(grad, x, inverse_rms, weight, grad_out):
