@@ -77,11 +77,17 @@ def _rotate_keys_into_cache(k, v, cos, sin, keys, values, start):
     T, kv_heads, head_dim = k.shape
     for t in range(T):
         for h in range(kv_heads):
-            for i in range(head_dim // 2):
-                even, odd = k[t, h, 2 * i], k[t, h, 2 * i + 1]
-                keys[h, start + t, 2 * i] = even * cos[t, i] - odd * sin[t, i]
-                keys[h, start + t, 2 * i + 1] = even * sin[t, i] + odd * cos[t, i]
+            rotate_pairs(k[t, h], cos[t], sin[t], keys[h, start + t])
             values[h, start + t, :] = v[t, h, :]
+
+
+@njit(cache=True)
+def rotate_pairs(x, cos, sin, out):
+    """RoPE of one head: each pair (x[2i], x[2i+1]) rotated by the angle of cos_i, sin_i, into out."""
+    for i in range(cos.size):
+        even, odd = x[2 * i], x[2 * i + 1]
+        out[2 * i] = even * cos[i] - odd * sin[i]
+        out[2 * i + 1] = even * sin[i] + odd * cos[i]
 
 
 @njit(cache=True)

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from .exp32 import exp32
-from .llama_cpu import rms_norm_row, swiglu
+from .llama_cpu import rms_norm_row, rotate_pairs, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
            "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward"]
@@ -113,18 +113,9 @@ def _rope_between_layouts(by_head, cos, sin, grouped, into_groups):
         for h in range(H):
             grouped_row = grouped[b, h // group, t * group + h % group]
             if into_groups:
-                _rotate_pairs(by_head[b, t, h], cos[b, t], sin[b, t], grouped_row)
+                rotate_pairs(by_head[b, t, h], cos[b, t], sin[b, t], grouped_row)
             else:
-                _rotate_pairs(grouped_row, cos[b, t], sin[b, t], by_head[b, t, h])
-
-
-@njit(cache=True)
-def _rotate_pairs(x, cos, sin, out):
-    """out[2i], out[2i+1] = x[2i]·cos_i − x[2i+1]·sin_i, x[2i]·sin_i + x[2i+1]·cos_i."""
-    for i in range(cos.size):
-        even, odd = x[2 * i], x[2 * i + 1]
-        out[2 * i] = even * cos[i] - odd * sin[i]
-        out[2 * i + 1] = even * sin[i] + odd * cos[i]
+                rotate_pairs(grouped_row, cos[b, t], sin[b, t], by_head[b, t, h])
 
 
 # ---------------------------------------------------------------------------
