@@ -1,6 +1,6 @@
 """Training speed and memory: a QLoRA step on SmolLM2-135M, qlora_np against plain PyTorch.
 
-    python benchmarks/train_step.py [--steps 3] [--batch 4] [--seq 256] [--threads 2]
+    python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--threads 2]
                                     [--compute-dtype both] [--torch-python PATH]
 
 One step = forward, backward and AdamW for LoRA r=8 (alpha 16) on q, k, v, o, gate,
@@ -8,15 +8,18 @@ up and down of every block, on ``batch`` rows of ``seq`` random tokens, all toke
 labelled. Each side runs in its own subprocess, so each peak RSS is its own:
 
 * qlora_np: the GGUF re-quantized to NF4 with double quant (the QLoRA set-up), once
-  with float32 products and once with ``compute_dtype="bfloat16"`` (as bitsandbytes
-  computes on the CPU);
+  with float32 products and once with ``compute_dtype="bfloat16"``;
 * PyTorch (when ``--torch-python`` has torch): the same model written directly in
   torch (no transformers), the same GGUF weights decoded to frozen float32, LoRA
   adapters as trainable tensors, autograd, ``torch.optim.AdamW``; with bitsandbytes
-  installed there, its frozen linear weights are bnb NF4 ``Linear4bit`` layers.
+  installed there, its frozen linear weights are bnb NF4 ``Linear4bit`` layers. It runs
+  in float32, and in bfloat16 the way QLoRA recipes set it up (``bnb_4bit_compute_dtype=
+  bfloat16`` and bf16 mixed precision, i.e. ``torch.autocast``).
 
-Prints tokens/s (the mean of the steps after the first) and peak RSS for each, and
-the ratios (targets: ≥ 2× their tokens/s at ≤ 0.5× their peak RSS).
+Prints tokens/s (the median of the steps after the first two, which warm up caches and
+allocators) and peak RSS for each, the arithmetic a step needs and the rate each side
+reached, and the ratios of like to like (targets: ≥ 2× their tokens/s at ≤ 0.5× their
+peak RSS).
 """
 
 import os
@@ -60,6 +63,7 @@ import json, resource, sys, time
 import gguf, numpy as np, torch
 from gguf.quants import dequantize
 path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
+compute_dtype = getattr(torch, sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 reader = gguf.GGUFReader(path)
@@ -87,7 +91,7 @@ class LoRA(torch.nn.Module):
         out_f, in_f = weight.shape
         if bnb is not None:
             self.base = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4",
-                                          compress_statistics=True, compute_dtype=torch.float32)
+                                          compress_statistics=True, compute_dtype=compute_dtype)
             self.base.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
             self.base = self.base.to("cpu")          # moving to a device quantizes the weight
         else:
@@ -135,7 +139,8 @@ labels = torch.from_numpy(generator.integers(0, embedding.shape[0], (batch, seq)
 times, losses = [], []
 for _ in range(steps):
     start = time.perf_counter()
-    loss = loss_of(ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+        loss = loss_of(ids, labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -156,52 +161,79 @@ def run(python, script, args, env=None):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summary(name, result, tokens):
-    steady = result["times"][1:] or result["times"]
-    speed = tokens / (sum(steady) / len(steady))
-    print(f"{name:34} {speed:8.1f} tokens/s   first step {result['times'][0]:6.2f} s   "
-          f"peak RSS {result['rss_mib']:7.0f} MiB   loss {result['losses'][0]:.3f}")
-    return speed
+def step_flops(config, batch, seq, r=8):
+    """The arithmetic one training step needs (multiply-adds count 2): the products with the
+    frozen weights forward and back to their inputs (the LM head included), the adapters'
+    products (forward, both gradients and the gradient to x), and causal attention (half
+    the score square, forward and back). Element-wise work is left out."""
+    h, inter, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    kv = config.num_kv_heads * hd
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]   # (out, in)
+    frozen = sum(o * i for o, i in shapes) * config.num_layers + config.vocab_size * h
+    adapters = sum(r * (o + i) for o, i in shapes) * config.num_layers
+    attention = config.num_layers * config.num_heads * hd * seq              # per token, forward: qk + pv
+    per_token = 2 * (2 * frozen + 3 * adapters + 3 * attention)
+    return per_token * batch * seq
+
+
+def summary(name, result, tokens, flops):
+    """Print one side's line; its tokens/s (the median of the steps after two warm-up steps)."""
+    steady = sorted(result["times"][2:] or result["times"][-1:])
+    seconds = steady[len(steady) // 2] if len(steady) % 2 else sum(steady[len(steady) // 2 - 1:][:2]) / 2
+    print(f"{name:40} {tokens / seconds:7.1f} tokens/s  {flops / seconds / 1e9:5.0f} GFLOP/s   "
+          f"first step {result['times'][0]:5.2f} s   peak RSS {result['rss_mib']:6.0f} MiB   "
+          f"loss {result['losses'][0]:.3f}")
+    return tokens / seconds
 
 
 def main():
     from qlora_np.demo import shipped_smollm2_path
+    from qlora_np.gguf_io import open_gguf
+    from qlora_np.llama import LlamaConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compute-dtype", default="both", choices=["float32", "bfloat16", "both"],
-                        help="what qlora_np's 4-bit products multiply in (default: a run with each)")
+                        help="what both sides multiply in (default: a run with each)")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="a Python with torch (and gguf) installed (default: this one)")
     args = parser.parse_args()
     path = args.model or shipped_smollm2_path()
     tokens = args.batch * args.seq
+    flops = step_flops(LlamaConfig.from_gguf(open_gguf(path)), args.batch, args.seq)
+    dtypes = ("float32", "bfloat16") if args.compute_dtype == "both" else (args.compute_dtype,)
     common = [path, args.steps, args.batch, args.seq, args.threads]
     print(f"{os.path.basename(path)}: LoRA r=8 on all 7 linear layers, batch {args.batch} × seq {args.seq}"
-          f" = {tokens} tokens a step, {args.threads} threads, {args.steps} steps")
+          f" = {tokens} tokens a step ({flops / 1e9:.0f} GFLOP), {args.threads} threads, {args.steps} steps")
     ours = {}
-    for compute_dtype in ("float32", "bfloat16") if args.compute_dtype == "both" else (args.compute_dtype,):
+    for compute_dtype in dtypes:
         result = run(sys.executable, OURS, common + [compute_dtype])
         if result is None:
             return
-        label = f"qlora_np (NF4 + dq, {compute_dtype} products)"
-        ours[compute_dtype] = result, summary(label, result, tokens)
+        label = f"qlora_np (NF4 + dq, {compute_dtype})"
+        ours[compute_dtype] = result, summary(label, result, tokens, flops)
     has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"], capture_output=True)
     if has_torch.returncode != 0:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
         return
-    theirs = run(args.torch_python, TORCH, common, THEIR_ENVIRONMENT)
-    if theirs is None:
-        return
-    label = f"torch {theirs['torch']} ({'bnb NF4' if theirs['bnb'] else 'fp32 frozen'})"
-    their_speed = summary(label, theirs, tokens)
+    theirs = {}
+    for compute_dtype in dtypes:
+        result = run(args.torch_python, TORCH, common + [compute_dtype], THEIR_ENVIRONMENT)
+        if result is None:
+            return
+        label = f"torch {result['torch']} ({'bnb NF4' if result['bnb'] else 'fp32 frozen'}, {compute_dtype})"
+        theirs[compute_dtype] = result, summary(label, result, tokens, flops)
     for compute_dtype, (result, our_speed) in ours.items():
-        print(f"qlora_np {compute_dtype} / torch: speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
-              f"peak RSS {result['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
+        their_result, their_speed = theirs[compute_dtype]
+        print(f"{compute_dtype}: qlora_np / torch speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
+              f"peak RSS {result['rss_mib'] / their_result['rss_mib']:.2f} (target ≤ 0.5)")
+    if len(dtypes) == 2:
+        our_best, their_best = max(s for _, s in ours.values()), max(s for _, s in theirs.values())
+        print(f"fastest against fastest: speed {our_best / their_best:.2f}")
 
 
 if __name__ == "__main__":
