@@ -20,6 +20,10 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 # qlora_np is imported before the first parallel Numba kernel runs.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
+from .allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()          # a training step's activations are reused, not faulted in anew each step
+
 from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
 from .dtypes import bfloat16_from_bits
 from .errors import (BlocksizeError, CheckpointError, DataError, DeviceError, DTypeError, InvalidValueError,

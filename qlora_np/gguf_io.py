@@ -30,8 +30,10 @@ def decode_tensor(tensor):
     """
     import gguf
 
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.ascontiguousarray(values, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+    values = np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+    if np.may_share_memory(values, tensor.data):     # F32 tensors come back as views of the mapped file:
+        values = values.copy()                       # copied, so the mapping can go once loading is done
+    return values.reshape(tuple(reversed(tensor.shape.tolist())))
 
 
 def metadata_items(reader, skip=()):
