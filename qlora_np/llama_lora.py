@@ -200,7 +200,7 @@ def _block_forward(cfg, block, x, rope, mask):
     k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
     v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
     attention, probs = _attention(q, k, v, mask)                                   # (B, KV, T·g, hd)
-    step.update(q=q, k=k, v=v, probs=probs, attention=attention)
+    step.update(q=q, k=k, v=v, probs=probs)
     x = x + _train(lin["attn_output"], _groups_to_heads(attention, T))
     step["x_mid"] = x
     m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
@@ -229,8 +229,7 @@ def _backward(model, saved, grad_final, rope, mask):
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"],
-                                                     step["attention"], grad_o)
+        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"], grad_o)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
@@ -290,7 +289,7 @@ def _attention(q, k, v, mask):
     return out, probs
 
 
-def _attention_backward(q, k, v, probs, out, grad_out):
+def _attention_backward(q, k, v, probs, grad_out):
     """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped and chunked as
     :func:`_attention` does; grad_out (B, KV, T·g, d) like out.
 
@@ -308,8 +307,7 @@ def _attention_backward(q, k, v, probs, out, grad_out):
         grad_chunk = grad_out[:, :, queries]                                          # (B, KV, c·g, d)
         grad_v[:, :, :end] += chunk.transpose(0, 1, 3, 2) @ grad_chunk
         grad_scores = grad_chunk @ v[:, :, :end].transpose(0, 1, 3, 2)               # dP (B, KV, c·g, end)
-        _passes(q.dtype).masked_softmax_backward(grad_scores, chunk, grad_chunk, out[:, :, queries],
-                                                 1 / np.sqrt(d))
+        _passes(q.dtype).masked_softmax_backward(grad_scores, chunk, 1 / np.sqrt(d))
         np.matmul(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
         grad_k[:, :, :end] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, queries]
     return grad_q, grad_k, grad_v
@@ -371,13 +369,9 @@ def masked_softmax(scores, mask, scale):
     return scores
 
 
-def masked_softmax_backward(grad_probs, probs, grad_out, out, scale):
-    """dL/dscores from dL/dprobs in place: scale·P·(dP − Σ_j P_j dP_j); returns grad_probs.
-
-    Σ_j P_j dP_j of a row equals grad_out · out of that row (as out = Σ_j P_j v_j),
-    so it comes from the (…, hd) arrays, not the (…, T) ones.
-    """
-    grad_probs -= np.sum(grad_out * out, axis=-1, keepdims=True)
+def masked_softmax_backward(grad_probs, probs, scale):
+    """dL/dscores from dL/dprobs in place: scale·P·(dP − Σ_j P_j dP_j); returns grad_probs."""
+    grad_probs -= np.sum(grad_probs * probs, axis=-1, keepdims=True)
     grad_probs *= probs
     grad_probs *= probs.dtype.type(scale)
     return grad_probs

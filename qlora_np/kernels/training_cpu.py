@@ -162,30 +162,28 @@ def _masked_softmax_row(scores, allowed, end, scale):
     scores[end:] = 0
 
 
-def masked_softmax_backward(grad_probs, probs, grad_out, out, scale):
+def masked_softmax_backward(grad_probs, probs, scale):
     """dL/dscores from dL/dprobs, in place in grad_probs; returns it.
 
-    For out = probs @ v: dL/dscore_s = scale · P_s · (dP_s − Σ_j P_j dP_j), and
-    Σ_j P_j dP_j = grad_out · out of the same row, a dot product of hd numbers.
-    grad_probs, probs (B, KV, T·g, S); grad_out, out (B, KV, T·g, hd).
+    dL/dscore_s = scale · P_s · (dP_s − Σ_j P_j dP_j), a row at a time (the row's two
+    passes read it from the cache). grad_probs, probs (B, KV, T·g, S).
     """
-    T, hd = probs.shape[-1], out.shape[-1]
-    _softmax_backward_rows(grad_probs.reshape(-1, T), probs.reshape(-1, T), grad_out.reshape(-1, hd),
-                           out.reshape(-1, hd), np.float32(scale))
+    S = probs.shape[-1]
+    _softmax_backward_rows(grad_probs.reshape(-1, S), probs.reshape(-1, S), np.float32(scale))
     return grad_probs
 
 
 @njit(parallel=True, cache=True)
-def _softmax_backward_rows(grad, probs, grad_out, out, scale):
+def _softmax_backward_rows(grad, probs, scale):
     for row in prange(grad.shape[0]):
-        _softmax_backward_row(grad[row], probs[row], grad_out[row], out[row], scale)
+        _softmax_backward_row(grad[row], probs[row], scale)
 
 
 @njit(cache=True, fastmath=True)
-def _softmax_backward_row(grad, probs, grad_out, out, scale):
+def _softmax_backward_row(grad, probs, scale):
     weighted = np.float32(0)
-    for i in range(out.size):
-        weighted += grad_out[i] * out[i]
+    for s in range(grad.size):
+        weighted += grad[s] * probs[s]
     for s in range(grad.size):
         grad[s] = (grad[s] - weighted) * probs[s] * scale
 
