@@ -206,7 +206,8 @@ def _block_forward(cfg, block, x, rope, mask):
     m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
     step.update(gate=gate, up=up)
-    return x + _train(lin["ffn_down"], passes.swiglu(gate, up)), step
+    hidden = passes.swiglu(gate, up)                              # not kept: backward makes it again
+    return x + _train(lin["ffn_down"], hidden, keep_input=False), step
 
 
 def _backward(model, saved, grad_final, rope, mask):
@@ -223,7 +224,8 @@ def _backward(model, saved, grad_final, rope, mask):
                 layer.dropout_rng.bit_generator.state = step["rng_states"][name]
             _, step = _block_forward(cfg, block, step["x"], rope, mask)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
-        grad_gate, grad_up = passes.swiglu_backward(lin["ffn_down"].backward(grad), step["gate"], step["up"])
+        grad_hidden = lin["ffn_down"].backward(grad, x=passes.swiglu(step["gate"], step["up"]))
+        grad_gate, grad_up = passes.swiglu_backward(grad_hidden, step["gate"], step["up"])
         grad_m = lin["ffn_gate"].backward(grad_gate)
         grad_m += lin["ffn_up"].backward(grad_up)
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
@@ -238,9 +240,10 @@ def _backward(model, saved, grad_final, rope, mask):
         passes.add_rms_norm_backward(grad, step["x"], step["rms1"], block.attn_norm, grad_n)
 
 
-def _train(layer, x):
-    """Forward through a linear layer, saving what its backward needs when training."""
-    return layer.forward(x).astype(x.dtype, copy=False)
+def _train(layer, x, keep_input=True):
+    """Forward through a linear layer, saving what its backward needs when training
+    (without x itself when not ``keep_input``: see :meth:`LoRALinear.forward`)."""
+    return layer.forward(x, keep_input=keep_input).astype(x.dtype, copy=False)
 
 
 ATTENTION_CHUNK = 128

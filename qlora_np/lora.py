@@ -236,18 +236,20 @@ class LoRALinear:
         return self
 
     # -- forward / backward -------------------------------------------------
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, keep_input=True):
         """x (..., in) → y (..., out).
 
         Computes in float64 if x or the adapters are float64, else in float32 (the
         4-bit products themselves are float32 either way). When ``cache`` is true
         (default: in training mode only) keeps what :meth:`backward` needs: the
         dropped-out x, the dropout mask and x @ A.T — nothing for a layer without
-        active adapters, whose backward only needs W.
+        active adapters, whose backward only needs W. ``keep_input=False`` leaves
+        the dropped-out x out, for an x that is cheaper to compute again than to
+        keep: :meth:`backward` then takes x again.
         """
         cache = self.training if cache is None else cache
         if self.device == "cuda":
-            return self._forward_on_gpu(x, cache)
+            return self._forward_on_gpu(x, cache, keep_input)
         x = np.asarray(x)
         float_dtype_name(x.dtype)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
@@ -267,28 +269,32 @@ class LoRALinear:
             lora_b = self.lora_b.T.astype(dtype, copy=False)                # (r, out)
             _add_low_rank_product(y, self.scale, hidden, lora_b)            # (rows, out)
         if cache:                          # a forward without caching leaves an earlier cache alone
-            self._cache = _ForwardCache(lead, dtype, dropped, keep, hidden)
+            self._cache = _ForwardCache(lead, dtype, dropped if keep_input else None, keep, hidden)
         return y.reshape(lead + (self.out_features,))
 
     __call__ = forward
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, x=None):
         """grad_out (..., out) → grad_x (..., in); adds the adapters' (and bias') gradients.
 
         Uses up the cache of the last caching forward, as a framework frees its graph:
-        a second backward needs a new forward.
+        a second backward needs a new forward. ``x``: the forward's input again, when
+        that forward ran with ``keep_input=False`` (ignored otherwise).
         """
         if self._cache is None:
             raise InvalidValueError("backward needs a forward pass in training mode first "
                                     "(or forward(x, cache=True))")
         if self.device == "cuda":
-            return self._backward_on_gpu(grad_out)
+            return self._backward_on_gpu(grad_out, x)
         lead, dtype, dropped, keep, hidden = self._cache
         grad_out = np.asarray(grad_out)
         float_dtype_name(grad_out.dtype)
         if grad_out.shape != lead + (self.out_features,):
             raise ShapeError(f"grad_out must have shape {lead + (self.out_features,)}, "
                              f"got {grad_out.shape}")
+        if hidden is not None and dropped is None:                        # keep_input=False
+            x2 = self._input_again(x, lead).astype(dtype, copy=False)       # (rows, in)
+            dropped = x2 if keep is None else self._apply_dropout(x2, keep)
         self._cache = None
         g = grad_out.reshape(-1, self.out_features).astype(dtype, copy=False)   # (rows, out)
 
@@ -307,7 +313,7 @@ class LoRALinear:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
         return grad_x.reshape(lead + (self.in_features,))
 
-    def _forward_on_gpu(self, x, cache):
+    def _forward_on_gpu(self, x, cache, keep_input):
         """:meth:`forward` with the layer on the GPU: the same steps, float32, on device arrays."""
         gpu = cuda_kernels()
         x2, lead = gpu.as_rows(x, self.in_features, "x")                      # (rows, in)
@@ -322,10 +328,11 @@ class LoRALinear:
             hidden = gpu.gemm(dropped, self.lora_a, transpose_b=True)         # (rows, r)
             gpu.gemm(hidden, self.lora_b, transpose_b=True, alpha=self.scale, out=y, beta=1)
         if cache:
-            self._cache = _ForwardCache(lead, np.dtype(np.float32), dropped, keep, hidden)
+            self._cache = _ForwardCache(lead, np.dtype(np.float32), dropped if keep_input else None, keep,
+                                        hidden)
         return y.reshape(lead + (self.out_features,))
 
-    def _backward_on_gpu(self, grad_out):
+    def _backward_on_gpu(self, grad_out, x):
         """:meth:`backward` with the layer on the GPU: the same steps, float32, on device arrays."""
         gpu = cuda_kernels()
         lead, _, dropped, keep, hidden = self._cache
@@ -333,6 +340,10 @@ class LoRALinear:
         if grad_lead != lead:
             raise ShapeError(f"grad_out must have shape {lead + (self.out_features,)}, "
                              f"got {grad_lead + (self.out_features,)}")
+        if hidden is not None and dropped is None:                          # keep_input=False
+            dropped = gpu.as_rows(self._input_again(x, lead), self.in_features, "x")[0]   # (rows, in)
+            if keep is not None:
+                dropped = gpu.masked_scale(dropped, keep, self._keep_scale(np.float32))
         self._cache = None
 
         grad_x = self._base_product_t(g)                                      # (rows, in): g @ W
@@ -347,6 +358,15 @@ class LoRALinear:
                 grad_dropped = gpu.masked_scale(grad_dropped, keep, self._keep_scale(np.float32))
             gpu.add_in_place(grad_x, grad_dropped)
         return grad_x.reshape(lead + (self.in_features,))
+
+    def _input_again(self, x, lead):
+        """The forward's input, passed to backward after a forward with ``keep_input=False``, as (rows, in)."""
+        if x is None:
+            raise InvalidValueError("the forward ran with keep_input=False: pass its input x to backward")
+        x = x if is_device_array(x) else np.asarray(x)
+        if tuple(x.shape) != lead + (self.in_features,):
+            raise ShapeError(f"x must have the forward's shape {lead + (self.in_features,)}, got {x.shape}")
+        return x.reshape(-1, self.in_features)
 
     def _compute_dtype(self, x):
         adapters = self.lora_a.dtype if self.has_adapters else np.float32

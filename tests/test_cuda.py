@@ -192,6 +192,24 @@ def test_lora_layer_on_gpu_matches_cpu(mode):
 
 
 @on_cuda
+def test_lora_layer_on_gpu_recomputes_an_input_it_did_not_keep():
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((12, 32)).astype(np.float32)
+    layers = [LoRALinear.from_weight(weight, r=4, dropout=0.25, seed=5) for _ in range(2)]
+    for layer in layers:
+        layer.lora_b[:] = np.random.default_rng(4).standard_normal(layer.lora_b.shape)
+        layer.to("cuda").train()
+    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    grad_y = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    layers[0].forward(x)
+    layers[1].forward(x, keep_input=False)
+    grads_x = [layers[0].backward(grad_y), layers[1].backward(grad_y, x=x)]
+    np.testing.assert_array_equal(*(grad.copy_to_host() for grad in grads_x))
+    for keeping, recomputing in zip(*(layer.to("cpu").parameters().values() for layer in layers)):
+        np.testing.assert_array_equal(keeping.grad, recomputing.grad)
+
+
+@on_cuda
 def test_tensor_moves_between_devices_unchanged():
     qt = qlora_np.quantize(_values("normal", 4 * 64).reshape(4, 64), "nf4", 64, True)
     on_gpu = qt.to("cuda")

@@ -194,6 +194,27 @@ def test_backward_uses_up_the_cache_of_the_last_caching_forward():
         layer.backward(np.ones((2, OUT)))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_forward_without_its_input_gives_the_same_gradients_given_x_again(dropout):
+    weight = np.random.default_rng(14).standard_normal((OUT, IN)).astype(np.float32)
+    layers = [LoRALinear.from_weight(weight, r=2, dropout=dropout, seed=6) for _ in range(2)]
+    for layer in layers:
+        layer.lora_b[:] = np.random.default_rng(15).standard_normal(layer.lora_b.shape)
+        layer.train()
+    keeping, recomputing = layers
+    x = np.random.default_rng(16).standard_normal((3, 2, IN)).astype(np.float32)
+    grad_y = np.random.default_rng(17).standard_normal((3, 2, OUT)).astype(np.float32)
+    assert np.array_equal(keeping.forward(x), recomputing.forward(x, keep_input=False))
+    assert recomputing._cache.dropped is None
+    with pytest.raises(InvalidValueError, match="keep_input=False"):
+        recomputing.backward(grad_y)
+    with pytest.raises(ShapeError, match="forward's shape"):
+        recomputing.backward(grad_y, x=x[:2])
+    assert np.array_equal(keeping.backward(grad_y), recomputing.backward(grad_y, x=x))    # the cache survived
+    for name, param in keeping.parameters().items():
+        assert np.array_equal(recomputing.parameters()[name].grad, param.grad), name
+
+
 def test_gradients_accumulate_until_zero_grad():
     layer = _layer("lora")
     x = np.ones((2, IN))
