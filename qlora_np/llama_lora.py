@@ -108,7 +108,7 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
     activations during the backward pass (gradient checkpointing: less memory, one
     more forward); dropout masks are replayed so the gradients are the same.
     """
-    ids, labels, positions, segments, count = _checked_batch(ids, labels, positions, segments)
+    ids, labels, positions, segments, count = _checked_batch(model, ids, labels, positions, segments)
     if count == 0:
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
     rope = _rope_rows(model.config, positions, dtype)
@@ -116,8 +116,8 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
     saved, final = _forward(model, ids, rope, mask, dtype, checkpoint)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
-    loss, grad_logits = _cross_entropy(logits, labels.reshape(-1)[rows],
-                                       count if normalizer is None else normalizer)
+    loss, grad_logits = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows],
+                                                            count if normalizer is None else normalizer)
     grad_final = np.zeros((ids.size, final.shape[-1]), final.dtype)
     grad_final[rows] = model.output.backward(grad_logits)
     _backward(model, saved, grad_final.reshape(final.shape), rope, mask)
@@ -130,22 +130,31 @@ def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.floa
     Runs the same batched forward as training; call ``model.eval()`` first to turn
     dropout off.
     """
-    ids, labels, positions, segments, count = _checked_batch(ids, labels, positions, segments)
+    ids, labels, positions, segments, count = _checked_batch(model, ids, labels, positions, segments)
     if count == 0:
         return 0.0, 0
     rope = _rope_rows(model.config, positions, dtype)
     _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
-    loss, _ = _cross_entropy(logits, labels.reshape(-1)[rows], 1)
+    loss, _ = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows], 1)
     return loss, count
 
 
-def _checked_batch(ids, labels, positions, segments):
-    """Arrays of one batch, shapes checked; default positions 0 … T-1; and the label count."""
+def _checked_batch(model, ids, labels, positions, segments):
+    """Arrays of one batch, shapes and token ids checked; default positions 0 … T-1; and the label count."""
     ids, labels = np.asarray(ids), np.asarray(labels)
     if ids.ndim != 2 or ids.shape != labels.shape:
         raise ShapeError(f"ids and labels must both be (batch, seq), got {ids.shape} and {labels.shape}")
+    vocab = model.config.vocab_size
+    for name, array, allowed in (("ids", ids, ()), ("labels", labels, (IGNORE_INDEX,))):
+        if array.dtype.kind not in "iu":
+            raise InvalidValueError(f"{name} must be integer token ids, got dtype {array.dtype}")
+        bad = ((array < 0) | (array >= vocab)) & ~np.isin(array, allowed)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidValueError(f"{name}{list(at)} = {array[at]} is not a token id of this model "
+                                    f"(0 … {vocab - 1}{', or ignore_index' if allowed else ''})")
     positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape) if positions is None else positions
     for name, array in (("positions", positions), ("segments", segments)):
         if array is not None and np.shape(array) != ids.shape:
@@ -391,7 +400,7 @@ def swiglu_backward(grad_hidden, gate, up):
     return grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), grad_hidden * gate * sigmoid
 
 
-def _cross_entropy(logits, labels, normalizer):
+def cross_entropy(logits, labels, normalizer):
     """Summed cross-entropy of logits (n, vocab) at labels (n,), divided by ``normalizer``; and dL/dlogits.
 
     Works in place: ``logits`` becomes the gradient (the (n, vocab) array is the

@@ -85,6 +85,20 @@ def test_untied_output_and_bad_ids():
         model.forward(np.array([1, 2, 3]), KVCache(TINY, 2))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_training_refuses_ids_and_labels_outside_the_vocabulary(dtype):
+    from qlora_np.llama_lora import IGNORE_INDEX, loss_and_backward, summed_loss
+    model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type=None)
+    ids, labels = np.array([[1, 2, 3]]), np.array([[2, 3, IGNORE_INDEX]])
+    assert np.isfinite(loss_and_backward(model, ids, labels, dtype=dtype))
+    with pytest.raises(InvalidValueError, match=r"labels\[0, 1\] = 40 is not a token id .*0 … 39, or ignore"):
+        loss_and_backward(model, ids, np.array([[2, 40, 1]]), dtype=dtype)
+    with pytest.raises(InvalidValueError, match=r"ids\[0, 0\] = -1 is not a token id"):
+        summed_loss(model, np.array([[-1, 2, 3]]), labels, dtype=dtype)
+    with pytest.raises(InvalidValueError, match="integer token ids"):
+        loss_and_backward(model, ids.astype(np.float32), labels, dtype=dtype)
+
+
 def test_sampling():
     logits = np.array([0.0, 5.0, 4.9, -3.0])
     assert sample(logits) == 1

@@ -155,3 +155,18 @@ def test_float32_training_attention_matches_the_float64_path(packed):
     for got, want in zip(results[np.float32], results[np.float64]):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 12), vocab=st.integers(1, 3000), spread=st.sampled_from([0.1, 5.0, 60.0]),
+       seed=st.integers(0, 99))
+def test_cross_entropy_matches_the_reference(rows, vocab, spread, seed):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((rows, vocab)) * spread).astype(np.float32)
+    labels = rng.integers(0, vocab, rows)
+    normalizer = rows + 3
+    loss, grad = training_cpu.cross_entropy(logits.copy(), labels, normalizer)
+    want_loss, want_grad = reference.cross_entropy(logits.astype(np.float64), labels, normalizer)
+    assert loss == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7 / normalizer)
+    np.testing.assert_allclose(grad.sum(axis=-1), 0, atol=1e-6)        # softmax sums to 1, minus the 1

@@ -12,7 +12,9 @@ references (float64 training runs those):
   the inverse rotation fused with the reordering back;
 * :func:`masked_softmax` / :func:`masked_softmax_backward` — the attention softmax
   (scale, mask, normalise) in place, and its gradient;
-* :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients.
+* :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients;
+* :func:`cross_entropy` — the loss over the vocabulary and its gradient, in place of
+  the logits (the largest array of a step).
 
 All take and return float32 C-contiguous arrays. ``fastmath`` is on where a kernel sums
 (row sums of squares, softmax sums, dot products): those sums may be taken in any order,
@@ -28,7 +30,7 @@ from .exp32 import exp32
 from .llama_cpu import rms_norm_row, rotate_pairs, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
-           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward"]
+           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward", "cross_entropy"]
 
 
 # ---------------------------------------------------------------------------
@@ -215,3 +217,43 @@ def _swiglu_backward_row(grad_hidden, gate, up, grad_gate, grad_up):
         sigmoid = one / (one + exp32(-gate[i]))
         grad_gate[i] = grad_hidden[i] * up[i] * sigmoid * (one + gate[i] * (one - sigmoid))
         grad_up[i] = grad_hidden[i] * gate[i] * sigmoid
+
+
+# ---------------------------------------------------------------------------
+# Cross-entropy over the vocabulary
+# ---------------------------------------------------------------------------
+
+def cross_entropy(logits, labels, normalizer):
+    """Summed cross-entropy of logits (n, vocab) at labels (n,) over ``normalizer``, and
+    dL/dlogits = (softmax − onehot) / normalizer written over the logits; returns both.
+
+    Labels must lie in [0, vocab): the caller checks (the kernel does not).
+    """
+    losses = np.empty(logits.shape[0], np.float64)
+    _cross_entropy_rows(logits, np.asarray(labels, np.int64), np.float32(1 / normalizer), losses)
+    return float(losses.sum()) / normalizer, logits
+
+
+@njit(parallel=True, cache=True)
+def _cross_entropy_rows(logits, labels, scale, losses):
+    for row in prange(logits.shape[0]):
+        losses[row] = _cross_entropy_row(logits[row], labels[row], scale)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _cross_entropy_row(logits, label, scale):
+    """One row: its loss log Σ exp(l) − l[label] (float64), and the row turned into its gradient."""
+    largest = np.float32(-np.inf)
+    for s in range(logits.size):
+        largest = max(largest, logits[s])
+    picked = logits[label] - largest
+    total = np.float32(0)
+    for s in range(logits.size):
+        weight = exp32(logits[s] - largest)
+        logits[s] = weight
+        total += weight
+    factor = scale / total
+    for s in range(logits.size):
+        logits[s] *= factor
+    logits[label] -= scale
+    return np.log(np.float64(total)) - np.float64(picked)
