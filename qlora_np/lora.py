@@ -360,7 +360,7 @@ class LoRALinear:
         return grad_x.reshape(lead + (self.in_features,))
 
     def _input_again(self, x, lead):
-        """The forward's input, passed to backward after a forward with ``keep_input=False``, as (rows, in)."""
+        """The input x given to backward after a forward with ``keep_input=False``, as (rows, in)."""
         if x is None:
             raise InvalidValueError("the forward ran with keep_input=False: pass its input x to backward")
         x = x if is_device_array(x) else np.asarray(x)
