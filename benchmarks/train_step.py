@@ -29,6 +29,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -178,8 +179,7 @@ def step_flops(config, batch, seq, r=8):
 
 def summary(name, result, tokens, flops):
     """Print one side's line; its tokens/s (the median of the steps after two warm-up steps)."""
-    steady = sorted(result["times"][2:] or result["times"][-1:])
-    seconds = steady[len(steady) // 2] if len(steady) % 2 else sum(steady[len(steady) // 2 - 1:][:2]) / 2
+    seconds = statistics.median(result["times"][2:] or result["times"][-1:])
     print(f"{name:40} {tokens / seconds:7.1f} tokens/s  {flops / seconds / 1e9:5.0f} GFLOP/s   "
           f"first step {result['times'][0]:5.2f} s   peak RSS {result['rss_mib']:6.0f} MiB   "
           f"loss {result['losses'][0]:.3f}")
