@@ -71,7 +71,8 @@ class _ForwardCache(NamedTuple):
 
     lead: tuple              # x's leading dimensions (..., )
     dtype: np.dtype          # compute dtype of the forward
-    dropped: np.ndarray      # (rows, in) dropout(x): A's gradient is grad_hidden.T @ dropped
+    dropped: np.ndarray      # (rows, in) dropout(x), A's gradient is grad_hidden.T @ dropped;
+                             # None after forward(keep_input=False): backward takes x again
     keep: np.ndarray         # (rows, in) bool dropout mask, None without dropout
     hidden: np.ndarray       # (rows, r) dropped @ A.T: B's gradient is g.T @ hidden
 
