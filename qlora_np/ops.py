@@ -18,6 +18,8 @@ from .codebooks import get_format
 from .dtypes import as_float32_flat, cast_from_float32, float_dtype_name, resolve_dtype
 from .errors import BlocksizeError, DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .kernels import bf16, products
+from .kernels.cpu import zero_shifts
+from .kernels.simd import decode_table
 from .tensor import (BNB_BLOCKSIZES, DEVICES, QuantizedTensor, cuda_kernels, is_device_array,
                      quantized_tensor_fields_for_double_quant)
 
@@ -242,6 +244,11 @@ def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float3
         return fused_matmul(x2d, qt, int8_activations).reshape(lead + (out_features,))
     y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
     x_rounded = bf16.rounded_rows(x2d) if bfloat16 else None
+    if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
+        weight = _bfloat16_weight(qt)
+        for row_start, count in _weight_row_ranges(qt):
+            bf16.times_weight_t(x_rounded, weight, row_start, count, y[:, row_start:row_start + count])
+        return y.reshape(lead + (out_features,))
     for row_start, tile in _weight_row_tiles(qt, backend, x2d.shape[0]):
         columns = slice(row_start, row_start + tile.shape[0])
         if bfloat16:
@@ -277,6 +284,15 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
         return result.reshape(lead + (in_features,))
     result = np.empty((g2d.shape[0], in_features), np.float32)       # (rows, in)
     partial = np.empty_like(result)                                    # one product's worth, reused
+    if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
+        weight = _bfloat16_weight(qt)
+        for row_start, count in _weight_row_ranges(qt):
+            product = result if row_start == 0 else partial
+            bf16.times_weight(bf16.rounded_rows(g2d[:, row_start:row_start + count]), weight, row_start,
+                              count, product)
+            if row_start:
+                result += partial
+        return result.reshape(lead + (in_features,))
     for row_start, tile in _weight_row_tiles(qt, backend, g2d.shape[0]):
         g_part = g2d[:, row_start:row_start + tile.shape[0]]
         product = result if row_start == 0 else partial               # the first tile's goes straight in
@@ -367,6 +383,26 @@ def _as_rows(array, qt, axis_size, name):
         raise ShapeError(f"{name} must have last dimension {axis_size} to multiply the weight of "
                          f"shape {qt.shape}, got shape {array.shape}")
     return np.ascontiguousarray(array.reshape(-1, axis_size), dtype=np.float32), array.shape[:-1]
+
+
+def _decodes_in_bfloat16(qt, backend):
+    """Whether the bfloat16 products decode W's panels straight from its codes (:func:`.kernels.bf16.decodes_4bit`)."""
+    return backend == "numba" and bf16.decodes_4bit(qt.shape, qt.blocksize)
+
+
+def _bfloat16_weight(qt):
+    """qt as :class:`.kernels.bf16.Weight4bit`: what those panel decoders read."""
+    block_scales = scales(qt)
+    shifts = zero_shifts(block_scales.size) if qt.zero_point is None else _shifts(qt)
+    return bf16.Weight4bit(qt.packed, block_scales, shifts, decode_table(qt.codebook), qt.blocksize, qt.shape)
+
+
+def _weight_row_ranges(qt):
+    """(first_row, rows) over W's rows, TILE_ELEMENTS at most and whole panels (an even
+    count: g's pairs never straddle two ranges), for the products decoding panels."""
+    rows_per_range = max(bf16.PANEL, TILE_ELEMENTS // qt.shape[1] // bf16.PANEL * bf16.PANEL)
+    for row_start in range(0, qt.shape[0], rows_per_range):
+        yield row_start, min(rows_per_range, qt.shape[0] - row_start)
 
 
 def _weight_row_tiles(qt, backend, batch_rows):

@@ -93,6 +93,79 @@ def test_matmul_and_matmul_t_in_bfloat16(quant_type):
     assert 0 < np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()      # really rounded, and only that
 
 
+FROM_CODES = pytest.mark.skipif(not bf16.decodes_4bit((64, 64), 64), reason="no AVX-512 BF16 permute decode")
+
+
+def _weight(quant_type, out_features, in_features, blocksize, seed):
+    """(the kernels' Weight4bit, the dequantized float32 W) of a random quantized W."""
+    rng = np.random.default_rng(seed)
+    qt = qlora_np.quantize(rng.standard_normal((out_features, in_features), np.float32), quant_type,
+                           blocksize, True)
+    return qlora_np.ops._bfloat16_weight(qt), qlora_np.dequantize(qt)
+
+
+def _packed(b):
+    """pack_panel's panels of a float32 b (k, n): the layout the 4-bit panel decoders must give."""
+    panels = np.empty((-(-b.shape[1] // bf16.PANEL), (b.shape[0] + 1) // 2, bf16.PANEL), np.uint32)
+    for p in range(panels.shape[0]):
+        bf16.pack_panel(b, p, panels[p])
+    return panels
+
+
+@FROM_CODES
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4_asym"])
+@pytest.mark.parametrize("out_features, in_features, blocksize, first_row, rows",
+                         [(96, 128, 64, 0, 96), (70, 48, 16, 32, 37), (33, 256, 128, 1, 31)])
+def test_panels_from_codes_are_the_panels_of_the_decoded_weight(quant_type, out_features, in_features,
+                                                                blocksize, first_row, rows):
+    weight, decoded = _weight(quant_type, out_features, in_features, blocksize, seed=5)
+    part = decoded[first_row:first_row + rows]                               # (rows, in)
+    for_x = np.empty((-(-rows // bf16.PANEL), in_features // 2, bf16.PANEL), np.uint32)
+    bf16.pack_weight_rows(weight.packed, weight.scales, weight.shifts, blocksize, weight.table,
+                          first_row, first_row + rows, for_x)
+    np.testing.assert_array_equal(for_x, _packed(part.T))
+    for_g = np.empty((-(-in_features // bf16.PANEL), (rows + 1) // 2, bf16.PANEL), np.uint32)
+    bf16.pack_weight_columns(weight.packed, weight.scales, weight.shifts, blocksize, weight.table,
+                             in_features, first_row, rows, for_g, 2)
+    np.testing.assert_array_equal(for_g, _packed(part))
+
+
+@FROM_CODES
+@settings(max_examples=25, deadline=None)
+@given(quant_type=st.sampled_from(["nf4", "fp4", "int4_asym"]), out_features=st.integers(1, 100),
+       blocks=st.integers(1, 4), blocksize=st.sampled_from([16, 32, 64, 128]), n=st.integers(1, 20),
+       data=st.data())
+def test_products_from_codes_equal_products_with_the_decoded_weight(quant_type, out_features, blocks,
+                                                                   blocksize, n, data):
+    in_features = blocks * blocksize
+    weight, decoded = _weight(quant_type, out_features, in_features, blocksize, seed=out_features)
+    first_row = data.draw(st.integers(0, out_features - 1))
+    rows = data.draw(st.integers(1, out_features - first_row))
+    rng = np.random.default_rng(n)
+    x, g = rng.standard_normal((n, in_features), np.float32), rng.standard_normal((n, rows), np.float32)
+    part = decoded[first_row:first_row + rows]
+    y = bf16.times_weight_t(bf16.rounded_rows(x), weight, first_row, rows, np.empty((n, rows), np.float32))
+    np.testing.assert_array_equal(y, bf16.matmul_bf16(bf16.rounded_rows(x), part.T))
+    grad = bf16.times_weight(bf16.rounded_rows(g), weight, first_row, rows,
+                             np.empty((n, in_features), np.float32))
+    np.testing.assert_array_equal(grad, bf16.matmul_bf16(bf16.rounded_rows(g), part))
+
+
+@FROM_CODES
+def test_weights_larger_than_a_tile_go_in_row_ranges(monkeypatch):
+    monkeypatch.setattr(qlora_np.ops, "TILE_ELEMENTS", 64 * 128)             # ranges of 64 rows
+    rng = np.random.default_rng(6)
+    qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
+    assert [count for _, count in qlora_np.ops._weight_row_ranges(qt)] == [64, 64, 64, 8]
+    weight = qlora_np.dequantize(qt)
+    x = rng.standard_normal((PANEL_MAX_ROWS + 5, 128), np.float32)
+    g = rng.standard_normal((PANEL_MAX_ROWS + 5, 200), np.float32)
+    np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"),
+                                  bf16.matmul_bf16(bf16.rounded_rows(x), weight.T))
+    grad = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
+    assert (np.abs(grad - reference.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
+
+
 def test_small_batches_stay_exact_float32():
     rng = np.random.default_rng(4)
     qt = qlora_np.quantize(rng.standard_normal((64, 128), np.float32), "nf4", 64)

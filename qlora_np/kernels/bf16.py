@@ -15,6 +15,8 @@ A register tile then multiplies TILE_ROWS rows of a with one panel: per pair of 
 broadcast of each row's pair and one ``vdpbf16ps`` per 16 columns.
 """
 
+from typing import NamedTuple
+
 import llvmlite.binding as llvm
 import numba
 import numpy as np
@@ -24,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import ShapeError
-from .simd import HAS_AVX512
+from .simd import HAS_AVX512, PERMUTE_DECODE, avx512_dequantize_blocks
 
 HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
 """Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
@@ -93,6 +95,66 @@ def round_to_bfloat16(a, out):
 
 
 # ---------------------------------------------------------------------------
+# Panels straight from a 4-bit W (out, in) of whole-block rows: no float32 copy of W
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _decode_row(packed, absmax, shift, blocksize, table, row, values):
+    """values (in,) float32 = row ``row`` of W, in whole blocks (the values :func:`.cpu.dequantize_4bit` gives)."""
+    blocks_per_row = values.size // blocksize
+    first_block = row * blocks_per_row
+    avx512_dequantize_blocks(packed.ctypes.data + first_block * (blocksize // 2),
+                             absmax.ctypes.data + 4 * first_block, shift.ctypes.data + 4 * first_block,
+                             blocks_per_row, blocksize // 2, table, values.ctypes.data)
+
+
+@njit(cache=True, inline="always")
+def _pair_bits(low, high):
+    """float32 bits (uint32) of two values → their bfloat16 pair (low in the low half)."""
+    return _bfloat16_bits(low) | (_bfloat16_bits(high) << np.uint32(16))
+
+
+@njit(parallel=True, cache=True)
+def pack_weight_rows(packed, absmax, shift, blocksize, table, first_row, end_row, panels):
+    """The panels of b = W[first_row : end_row].T, for x @ W.T: panels (count, in/2, PANEL)
+    uint32, ``panels[p, j, c]`` = the bfloat16 pair (W[r, 2j], W[r, 2j + 1]) of row
+    r = first_row + PANEL·p + c, zero from end_row on. A panel's rows are decoded first,
+    then its pairs are written in order."""
+    count, depth = panels.shape[:2]
+    for p in prange(count):
+        values = np.zeros((PANEL, 2 * depth), np.float32)                  # (PANEL, in) rows of W
+        bits = values.view(np.uint32)
+        for c in range(min(PANEL, end_row - first_row - PANEL * p)):
+            _decode_row(packed, absmax, shift, blocksize, table, first_row + PANEL * p + c, values[c])
+        for j in range(depth):
+            for c in range(PANEL):
+                panels[p, j, c] = _pair_bits(bits[c, 2 * j], bits[c, 2 * j + 1])
+
+
+@njit(parallel=True, cache=True)
+def pack_weight_columns(packed, absmax, shift, blocksize, table, in_features, first_row, rows, panels, threads):
+    """The panels of b = W[first_row : first_row + rows], for g @ W: panels
+    (ceil(in/PANEL), ceil(rows/2), PANEL) uint32, ``panels[p, j, c]`` = the bfloat16 pair
+    (W[first_row + 2j, PANEL·p + c], W[first_row + 2j + 1, PANEL·p + c]); zero past W's
+    edges. Each two decoded rows fill one pair-row of every panel."""
+    count, depth = panels.shape[:2]
+    for t in prange(threads):
+        low, high = np.empty(in_features, np.float32), np.zeros(in_features, np.float32)
+        low_bits, high_bits = low.view(np.uint32), high.view(np.uint32)
+        for j in range(t * depth // threads, (t + 1) * depth // threads):
+            _decode_row(packed, absmax, shift, blocksize, table, first_row + 2 * j, low)
+            if 2 * j + 1 < rows:
+                _decode_row(packed, absmax, shift, blocksize, table, first_row + 2 * j + 1, high)
+            else:
+                high[:] = 0
+            for p in range(count):
+                columns = min(PANEL, in_features - PANEL * p)
+                for c in range(columns):
+                    panels[p, j, c] = _pair_bits(low_bits[PANEL * p + c], high_bits[PANEL * p + c])
+                panels[p, j, columns:] = 0
+
+
+# ---------------------------------------------------------------------------
 # The register tile (AVX-512 BF16)
 # ---------------------------------------------------------------------------
 
@@ -151,6 +213,17 @@ _tile_rows6 = _make_tile(TILE_ROWS)
 _tile_row1 = _make_tile(1)
 
 
+@njit(cache=True, inline="always")
+def _rows_times_panel(a_at, rows, depth, panel_at, c_at, c_stride):
+    """c[:, panel's columns] = a_pairs (rows, depth) @ one packed panel, TILE_ROWS rows at a time."""
+    r = 0
+    while r + TILE_ROWS <= rows:
+        _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * r * c_stride, c_stride)
+        r += TILE_ROWS
+    for last in range(r, rows):
+        _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth, c_at + 4 * last * c_stride, c_stride)
+
+
 @njit(parallel=True, cache=True)
 def _panel_products(pairs, b, c, c_stride, threads):
     """c (rows, ≥ n, row stride c_stride floats) = pairs @ b, b (k, n) float32, in panels
@@ -159,20 +232,23 @@ def _panel_products(pairs, b, c, c_stride, threads):
     every row of a streams past it."""
     rows, depth = pairs.shape
     count = -(-b.shape[1] // PANEL)
-    a_at, c_at = pairs.ctypes.data, c.ctypes.data
     for t in prange(threads):
         panel = np.empty((depth, PANEL), np.uint32)
-        panel_at = panel.ctypes.data
         for p in range(t * count // threads, (t + 1) * count // threads):
             pack_panel(b, p, panel)
-            r = 0
-            while r + TILE_ROWS <= rows:
-                _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth,
-                            c_at + 4 * (r * c_stride + p * PANEL), c_stride)
-                r += TILE_ROWS
-            for last in range(r, rows):
-                _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth,
-                           c_at + 4 * (last * c_stride + p * PANEL), c_stride)
+            _rows_times_panel(pairs.ctypes.data, rows, depth, panel.ctypes.data,
+                              c.ctypes.data + 4 * p * PANEL, c_stride)
+
+
+@njit(parallel=True, cache=True)
+def _packed_panel_products(pairs, panels, c, c_stride, threads):
+    """:func:`_panel_products` for panels packed beforehand: panels (count, depth, PANEL)."""
+    rows, depth = pairs.shape
+    count = panels.shape[0]
+    for t in prange(threads):
+        for p in range(t * count // threads, (t + 1) * count // threads):
+            _rows_times_panel(pairs.ctypes.data, rows, depth, panels[p].ctypes.data,
+                              c.ctypes.data + 4 * p * PANEL, c_stride)
 
 
 # ---------------------------------------------------------------------------
@@ -207,11 +283,63 @@ def matmul_bf16(a_rounded, b, out=None):
         round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
         np.matmul(a_rounded, b_rounded, out=out)
         return out
+    _products_into(out, n, lambda c, c_stride, threads: _panel_products(a_rounded, b, c, c_stride, threads))
+    return out
+
+
+def _products_into(out, n, products):
+    """Run ``products(c, c_stride, threads)`` (a panel driver writing n columns) into out
+    (rows, n), through a padded buffer when out has no room for a last partial panel."""
     threads = min(numba.get_num_threads(), -(-n // PANEL))
     if n % PANEL == 0 and out.strides[1] == 4 and out.strides[0] % 4 == 0:
-        _panel_products(a_rounded, b, out, out.strides[0] // 4, threads)
-        return out
-    padded = np.empty((rows, -(-n // PANEL) * PANEL), np.float32)       # room for the last panel
-    _panel_products(a_rounded, b, padded, padded.shape[1], threads)
+        products(out, out.strides[0] // 4, threads)
+        return
+    padded = np.empty((out.shape[0], -(-n // PANEL) * PANEL), np.float32)    # room for the last panel
+    products(padded, padded.shape[1], threads)
     out[...] = padded[:, :n]
+
+
+# ---------------------------------------------------------------------------
+# Products with a 4-bit W, its panels decoded straight from the codes
+# ---------------------------------------------------------------------------
+
+class Weight4bit(NamedTuple):
+    """A 4-bit W (out, in) as the kernels read it: packed codes, float32 block scales and
+    shifts (zeros for codebook formats), the permute decode's table, block size and shape."""
+    packed: np.ndarray
+    scales: np.ndarray
+    shifts: np.ndarray
+    table: np.ndarray
+    blocksize: int
+    shape: tuple
+
+
+def decodes_4bit(shape, blocksize):
+    """Whether :func:`times_weight_t` / :func:`times_weight` apply: AVX-512 BF16 and the
+    permute decode here, and W's rows made of whole blocks of a multiple of 16 values."""
+    return (HAS_AVX512_BF16 and PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
+            and shape[1] % blocksize == 0)
+
+
+def times_weight_t(a_pairs, weight, first_row, rows, out):
+    """out (n, rows) = a @ W[first_row : first_row + rows].T in bfloat16, a as its pairs
+    (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W."""
+    out_features, in_features = weight.shape
+    panels = np.empty((-(-rows // PANEL), in_features // 2, PANEL), np.uint32)
+    pack_weight_rows(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
+                     first_row, min(out_features, first_row + rows), panels)
+    _products_into(out, rows, lambda c, c_stride, threads:
+                   _packed_panel_products(a_pairs, panels, c, c_stride, threads))
+    return out
+
+
+def times_weight(a_pairs, weight, first_row, rows, out):
+    """out (n, in) = a @ W[first_row : first_row + rows] in bfloat16, a (n, rows) as its
+    pairs (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W."""
+    in_features = weight.shape[1]
+    panels = np.empty((-(-in_features // PANEL), -(-rows // 2), PANEL), np.uint32)
+    pack_weight_columns(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
+                        in_features, first_row, rows, panels, min(numba.get_num_threads(), panels.shape[1]))
+    _products_into(out, in_features, lambda c, c_stride, threads:
+                   _packed_panel_products(a_pairs, panels, c, c_stride, threads))
     return out
