@@ -134,6 +134,8 @@ class LlamaModel:
         self.int8_activations = False
         """Inference only: let the fused 4-bit products round activations to int8, as llama.cpp
         does (faster decoding, logits ~5 % of their norm off); see :func:`qlora_np.matmul`."""
+        self.compute_dtype = "float32"
+        """What training's large products multiply in: see :meth:`set_compute_dtype`."""
         self.projections = FusedProjections()
 
     # -- loading ------------------------------------------------------------
@@ -204,8 +206,11 @@ class LlamaModel:
 
     def set_compute_dtype(self, compute_dtype):
         """Let every layer's large 4-bit products multiply in "bfloat16" (or "float32", the
-        default): see :attr:`qlora_np.lora.LoRALinear.compute_dtype`."""
+        default): see :attr:`qlora_np.lora.LoRALinear.compute_dtype`. Training's attention
+        scores, their product with V and the gradients of those two follow, as
+        ``torch.autocast`` runs attention in bfloat16 in the QLoRA recipe."""
         name = compute_dtype_name(compute_dtype)
+        self.compute_dtype = name
         for layer in self.linear_layers():
             layer.compute_dtype = name
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
-from .kernels import training_cpu
+from .kernels import bf16, training_cpu
 from .llama import LINEAR_NAMES, apply_rope, rope_tables, silu
 from .lora import LoRALinear, init_adapters
 from .tensor import QuantizedTensor
@@ -113,14 +113,15 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
     rope = _rope_rows(model.config, positions, dtype)
     mask = _attention_mask(ids.shape[1], segments)
-    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint)
+    product = _attention_product(model, dtype)
+    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint, product)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
     loss, grad_logits = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows],
                                                             count if normalizer is None else normalizer)
     grad_final = np.zeros((ids.size, final.shape[-1]), final.dtype)
     grad_final[rows] = model.output.backward(grad_logits)
-    _backward(model, saved, grad_final.reshape(final.shape), rope, mask)
+    _backward(model, saved, grad_final.reshape(final.shape), rope, mask, product)
     return loss
 
 
@@ -134,7 +135,8 @@ def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.floa
     if count == 0:
         return 0.0, 0
     rope = _rope_rows(model.config, positions, dtype)
-    _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False)
+    _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False,
+                        _attention_product(model, dtype))
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
     loss, _ = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows], 1)
@@ -162,7 +164,7 @@ def _checked_batch(model, ids, labels, positions, segments):
     return ids, labels, np.asarray(positions), segments, int(np.count_nonzero(labels != IGNORE_INDEX))
 
 
-def _forward(model, ids, rope, mask, dtype, checkpoint):
+def _forward(model, ids, rope, mask, dtype, checkpoint, product):
     """Blocks and final norm in training mode: (what the backward needs, normed output (B, T, hidden))."""
     cfg = model.config
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
@@ -171,9 +173,9 @@ def _forward(model, ids, rope, mask, dtype, checkpoint):
         if checkpoint:                   # remember the input and the dropout generators only
             states = {name: layer.dropout_rng.bit_generator.state for name, layer in block.linears.items()}
             step = {"x": x, "rng_states": states}
-            x, _ = _block_forward(cfg, block, x, rope, mask)
+            x, _ = _block_forward(cfg, block, x, rope, mask, product)
         else:
-            x, step = _block_forward(cfg, block, x, rope, mask)
+            x, step = _block_forward(cfg, block, x, rope, mask, product)
         saved.append(step)
     final, rms = _passes(dtype).rms_norm_forward(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
@@ -196,7 +198,7 @@ def _attention_mask(seq, segments):
     return same & causal
 
 
-def _block_forward(cfg, block, x, rope, mask):
+def _block_forward(cfg, block, x, rope, mask, product):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
     lin, passes = block.linears, _passes(x.dtype)
@@ -208,7 +210,7 @@ def _block_forward(cfg, block, x, rope, mask):
     q = passes.rope_into_groups(q, *rope, cfg.num_kv_heads)                       # (B, KV, T·g, hd)
     k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
     v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
-    attention, probs = _attention(q, k, v, mask)                                   # (B, KV, T·g, hd)
+    attention, probs = _attention(q, k, v, mask, product)                          # (B, KV, T·g, hd)
     step.update(q=q, k=k, v=v, probs=probs)
     x = x + _train(lin["attn_output"], _groups_to_heads(attention, T))
     step["x_mid"] = x
@@ -219,7 +221,7 @@ def _block_forward(cfg, block, x, rope, mask):
     return x + _train(lin["ffn_down"], hidden, keep_input=False), step
 
 
-def _backward(model, saved, grad_final, rope, mask):
+def _backward(model, saved, grad_final, rope, mask, product):
     cfg = model.config
     last = saved[-1]
     passes = _passes(grad_final.dtype)
@@ -231,7 +233,7 @@ def _backward(model, saved, grad_final, rope, mask):
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
             for name, layer in lin.items():
                 layer.dropout_rng.bit_generator.state = step["rng_states"][name]
-            _, step = _block_forward(cfg, block, step["x"], rope, mask)
+            _, step = _block_forward(cfg, block, step["x"], rope, mask, product)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad, x=passes.swiglu(step["gate"], step["up"]))
         grad_gate, grad_up = passes.swiglu_backward(grad_hidden, step["gate"], step["up"])
@@ -240,7 +242,8 @@ def _backward(model, saved, grad_final, rope, mask):
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"], grad_o)
+        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"], grad_o,
+                                                     product)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
@@ -275,7 +278,16 @@ def _groups_to_heads(x, T):
     return x.reshape(B, kv_heads, T, -1).transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
-def _attention(q, k, v, mask):
+def _attention_product(model, dtype):
+    """What a step's attention multiplies with: bfloat16 products with float32 sums
+    (:func:`.kernels.bf16.batched_matmul_bf16`) for a float32 step of a model set to
+    compute in bfloat16, else NumPy's."""
+    if dtype == np.float32 and model.compute_dtype == "bfloat16":
+        return bf16.batched_matmul_bf16
+    return np.matmul
+
+
+def _attention(q, k, v, mask, product=np.matmul):
     """Masked grouped-query attention: q (B, KV, T·g, d), k/v (B, KV, T, d) → output like q, probabilities.
 
     q comes in :func:`_heads_to_groups` order: the g query heads that read kv head k
@@ -294,20 +306,22 @@ def _attention(q, k, v, mask):
     for start in range(0, T, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, T)
         queries = slice(start * group, end * group)
-        scores = q[:, :, queries] @ k[:, :, :end].transpose(0, 1, 3, 2)            # (B, KV, c·g, end)
+        scores = product(q[:, :, queries], k[:, :, :end].transpose(0, 1, 3, 2))    # (B, KV, c·g, end)
         chunk = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], 1 / np.sqrt(d))
-        np.matmul(chunk, v[:, :, :end], out=out[:, :, queries])
+        product(chunk, v[:, :, :end], out=out[:, :, queries])
         probs.append(chunk)
     return out, probs
 
 
-def _attention_backward(q, k, v, probs, grad_out):
+def _attention_backward(q, k, v, probs, grad_out, product=np.matmul):
     """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped and chunked as
     :func:`_attention` does; grad_out (B, KV, T·g, d) like out.
 
     With each group's queries stacked, the products for k and v sum over the group's
     query heads by themselves (a kv head shared by g query heads gets the sum of
-    their gradients), and over the chunks by adding up.
+    their gradients), and over the chunks by adding up. ``product`` makes dP and dQ; dV and
+    dK, whose products have a chunk's queries as their short side, stay NumPy's
+    float32 (bfloat16 panels of such a product cost more to pack than they save).
     """
     rows, d = q.shape[2:]
     T = k.shape[2]
@@ -318,9 +332,9 @@ def _attention_backward(q, k, v, probs, grad_out):
         queries = slice(start * group, end * group)
         grad_chunk = grad_out[:, :, queries]                                          # (B, KV, c·g, d)
         grad_v[:, :, :end] += chunk.transpose(0, 1, 3, 2) @ grad_chunk
-        grad_scores = grad_chunk @ v[:, :, :end].transpose(0, 1, 3, 2)               # dP (B, KV, c·g, end)
+        grad_scores = product(grad_chunk, v[:, :, :end].transpose(0, 1, 3, 2))       # dP (B, KV, c·g, end)
         _passes(q.dtype).masked_softmax_backward(grad_scores, chunk, 1 / np.sqrt(d))
-        np.matmul(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
+        product(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
         grad_k[:, :, :end] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, queries]
     return grad_q, grad_k, grad_v
 

@@ -386,7 +386,8 @@ def _as_rows(array, qt, axis_size, name):
 
 
 def _decodes_in_bfloat16(qt, backend):
-    """Whether the bfloat16 products decode W's panels straight from its codes (:func:`.kernels.bf16.decodes_4bit`)."""
+    """Whether the bfloat16 products decode W's panels straight from its codes
+    (:func:`.kernels.bf16.decodes_4bit`)."""
     return backend == "numba" and bf16.decodes_4bit(qt.shape, qt.blocksize)
 
 

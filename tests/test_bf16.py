@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import qlora_np
 from qlora_np import reference
-from qlora_np.errors import UnknownFormatError
+from qlora_np.errors import ShapeError, UnknownFormatError
 from qlora_np.kernels import bf16
 from qlora_np.ops import PANEL_MAX_ROWS
 
@@ -175,7 +175,6 @@ def test_small_batches_stay_exact_float32():
 
 @pytest.mark.parametrize("simd", PATHS)
 def test_mismatched_operands_are_refused(simd):
-    from qlora_np.errors import ShapeError
 
     rounded = bf16.rounded_rows(np.ones((3, 64), np.float32), simd)
     with pytest.raises(ShapeError, match="does not match"):
@@ -208,3 +207,38 @@ def test_lora_layer_trains_in_bfloat16():
     for exact, rounded in zip(results["float32"][:2], results["bfloat16"][:2]):
         assert 0 < np.abs(rounded - exact).max() <= 0.02 * np.abs(exact).max()
     np.testing.assert_array_equal(results["float32"][2], results["bfloat16"][2])   # A's gradient skips W
+
+
+@pytest.mark.parametrize("simd", PATHS)
+def test_batched_products_match_each_groups_product(simd, monkeypatch):
+    monkeypatch.setattr(bf16, "HAS_AVX512_BF16", simd)
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2, 3, 37, 64), np.float32)
+    b = rng.standard_normal((2, 3, 40, 64), np.float32).transpose(0, 1, 3, 2)    # (2, 3, 64, 40) strided
+    out = np.full((2, 3, 50, 40), 7.0, np.float32)
+    bf16.batched_matmul_bf16(a, b, out=out[:, :, 5:42])                          # a view of rows
+    for i, j in np.ndindex(2, 3):
+        group_a, group_b, result = a[i, j], b[i, j], out[i, j, 5:42]
+        assert (np.abs(result - reference.matmul_bf16(group_a, group_b)) <= _bound(group_a, group_b)).all()
+        if simd:                                     # the same tiles as one product: the same bytes
+            np.testing.assert_array_equal(result, bf16.matmul_bf16(bf16.rounded_rows(group_a), group_b))
+    assert (out[:, :, :5] == 7).all() and (out[:, :, 42:] == 7).all()
+    with pytest.raises(ShapeError, match="cannot multiply"):
+        bf16.batched_matmul_bf16(a, b[:1])
+
+
+def test_training_attention_in_bfloat16_stays_close_to_float32():
+    from qlora_np import llama_lora
+
+    rng = np.random.default_rng(8)
+    B, KV, g, T, d = 2, 2, 3, 160, 64                        # two query chunks, the second partial
+    q, go = (rng.standard_normal((B, KV, T * g, d), np.float32) * 0.3 for _ in range(2))
+    k, v = (rng.standard_normal((B, KV, T, d), np.float32) * 0.3 for _ in range(2))
+    mask = np.tril(np.ones((T, T), bool))[None]
+    results = {}
+    for name, product in (("float32", np.matmul), ("bfloat16", bf16.batched_matmul_bf16)):
+        out, probs = llama_lora._attention(q, k, v, mask, product)
+        results[name] = (out, *llama_lora._attention_backward(q, k, v, probs, go, product))
+    for exact, rounded in zip(results["float32"], results["bfloat16"]):
+        difference = np.abs(rounded - exact).max()
+        assert 0 < difference <= 0.02 * np.abs(exact).max()          # rounded, and only by bfloat16's steps

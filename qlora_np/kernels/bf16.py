@@ -13,6 +13,11 @@ in the high half), which is a's row-major bfloat16 bytes; b is packed a panel of
 columns at a time, ``panel[j, c]`` = the pair (b[2j, PANEL·p + c], b[2j + 1, PANEL·p + c]).
 A register tile then multiplies TILE_ROWS rows of a with one panel: per pair of k, one
 broadcast of each row's pair and one ``vdpbf16ps`` per 16 columns.
+
+A 4-bit W's panels are decoded straight from its codes (:func:`times_weight_t`,
+:func:`times_weight`): no float32 copy of W is made, and the values are those of
+:func:`matmul_bf16` on the dequantized W, byte for byte. :func:`batched_matmul_bf16`
+spreads many small products (attention's) over the threads a panel at a time.
 """
 
 from typing import NamedTuple
@@ -100,7 +105,7 @@ def round_to_bfloat16(a, out):
 
 @njit(cache=True, inline="always")
 def _decode_row(packed, absmax, shift, blocksize, table, row, values):
-    """values (in,) float32 = row ``row`` of W, in whole blocks (the values :func:`.cpu.dequantize_4bit` gives)."""
+    """values (in,) float32 = row ``row`` of W, whole blocks decoded as :func:`.cpu.dequantize_4bit` does."""
     blocks_per_row = values.size // blocksize
     first_block = row * blocks_per_row
     avx512_dequantize_blocks(packed.ctypes.data + first_block * (blocksize // 2),
@@ -132,7 +137,8 @@ def pack_weight_rows(packed, absmax, shift, blocksize, table, first_row, end_row
 
 
 @njit(parallel=True, cache=True)
-def pack_weight_columns(packed, absmax, shift, blocksize, table, in_features, first_row, rows, panels, threads):
+def pack_weight_columns(packed, absmax, shift, blocksize, table, in_features, first_row, rows, panels,
+                        threads):
     """The panels of b = W[first_row : first_row + rows], for g @ W: panels
     (ceil(in/PANEL), ceil(rows/2), PANEL) uint32, ``panels[p, j, c]`` = the bfloat16 pair
     (W[first_row + 2j, PANEL·p + c], W[first_row + 2j + 1, PANEL·p + c]); zero past W's
@@ -342,4 +348,54 @@ def times_weight(a_pairs, weight, first_row, rows, out):
                         in_features, first_row, rows, panels, min(numba.get_num_threads(), panels.shape[1]))
     _products_into(out, in_features, lambda c, c_stride, threads:
                    _packed_panel_products(a_pairs, panels, c, c_stride, threads))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Batches of small products (attention's, one per batch row and kv head)
+# ---------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _batched_panel_products(pairs, b, c, c_stride):
+    """c[g] = pairs[g] @ b[g] for every g: pairs (G, rows, depth), b (G, k, n) float32 any
+    strides, c (G, rows, ≥ n rounded up to whole panels) with row stride c_stride floats.
+    Each (g, panel) pair is one task, so many small products share the threads evenly."""
+    groups, rows, depth = pairs.shape
+    count = -(-b.shape[2] // PANEL)
+    for task in prange(groups * count):
+        g, p = task // count, task % count
+        panel = np.empty((depth, PANEL), np.uint32)
+        pack_panel(b[g], p, panel)
+        _rows_times_panel(pairs[g].ctypes.data, rows, depth, panel.ctypes.data,
+                          c[g].ctypes.data + 4 * p * PANEL, c_stride)
+
+
+def batched_matmul_bf16(a, b, out=None):
+    """a (..., m, k) @ b (..., k, n) in bfloat16 with float32 sums, for a and b with the same
+    leading shape and any strides → (..., m, n) float32, written into ``out`` when given.
+    Where the CPU lacks AVX-512 BF16, NumPy's float32 products of the rounded values."""
+    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"cannot multiply batches of shapes {a.shape} and {b.shape}")
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    if out is None:
+        out = np.empty(a.shape[:-1] + (n,), np.float32)
+    if not HAS_AVX512_BF16:
+        rounded_a, rounded_b = np.empty(a.shape, np.float32), np.empty(b.shape, np.float32)
+        round_to_bfloat16(np.ascontiguousarray(a, np.float32).reshape(-1, k), rounded_a.reshape(-1, k))
+        round_to_bfloat16(np.ascontiguousarray(b, np.float32).reshape(-1, n), rounded_b.reshape(-1, n))
+        return np.matmul(rounded_a, rounded_b, out=out)
+    pairs = rounded_rows(a.reshape(-1, k)).reshape(-1, m, (k + 1) // 2)        # (G, m, k/2)
+    groups = pairs.shape[0]
+    b3 = b.reshape(groups, k, n)
+    c = out.view()
+    try:
+        c.shape = (groups, m, n)                                              # a view of out, or none
+        fits = n % PANEL == 0 and c.strides[2] == 4 and c.strides[1] % 4 == 0
+    except AttributeError:
+        fits = False
+    if not fits:
+        c = np.empty((groups, m, -(-n // PANEL) * PANEL), np.float32)
+    _batched_panel_products(pairs, b3, c, c.strides[1] // 4)
+    if not fits:
+        out[...] = c[:, :, :n].reshape(out.shape)
     return out
