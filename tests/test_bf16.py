@@ -242,3 +242,15 @@ def test_training_attention_in_bfloat16_stays_close_to_float32():
     for exact, rounded in zip(results["float32"], results["bfloat16"]):
         difference = np.abs(rounded - exact).max()
         assert 0 < difference <= 0.02 * np.abs(exact).max()          # rounded, and only by bfloat16's steps
+
+
+def test_turning_the_permute_decode_off_takes_the_decoded_tile_path(monkeypatch):
+    from qlora_np.kernels import simd
+
+    rng = np.random.default_rng(9)
+    qt = qlora_np.quantize(rng.standard_normal((64, 128), np.float32), "nf4", 64)
+    x = rng.standard_normal((PANEL_MAX_ROWS + 3, 128), np.float32)
+    before = qlora_np.matmul(x, qt, compute_dtype="bfloat16")
+    monkeypatch.setattr(simd, "PERMUTE_DECODE", False)                  # as QLORA_NP_DECODE=shuffle
+    assert not bf16.decodes_4bit(qt.shape, qt.blocksize)
+    np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"), before)

@@ -31,7 +31,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import ShapeError
-from .simd import HAS_AVX512, PERMUTE_DECODE, avx512_dequantize_blocks
+from . import simd as simd_kernels
+from .simd import HAS_AVX512, avx512_dequantize_blocks
 
 HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
 """Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
@@ -322,8 +323,9 @@ class Weight4bit(NamedTuple):
 
 def decodes_4bit(shape, blocksize):
     """Whether :func:`times_weight_t` / :func:`times_weight` apply: AVX-512 BF16 and the
-    permute decode here, and W's rows made of whole blocks of a multiple of 16 values."""
-    return (HAS_AVX512_BF16 and PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
+    permute decode here (read at each call, as :func:`.simd.decode_table` does), and W's rows
+    made of whole blocks of a multiple of 16 values."""
+    return (HAS_AVX512_BF16 and simd_kernels.PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
             and shape[1] % blocksize == 0)
 
 
