@@ -23,6 +23,7 @@ from scipy.linalg import get_blas_funcs
 
 from .dtypes import float_dtype_name
 from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
+from .kernels import training_cpu
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import DEVICES, QuantizedTensor, cuda_kernels, is_device_array
 
@@ -391,14 +392,17 @@ class LoRALinear:
         """Which values dropout keeps, (rows, in) bool, each kept with probability 1 − p; None if p = 0."""
         if self.dropout == 0:
             return None
-        return self.dropout_rng.random(shape) >= self.dropout
+        return training_cpu.dropout_keep(self.dropout_rng.bit_generator.random_raw(), shape, self.dropout)
 
     def _apply_dropout(self, values, keep):
         """Inverted dropout: dropped values are zero, kept ones scaled by 1/(1 − p).
 
         The same function of the mask serves forward (on x) and backward (on the gradient).
         """
-        return values * keep * self._keep_scale(values.dtype.type)
+        scale = self._keep_scale(values.dtype.type)
+        if values.dtype == np.float32 and values.flags.c_contiguous:
+            return training_cpu.apply_dropout(values, keep, scale)
+        return apply_dropout(values, keep, scale)
 
     def _keep_scale(self, float_type):
         """1 / (1 − p), the factor inverted dropout scales kept values by, as ``float_type``."""
@@ -489,6 +493,30 @@ class LoRALinear:
     def __repr__(self):
         return (f"LoRALinear(in={self.in_features}, out={self.out_features}, mode={self.mode!r}, "
                 f"r={self.r}, alpha={self.alpha}, merged={self.merged})")
+
+
+def dropout_keep(seed, shape, p):
+    """Which of ``shape`` (rows, cols) values inverted dropout keeps, drawn from one 64-bit
+    seed: the reference of :func:`.kernels.training_cpu.dropout_keep` (same bytes).
+
+    Value i (row-major) is kept when the top 32 bits of SplitMix64's hash of
+    seed + (i + 1)·γ reach round(p · 2³²): each kept with probability 1 − p (to 2⁻³²).
+    One seed per mask, hashed in parallel, costs a fifth of drawing a float per value.
+    """
+    index = np.arange(1, int(np.prod(shape)) + 1, dtype=np.uint64)               # (rows·cols,)
+    # 1. spread the indices with the golden-ratio step (wrapping mod 2⁶⁴)
+    z = np.uint64(seed) + index * np.uint64(0x9E3779B97F4A7C15)
+    # 2. SplitMix64's mixing: two xor-shift-multiply rounds and a final xor-shift
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    # 3. keep the values whose top 32 bits are not below p's threshold
+    return (z >> np.uint64(32) >= np.uint64(round(p * 2 ** 32))).reshape(shape)
+
+
+def apply_dropout(values, keep, scale):
+    """values · keep · scale: the reference of :func:`.kernels.training_cpu.apply_dropout`."""
+    return values * keep * scale
 
 
 def init_adapters(rng, r, in_features, out_features, init="kaiming", dtype=np.float32):

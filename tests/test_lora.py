@@ -153,6 +153,32 @@ def test_dropout_keeps_one_minus_p_of_the_values():
     assert layer._cache.keep.mean() == pytest.approx(0.75, abs=0.01)
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), p=st.floats(0.0, 0.99),
+       seed=st.integers(0, 2 ** 64 - 1))
+def test_dropout_kernels_are_their_references(rows, cols, p, seed):
+    from qlora_np.kernels import training_cpu
+    from qlora_np.lora import apply_dropout, dropout_keep
+
+    keep = training_cpu.dropout_keep(seed, (rows, cols), p)
+    assert keep.dtype == bool and keep.shape == (rows, cols)
+    np.testing.assert_array_equal(keep, dropout_keep(seed, (rows, cols), p))
+    values = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    scale = np.float32(1 / (1 - p))
+    np.testing.assert_array_equal(training_cpu.apply_dropout(values, keep, scale).view(np.uint32),
+                                  apply_dropout(values, keep, scale).view(np.uint32))
+
+
+def test_dropout_masks_differ_between_draws_and_repeat_from_the_same_state():
+    layer = LoRALinear.from_weight(np.ones((4, 64), np.float32), r=2, dropout=0.5, mode="lora", seed=3)
+    state = layer.dropout_rng.bit_generator.state
+    first, second = layer._dropout_keep((8, 64)), layer._dropout_keep((8, 64))
+    assert (first != second).any()
+    layer.dropout_rng.bit_generator.state = state
+    np.testing.assert_array_equal(layer._dropout_keep((8, 64)), first)
+    assert abs(first[:, :32].mean() - first[:, 32:].mean()) < 0.25      # no pattern along a row
+
+
 @pytest.mark.parametrize("mode", ["qlora", "lora", "quant"])
 def test_float32_layers_compute_in_float32_with_dropout(mode):
     weight = np.random.default_rng(10).standard_normal((16, 64)).astype(np.float32)

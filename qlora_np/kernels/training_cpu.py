@@ -14,7 +14,9 @@ references (float64 training runs those):
   (scale, mask, normalise) in place, and its gradient;
 * :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients;
 * :func:`cross_entropy` — the loss over the vocabulary and its gradient, in place of
-  the logits (the largest array of a step).
+  the logits (the largest array of a step);
+* :func:`dropout_keep` — an adapter's dropout mask, hashed from one seed (its reference
+  is :func:`qlora_np.lora.dropout_keep`), and :func:`apply_dropout`, the mask applied.
 
 All take and return float32 C-contiguous arrays. ``fastmath`` is on where a kernel sums
 (row sums of squares, softmax sums, dot products): those sums may be taken in any order,
@@ -30,7 +32,8 @@ from .exp32 import exp32
 from .llama_cpu import rms_norm_row, rotate_pairs, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
-           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward", "cross_entropy"]
+           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward", "cross_entropy",
+           "dropout_keep", "apply_dropout"]
 
 
 # ---------------------------------------------------------------------------
@@ -257,3 +260,59 @@ def _cross_entropy_row(logits, label, scale):
         logits[s] *= factor
     logits[label] -= scale
     return np.log(np.float64(total)) - np.float64(picked)
+
+
+# ---------------------------------------------------------------------------
+# Dropout masks
+# ---------------------------------------------------------------------------
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def dropout_keep(seed, shape, p):
+    """Which of ``shape`` (rows, cols) values inverted dropout keeps, from one 64-bit seed:
+    the bytes of :func:`qlora_np.lora.dropout_keep` (its reference), every value hashed on
+    its own, so the rows go to the threads in any order."""
+    keep = np.empty(shape, np.bool_)
+    _dropout_keep_rows(np.uint64(seed), _drop_threshold(p), keep.reshape(-1, shape[-1]))
+    return keep
+
+
+def _drop_threshold(p):
+    """Below this 32-bit number a value is dropped: round(p · 2³²)."""
+    return np.uint64(round(p * 2 ** 32))
+
+
+@njit(parallel=True, cache=True)
+def _dropout_keep_rows(seed, threshold, keep):
+    rows, cols = keep.shape
+    for r in prange(rows):
+        first = np.uint64(r) * np.uint64(cols) + np.uint64(1)
+        for c in range(cols):
+            hashed = _splitmix64(seed + (first + np.uint64(c)) * _GOLDEN_GAMMA)
+            keep[r, c] = (hashed >> np.uint64(32)) >= threshold
+
+
+@njit(cache=True, inline="always")
+def _splitmix64(z):
+    """SplitMix64's output function: a 64-bit hash whose bits pass statistical tests."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+def apply_dropout(values, keep, scale):
+    """values · keep · scale (float32, keep bool, both (rows, cols)): inverted dropout in one
+    parallel pass, the bytes of :func:`qlora_np.lora.apply_dropout`."""
+    out = np.empty_like(values)
+    _apply_dropout_rows(values.reshape(-1, values.shape[-1]), keep.reshape(-1, values.shape[-1]),
+                        np.float32(scale), out.reshape(-1, values.shape[-1]))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _apply_dropout_rows(values, keep, scale, out):
+    for r in prange(values.shape[0]):
+        for c in range(values.shape[1]):
+            out[r, c] = values[r, c] * np.float32(keep[r, c]) * scale
