@@ -127,20 +127,25 @@ class LoRALinear:
                     quant_type="nf4", blocksize=64, double_quant=True, use_rslora=False,
                     init="kaiming", seed=None, train_bias=False, dtype=np.float32):
         """A layer around a float weight (out, in): quantized for "qlora"/"quant", kept for "lora".
+        An already quantized weight (a QuantizedTensor) is used as it is ("qlora"/"quant").
 
         A is initialised as PEFT does: Kaiming-uniform with a = √5, i.e. U(±1/√in)
         ("kaiming"), or N(0, 1/r) ("gaussian"); B is zero. ``dtype`` is the adapters'
         dtype (float32; float64 for gradient checks).
         """
-        weight = np.asarray(weight)
-        float_dtype_name(weight.dtype)
-        if weight.ndim != 2:
+        quantized = isinstance(weight, QuantizedTensor)          # other modes: __init__ refuses it
+        if not quantized:
+            weight = np.asarray(weight)
+            float_dtype_name(weight.dtype)
+        if len(weight.shape) != 2:
             raise ShapeError(f"weight must be 2-D (out, in), got shape {weight.shape}")
         lora_a, lora_b = init_adapters(np.random.default_rng(seed), r, *reversed(weight.shape),
                                        init, dtype)
         if mode not in ADAPTER_MODES:
             lora_a = lora_b = None
-        if mode in ("qlora", "quant"):
+        if quantized:
+            base = weight
+        elif mode in ("qlora", "quant"):
             base = quantize(weight, quant_type, blocksize, double_quant)
         else:
             base = np.array(weight, dtype=np.float64 if weight.dtype == np.float64 else np.float32)

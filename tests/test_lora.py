@@ -334,3 +334,14 @@ def test_bad_inputs_raise_typed_errors():
         LoRALinear.from_weight(weight, mode="quant").merge()
     with pytest.raises(InvalidValueError, match="requantize needs a 4-bit base"):
         LoRALinear.from_weight(weight, mode="lora").merge(requantize=True)
+
+
+def test_from_weight_takes_an_already_quantized_weight():
+    weight = np.random.default_rng(11).standard_normal((16, 64)).astype(np.float32)
+    qt = qlora_np.quantize(weight, "fp4", 32)
+    layer = LoRALinear.from_weight(qt, r=4, seed=0)
+    assert layer.base is qt and layer.lora_a.shape == (4, 64) and layer.lora_b.shape == (16, 4)
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(layer.forward(x), qlora_np.matmul(x, qt))          # B starts at zero
+    with pytest.raises(UnknownFormatError, match="float ndarray"):
+        LoRALinear.from_weight(qt, mode="lora")
