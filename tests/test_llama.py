@@ -390,13 +390,14 @@ def test_hugging_face_loading_reports_missing_files(tmp_path):
         read_safetensors(tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+@pytest.mark.parametrize("dropout, compute_dtype", [(0.0, "float32"), (0.3, "float32"), (0.3, "bfloat16")])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout, compute_dtype):
     from qlora_np.llama_lora import inject_lora, loss_and_backward
 
     results = []
     for checkpoint in (False, True):
         model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4")
+        model.set_compute_dtype(compute_dtype)                 # bfloat16: attention's products too
         params = inject_lora(model, "all-linear", r=2, alpha=4, dropout=dropout, seed=4)
         for index, param in enumerate(params.values()):
             param.value[...] = np.random.default_rng(index).standard_normal(param.value.shape) * 0.2
