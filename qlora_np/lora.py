@@ -48,7 +48,7 @@ class Parameter:
         A first gradient on the GPU is kept as it is, not copied (the layer passes fresh arrays).
         """
         if self.grad is None:
-            self.grad = grad if is_device_array(grad) else grad.astype(self.value.dtype, copy=True)
+            self.grad = grad if is_device_array(grad) else grad.astype(self.value.dtype, order="C", copy=True)
         elif is_device_array(self.grad):
             cuda_kernels().add_in_place(self.grad, grad)
         else:
@@ -311,7 +311,8 @@ class LoRALinear:
         if hidden is not None:
             lora_a = self.lora_a.astype(dtype, copy=False)                  # (r, in)
             lora_b = self.lora_b.astype(dtype, copy=False)                  # (out, r)
-            self._params["lora_b"].accumulate(self.scale * (g.T @ hidden))  # (out, r)
+            grad_b_t = self.scale * (hidden.T @ g)                          # (r, out): BLAS's faster way
+            self._params["lora_b"].accumulate(grad_b_t.T)                   # (out, r)
             grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
             self._params["lora_a"].accumulate(grad_hidden.T @ dropped)      # (r, in)
             if keep is None:
