@@ -1,14 +1,17 @@
 """Training checkpoints: a folder of safetensors and JSON, written atomically, checked when read.
 
     checkpoint-000120/
-      adapter_model.safetensors   trainable parameters by name (blk.N.attn_q.lora_a, …)
+      adapter_model.safetensors   the adapters, under the names and row order PEFT uses
+      adapter_config.json         PEFT's LoRA config: the folder is also a PEFT adapter
       optimizer.safetensors       AdamW moments: <name>.exp_avg, <name>.exp_avg_sq
       trainer_state.json          step counts, schedule position, RNG states, data position,
                                   config, fingerprints of model and data, SHA-256 of the files
 
 Nothing is pickled: a checkpoint holds numbers, strings and raw arrays only. The folder
 is built under a temporary name and renamed into place, so a crash never leaves half a
-checkpoint under the real name; the stored hashes catch files damaged later.
+checkpoint under the real name; the stored hashes catch files damaged later. Version 1
+(before the folder was a PEFT adapter) stored the adapters under the optimizer's names
+(blk.N.attn_q.lora_a, …) and had no adapter_config.json; it is still read.
 """
 
 import hashlib
@@ -20,28 +23,32 @@ import tempfile
 import numpy as np
 
 from .errors import CheckpointError
+from .peft_io import write_peft
 from .safetensors_io import atomic_write, read_safetensors, save_safetensors
 
 FORMAT = "qlora_np-train-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ADAPTERS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def save_checkpoint(folder, parameters, optimizer_state, state):
+def save_checkpoint(folder, adapters, adapter_config, optimizer_state, state):
     """Write a checkpoint folder (replacing one already there).
 
-    ``parameters``: name → array; ``optimizer_state``: :meth:`AdamW.state_dict` output;
-    ``state``: anything JSON can hold (the trainer's counters, RNG states, config).
+    ``adapters``, ``adapter_config``: the PEFT adapter (:func:`.peft_io.peft_adapter`);
+    ``optimizer_state``: :meth:`AdamW.state_dict` output; ``state``: anything JSON can
+    hold (the trainer's counters, RNG states, config).
     """
     folder = os.fspath(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(folder))
     try:
-        save_safetensors(os.path.join(staging, ADAPTERS), parameters)
+        write_peft(staging, adapters, adapter_config)
         moments = {f"{name}.{key}": saved[key] for name, saved in optimizer_state["state"].items()
                    for key in MOMENTS}
         save_safetensors(os.path.join(staging, OPTIMIZER), moments)
@@ -58,7 +65,11 @@ def save_checkpoint(folder, parameters, optimizer_state, state):
 
 
 def load_checkpoint(folder):
-    """(parameters, optimizer_state, state) from :func:`save_checkpoint`; CheckpointError if damaged."""
+    """(adapters, optimizer_state, state) from :func:`save_checkpoint`; CheckpointError if damaged.
+
+    The adapters are keyed as the file has them: PEFT's keys, or the optimizer's names
+    in a version 1 checkpoint (``state["version"]`` tells).
+    """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"no checkpoint folder at {folder}")
@@ -69,8 +80,7 @@ def load_checkpoint(folder):
             raise CheckpointError(f"{folder}: {name} is missing")
         if _sha256(path) != state["sha256"].get(name):
             raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded")
-    adapters = read_safetensors(os.path.join(folder, ADAPTERS))
-    parameters = {name: np.array(array) for name, array in adapters.items()}
+    adapters = {name: np.array(array) for name, array in read_safetensors(os.path.join(folder, ADAPTERS)).items()}
     moments = read_safetensors(os.path.join(folder, OPTIMIZER))
     optimizer = state.pop("optimizer")
     steps = optimizer.pop("steps")
@@ -81,7 +91,7 @@ def load_checkpoint(folder):
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder}: optimizer moments do not match the recorded steps "
                               f"({error})") from None
-    return parameters, optimizer, state
+    return adapters, optimizer, state
 
 
 def _read_state(folder):
@@ -95,9 +105,9 @@ def _read_state(folder):
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a qlora_np training checkpoint")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')!r}, this qlora_np reads "
-                              f"version {VERSION}")
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(state.get("sha256"), dict) or not isinstance(state.get("optimizer"), dict) \
             or not isinstance(state["optimizer"].get("steps"), dict):
         raise CheckpointError(f"{path}: the sha256 or optimizer record is missing or malformed")

@@ -149,7 +149,9 @@ def run_finetune(args):
     if before is not None:
         print(f"eval loss {before['eval_loss']:.4f} → {after['eval_loss']:.4f}, "
               f"perplexity {before['eval_perplexity']:.2f} → {after['eval_perplexity']:.2f}")
-    print(f"adapters and state saved in {args.output_dir}")
+    final = latest_checkpoint(args.output_dir)
+    print(f"adapters (a PEFT adapter folder) and training state saved in {final}; for llama.cpp:\n"
+          f"  qlora-np export-gguf {final} adapter.gguf")
 
 
 def _load_adapter(model, adapter):

@@ -22,7 +22,7 @@ import numpy as np
 
 from .adapters import attach_adapter, model_adapters
 from .errors import CheckpointError, InvalidValueError, ShapeError
-from .llama import HF_LINEAR_NAMES, unpermute_rope_rows
+from .llama import HF_LINEAR_NAMES, permute_rope_rows, unpermute_rope_rows
 from .safetensors_io import atomic_write, read_safetensors, save_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -35,19 +35,22 @@ GGUF_NAMES = {hf: gguf for gguf, hf in HF_LINEAR_NAMES.items()}        # "self_a
 
 def save_peft(model, folder, base_model_name_or_path=None, lora_dropout=0.0):
     """Write the model's adapters as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads."""
+    tensors, config = peft_adapter(model, base_model_name_or_path, lora_dropout)
+    write_peft(folder, tensors, config)
+    return config
+
+
+def peft_adapter(model, base_model_name_or_path=None, lora_dropout=0.0):
+    """The model's adapters as PEFT holds them: ({key: float32 array}, adapter_config dict)."""
     adapted = list(model_adapters(model))
     if not adapted:
         raise InvalidValueError("the model has no adapters to save (inject_lora first)")
     first = adapted[0][2]
     r, use_rslora = first.r, bool(first.use_rslora)
     alpha = _peft_alpha(first, use_rslora)
-    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    rank_pattern, alpha_pattern = {}, {}
     for index, name, layer in adapted:
         module = f"model.layers.{index}.{HF_LINEAR_NAMES[name]}"
-        heads = {"attn_q": model.config.num_heads, "attn_k": model.config.num_kv_heads}.get(name)
-        lora_b = layer.lora_b if heads is None else unpermute_rope_rows(layer.lora_b, heads)
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = np.asarray(layer.lora_a, np.float32)
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = np.asarray(lora_b, np.float32)
         if layer.r != r:
             rank_pattern[module] = int(layer.r)
         if not np.isclose(_peft_alpha(layer, use_rslora), alpha, rtol=1e-6, atol=0):
@@ -63,11 +66,50 @@ def save_peft(model, folder, base_model_name_or_path=None, lora_dropout=0.0):
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "layers_to_transform": None if len(layers) == len(model.blocks) else layers,
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    arrays = {f"blk.{index}.{name}.lora_{half}": getattr(layer, f"lora_{half}")
+              for index, name, layer in adapted for half in "ab"}
+    return to_peft(model, arrays), config
+
+
+def write_peft(folder, tensors, config):
+    """Write adapter_model.safetensors and adapter_config.json into ``folder`` (each atomically)."""
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
     with atomic_write(os.path.join(folder, CONFIG_FILE), "w") as stream:
         json.dump(config, stream, indent=2)
-    return config
+
+
+def peft_names(model):
+    """Parameter name as the optimizer knows it (``blk.N.attn_q.lora_a``) → (PEFT key, heads)
+    for every adapter of ``model``; heads is the head count of q or k for their B, whose rows
+    PEFT keeps in rotate-half order, else None."""
+    heads_of = {"attn_q": model.config.num_heads, "attn_k": model.config.num_kv_heads}
+    names = {}
+    for index, name, _ in model_adapters(model):
+        module = f"{KEY_PREFIX}model.layers.{index}.{HF_LINEAR_NAMES[name]}"
+        names[f"blk.{index}.{name}.lora_a"] = (f"{module}.lora_A.weight", None)
+        names[f"blk.{index}.{name}.lora_b"] = (f"{module}.lora_B.weight", heads_of.get(name))
+    return names
+
+
+def to_peft(model, arrays):
+    """{PEFT key: float32 array} from {parameter name: array in this model's row order}."""
+    return {key: np.asarray(arrays[name] if heads is None else unpermute_rope_rows(arrays[name], heads),
+                            np.float32)
+            for name, (key, heads) in peft_names(model).items()}
+
+
+def from_peft(model, tensors):
+    """The inverse of :func:`to_peft` for the keys present: {parameter name: array in this
+    model's order} (an array of a shape no q or k B has is passed on as it is, for the
+    caller's shape check to name)."""
+    arrays = {}
+    for name, (key, heads) in peft_names(model).items():
+        if key in tensors:
+            value = tensors[key]
+            fits = heads is not None and value.ndim == 2 and value.shape[0] % (2 * heads) == 0
+            arrays[name] = permute_rope_rows(value, heads) if fits else value
+    return arrays
 
 
 def load_peft(model, folder):

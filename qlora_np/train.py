@@ -27,6 +27,7 @@ from .data import epoch_batches
 from .llama_lora import inject_lora, loss_and_backward, summed_loss
 from .ops import compute_dtype_name
 from .optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule, warmup_linear_schedule
+from .peft_io import from_peft, peft_adapter
 from .safetensors_io import atomic_write
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -230,13 +231,14 @@ class Trainer:
                  "dropout_rng": self._dropout_states(), "config": self.config.to_json(),
                  "model": self._model_fingerprint(), "data": self._data_fingerprint(),
                  "history": self.history}
-        save_checkpoint(folder, {name: p.value for name, p in self.params.items()},
+        save_checkpoint(folder, *peft_adapter(self.model, lora_dropout=self.config.dropout),
                         self.optimizer.state_dict(), state)
         return folder
 
     def resume(self, folder):
         """Load a checkpoint of this same run (model, data, settings); CheckpointError otherwise."""
-        parameters, optimizer_state, state = load_checkpoint(folder)
+        adapters, optimizer_state, state = load_checkpoint(folder)
+        parameters = _by_parameter_name(self.model, adapters, state)
         try:
             self._check_compatible(folder, state)
             for name, param in self.params.items():
@@ -295,19 +297,26 @@ class Trainer:
 
 def load_adapters(model, folder):
     """Give ``model`` the adapters of a training checkpoint (as configured there); returns them."""
-    parameters, _, state = load_checkpoint(folder)
+    adapters, _, state = load_checkpoint(folder)
     try:
         config = TrainConfig(**state["config"])
     except (KeyError, TypeError) as error:
         raise CheckpointError(f"{folder}: malformed training config ({error})") from None
     params = inject_lora(model, config.target_modules, config.r, config.alpha, config.dropout,
                          config.use_rslora, seed=config.seed)
+    parameters = _by_parameter_name(model, adapters, state)
     for name, param in params.items():
         value = parameters.get(name)
         if value is None or value.shape != param.value.shape:
             raise CheckpointError(f"{folder}: adapter {name} is missing or does not fit this model")
         param.value[...] = value
     return params
+
+
+def _by_parameter_name(model, adapters, state):
+    """A checkpoint's adapters under the optimizer's names (blk.N.attn_q.lora_a) in the
+    model's row order: version 1 stored them so, later versions as PEFT does."""
+    return adapters if state["version"] == 1 else from_peft(model, adapters)
 
 
 def plot_loss_curve(history, path):

@@ -1,5 +1,6 @@
 """Fine-tuning: exact resume, checkpoint checks, accumulation, packing, evaluation and logs."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from qlora_np.data import epoch_batches, tokenize_record
 from qlora_np.errors import CheckpointError, InvalidValueError, UnknownFormatError
 from qlora_np.llama import LlamaConfig, LlamaModel
 from qlora_np.llama_lora import inject_lora, loss_and_backward, trainable_parameters
+from qlora_np.peft_io import load_peft, peft_names
 from qlora_np.train import TrainConfig, Trainer, plot_loss_curve
 
 from .test_llama import tiny_weights
@@ -136,8 +138,9 @@ def test_outputs_metrics_and_checkpoints(tmp_path, smollm2_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == \
         ["checkpoint-000002", "checkpoint-000004", "checkpoint-000006"]
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-000006")
-    parameters, optimizer, state = load_checkpoint(tmp_path / "checkpoint-000006")
-    assert state["step"] == 6 and sorted(parameters) == sorted(trainer.params)
+    adapters, optimizer, state = load_checkpoint(tmp_path / "checkpoint-000006")
+    assert state["step"] == 6 and sorted(adapters) == sorted(key for key, _ in peft_names(trainer.model).values())
+    assert sorted(optimizer["state"]) == sorted(trainer.params)
     assert all(saved["step"] == 6 for saved in optimizer["state"].values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]              # no leftovers
     assert (tmp_path / "loss_curve.png").exists() == plot_loss_curve([], tmp_path / "probe.png")
@@ -183,7 +186,7 @@ def damaged_copy(source, tmp_path, name, change):
     (ADAPTERS, lambda b: b[:-7] + b"\x00" * 7, "SHA-256"),
     (ADAPTERS, lambda b: b[:100], "SHA-256"),
     (STATE, lambda b: b[:50], "not valid JSON"),
-    (STATE, lambda b: b.replace(b'"version": 1', b'"version": 99'), "version 99"),
+    (STATE, lambda b: b.replace(b'"version": 2', b'"version": 99'), "version 99"),
     (STATE, lambda b: b.replace(b'"position"', b'"place"'), "malformed trainer state"),
     (STATE, lambda b: b"[]", "not a qlora_np training checkpoint"),
 ])
@@ -272,6 +275,70 @@ def test_load_adapters_reproduces_the_trained_model(tmp_path, smollm2_tokenizer)
     ids = examples[0].ids
     np.testing.assert_array_equal(loaded.forward(ids), trained.forward(ids))
     assert not np.array_equal(loaded.forward(ids), tiny_model(smollm2_tokenizer).forward(ids))
+
+
+def test_a_checkpoint_is_a_peft_adapter_folder(tmp_path, smollm2_tokenizer):
+    """PEFT (and the export-gguf / merge commands) load a checkpoint folder as it is: same outputs."""
+    examples = colour_examples(smollm2_tokenizer, count=6)
+    trained = tiny_model(smollm2_tokenizer)
+    config = TrainConfig(r=2, alpha=6, max_steps=2, batch_size=3, lr=1e-2, target_modules="all-linear")
+    Trainer(trained, examples, (), config, output_dir=tmp_path, progress=False).train()
+    folder = tmp_path / "checkpoint-000002"
+    peft_config = json.loads((folder / "adapter_config.json").read_text())
+    assert (peft_config["r"], peft_config["lora_alpha"], peft_config["lora_dropout"]) == (2, 6.0, 0.05)
+    loaded = tiny_model(smollm2_tokenizer)
+    load_peft(loaded, folder)
+    trained.eval()
+    loaded.eval()
+    ids = examples[0].ids
+    np.testing.assert_array_equal(loaded.forward(ids), trained.forward(ids))
+    assert not np.array_equal(loaded.forward(ids), tiny_model(smollm2_tokenizer).forward(ids))
+
+
+def as_version_1(folder, trainer, target):
+    """A copy of a checkpoint as version 1 wrote it: adapters under the optimizer's names, no PEFT config."""
+    import hashlib
+    import shutil
+
+    from qlora_np.safetensors_io import save_safetensors
+
+    shutil.copytree(folder, target)
+    (target / "adapter_config.json").unlink()
+    adapters, _, _ = load_checkpoint(folder)
+    by_name = {name: adapters[key] for name, (key, _) in peft_names(trainer.model).items()}
+    for name, (key, heads) in peft_names(trainer.model).items():
+        if heads is not None:
+            by_name[name] = trainer.params[name].value.copy()
+    save_safetensors(target / ADAPTERS, by_name)
+    state = json.loads((target / STATE).read_text())
+    state["version"] = 1
+    state["sha256"][ADAPTERS] = hashlib.sha256((target / ADAPTERS).read_bytes()).hexdigest()
+    (target / STATE).write_text(json.dumps(state))
+    return target
+
+
+def test_version_1_checkpoints_still_resume_exactly(tmp_path, smollm2_tokenizer):
+    from qlora_np.train import load_adapters
+
+    examples = colour_examples(smollm2_tokenizer)
+    config = TrainConfig(**{**SETTINGS, "max_steps": 3, "checkpoint_every": 0}, target_modules="all-linear")
+    first = Trainer(tiny_model(smollm2_tokenizer), examples[:20], (), config, output_dir=tmp_path / "a",
+                    progress=False)
+    first.train()
+    old = as_version_1(tmp_path / "a" / "checkpoint-000003", first, tmp_path / "old")
+    longer = dataclasses.replace(config, max_steps=5)
+    runs = []
+    for folder in (tmp_path / "a" / "checkpoint-000003", old):
+        trainer = Trainer(tiny_model(smollm2_tokenizer), examples[:20], (), longer, progress=False)
+        trainer.resume(folder)
+        trainer.train()
+        runs.append(adapters(trainer))
+    for name, value in runs[0].items():
+        assert np.array_equal(value, runs[1][name]), name
+    model = tiny_model(smollm2_tokenizer)
+    load_adapters(model, old)
+    for name, param in trainable_parameters(model).items():
+        assert np.array_equal(param.value, first.params[name].value), name
 
 
 def test_exact_match_compares_greedy_replies(smollm2_tokenizer):
