@@ -7,6 +7,8 @@ or one non-empty line of a ``.txt`` file. Its format is recognised by its fields
 * ``{"instruction": …, "input": …, "output": …}`` — Alpaca (``input`` optional)
 * ``{"prompt": …, "completion": …}``             — raw prompt and completion
 * ``{"messages": [{"role": …, "content": …}, …]}`` — chat, rendered with the chat template
+* ``{"conversations": [{"from": …, "value": …}, …]}`` — ShareGPT chat (``human``, ``gpt``,
+  ``system``), read as ``messages``
 
 Alpaca records become a user turn and an assistant reply. Unless ``train_on_prompt``,
 only the replies (the completion, the assistant turns) count in the loss.
@@ -26,6 +28,9 @@ from .errors import DataError, InvalidValueError
 from .llama_lora import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+"""ShareGPT's speaker names (``from``) → chat roles."""
 SUFFIXES = (".jsonl", ".json", ".txt")
 
 
@@ -131,12 +136,14 @@ def tokenize_record(record, tokenizer, where="record", train_on_prompt=False):
 
 
 def record_pieces(record, tokenizer, where="record"):
-    """(text, is_reply) pieces of a record in any of the four formats."""
+    """(text, is_reply) pieces of a record in any of the five formats."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     end = tokenizer.token_text(tokenizer.eos_id)
     if "messages" in record:
         return tokenizer.chat_template.pieces(_checked_messages(record["messages"], where))
+    if "conversations" in record:
+        return tokenizer.chat_template.pieces(_sharegpt_messages(record["conversations"], where))
     if "instruction" in record or "output" in record:
         instruction, output = _text(record, "instruction", where), _text(record, "output", where)
         extra = _text(record, "input", where, required=False)
@@ -149,7 +156,7 @@ def record_pieces(record, tokenizer, where="record"):
         return [(_text(record, "prompt", where), False), (_text(record, "completion", where) + end, True)]
     if "text" in record:
         return [(_text(record, "text", where) + end, True)]
-    raise DataError(f"{where}: no known fields; a record needs 'text', 'messages', "
+    raise DataError(f"{where}: no known fields; a record needs 'text', 'messages', 'conversations', "
                     f"'instruction' + 'output' or 'prompt' + 'completion' (has {sorted(record)})")
 
 
@@ -173,6 +180,22 @@ def _checked_messages(messages, where):
         if message.get("role") not in ROLES:
             raise DataError(f"{where}: message {index} has role {message.get('role')!r}; use one of {ROLES}")
         _text(message, "content", f"{where}: message {index}")
+    return messages
+
+
+def _sharegpt_messages(turns, where):
+    """ShareGPT turns [{"from", "value"}] → checked chat messages [{"role", "content"}]."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {index} must be an object, got {type(turn).__name__}")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: turn {index} is from {turn.get('from')!r}; use one of "
+                            f"{tuple(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]],
+                         "content": _text(turn, "value", f"{where}: turn {index}")})
     return messages
 
 

@@ -57,6 +57,18 @@ def test_alpaca_becomes_a_user_turn_and_a_reply(smollm2_tokenizer):
     assert tok.decode(with_system.ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
+def test_sharegpt_conversations_read_as_chat_messages(smollm2_tokenizer):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour."},
+             {"from": "gpt", "value": "Blue."}, {"from": "human", "value": "Another?"},
+             {"from": "gpt", "value": "Red."}]
+    messages = [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+                for t in turns]
+    shared = tokenize_record({"conversations": turns}, smollm2_tokenizer)
+    chat = tokenize_record({"messages": messages}, smollm2_tokenizer)
+    assert np.array_equal(shared.ids, chat.ids) and np.array_equal(shared.targets, chat.targets)
+    assert shared.targets.any() and not shared.targets.all()
+
+
 def test_prompt_completion_and_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
     end = tok.token_text(tok.eos_id)                       # the model's end-of-sequence token
@@ -99,6 +111,9 @@ def test_max_length_cuts_examples(tmp_path, smollm2_tokenizer):
     ({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
     ({"messages": [{"role": "user", "content": ["x"]}]}, "'content' must be a string"),
     ({"messages": [{"role": "user", "content": "question only"}]}, "no tokens to learn"),
+    ({"conversations": {"from": "human"}}, "'conversations' must be a non-empty list"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "turn 0 is from 'bot'"),
+    ({"conversations": [{"from": "gpt", "value": 3}]}, "turn 0: field 'value' must be a string"),
     ({"title": "x"}, "no known fields"),
     ([1, 2], "must be a JSON object"),
     ({"prompt": "p", "completion": ""}, None),          # the end marker is still learned
@@ -145,7 +160,8 @@ def test_any_bytes_load_or_raise_data_error(tmp_path_factory, smollm2_tokenizer,
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.sampled_from(["text", "messages", "role", "content", "input",
-                                                              "instruction", "output", "prompt", "completion"]),
+                                                              "instruction", "output", "prompt", "completion",
+                                                              "conversations", "from", "value"]),
                                              inner, max_size=4), max_leaves=10)
 
 
