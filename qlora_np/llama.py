@@ -172,12 +172,15 @@ class LlamaModel:
         """Load a Hugging Face Llama checkpoint: ``config.json`` + ``model.safetensors`` (or shards).
 
         HF keeps q and k rows in rotate-half order; they are permuted to the GGUF
-        (adjacent-pair) order used here. A ``tokenizer.json`` is not read: pass token ids.
+        (adjacent-pair) order used here. The tokenizer comes from ``tokenizer.json`` when
+        the folder has one (else ``tokenizer`` is None: pass token ids).
         """
+        from .tokenizer import Tokenizer
+
         config = LlamaConfig.from_hf_folder(folder)
         tensors = read_checkpoint_tensors(folder)
         return cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
-                                double_quant)
+                                double_quant, Tokenizer.from_hf_folder(folder))
 
     @classmethod
     def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,

@@ -1,4 +1,5 @@
-"""Tokenizer built from a GGUF file's own vocabulary: byte-level BPE, as llama.cpp runs it.
+"""Tokenizer built from a model's own vocabulary (a GGUF file's, or a Hugging Face
+folder's tokenizer.json): byte-level BPE, as llama.cpp runs it.
 
 The GGUF stores the token strings, the merge list, the token types and the special
 token ids. For the ``gpt2`` tokenizer model with the ``smollm`` (and default GPT-2)
@@ -6,11 +7,13 @@ pre-tokenizer, llama.cpp splits digits one by one, then applies the GPT-2 regex 
 byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
 """
 
+import os
 from dataclasses import dataclass
 from functools import partial
 
-from .errors import UnknownFormatError
+from .errors import CheckpointError, UnknownFormatError
 from .gguf_io import field_value
+from .safetensors_io import read_json
 
 CONTROL_TOKEN_TYPE = 3
 SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
@@ -62,31 +65,41 @@ class ChatTemplate:
 
 
 class Tokenizer:
-    """Text ↔ token ids with the GGUF vocabulary; special tokens are parsed in text."""
+    """Text ↔ token ids with a model's own vocabulary; special tokens are parsed in text.
 
-    def __init__(self, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False,
-                 pre="smollm"):
+    Built from a GGUF file's tokenizer keys (:meth:`from_gguf`) or from a Hugging Face
+    folder's ``tokenizer.json`` (:meth:`from_hf_folder`); either way HF ``tokenizers``
+    runs the byte-level BPE.
+    """
+
+    def __init__(self, hf_tokenizer, special_tokens, bos_id, eos_id, end_ids, add_bos=False):
+        self._hf = hf_tokenizer
+        self.special_tokens = list(special_tokens)
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.end_ids = frozenset(end_ids)
+        self.add_bos = add_bos
+        self.chat_template = ChatTemplate()
+
+    @classmethod
+    def from_pieces(cls, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False, pre="smollm"):
+        """From a vocabulary (token strings in id order), its merge list ("a b" strings) and
+        token types (CONTROL_TOKEN_TYPE marks the special tokens), as a GGUF stores them."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
         if pre not in SUPPORTED_PRE_TOKENIZERS:
             raise UnknownFormatError(f"tokenizer pre-tokenizer must be one of {SUPPORTED_PRE_TOKENIZERS}, "
                                      f"got {pre!r}")
         vocab = {token: index for index, token in enumerate(tokens)}
-        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges])
-        self._hf = HFTokenizer(bpe)
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
         pieces = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         if pre == "smollm":
             pieces.insert(0, pre_tokenizers.Digits(individual_digits=True))
-        self._hf.pre_tokenizer = pre_tokenizers.Sequence(pieces)
-        self._hf.decoder = decoders.ByteLevel()
-        self.special_tokens = [t for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
-        self._hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                     for t in self.special_tokens])
-        self.vocab_size = len(tokens)
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.end_ids = frozenset(end_ids)
-        self.add_bos = add_bos
-        self.chat_template = ChatTemplate()
+        hf.pre_tokenizer = pre_tokenizers.Sequence(pieces)
+        hf.decoder = decoders.ByteLevel()
+        special = [t for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        return cls(hf, special, bos_id, eos_id, end_ids, add_bos)
 
     @classmethod
     def from_gguf(cls, reader):
@@ -101,10 +114,45 @@ class Tokenizer:
         end_ids = {eos, value("tokenizer.ggml.eot_token_id", eos), value("tokenizer.ggml.eom_token_id", eos)}
         tokens = value("tokenizer.ggml.tokens")
         end_ids |= {i for i, t in enumerate(tokens[:64]) if t in END_MARKERS}
-        return cls(tokens, value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type"),
-                   value("tokenizer.ggml.bos_token_id"), eos, end_ids,
-                   add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
-                   pre=value("tokenizer.ggml.pre", "default"))
+        return cls.from_pieces(tokens, value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type"),
+                               value("tokenizer.ggml.bos_token_id"), eos, end_ids,
+                               add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
+                               pre=value("tokenizer.ggml.pre", "default"))
+
+    @classmethod
+    def from_hf_folder(cls, folder):
+        """Build from a Hugging Face model folder: ``tokenizer.json``, and the special tokens
+        named in ``tokenizer_config.json`` / ``generation_config.json`` when present.
+        Returns None for a folder without ``tokenizer.json``."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            hf = HFTokenizer.from_file(path)
+        except Exception as error:              # the Rust parser raises plain Exceptions
+            raise CheckpointError(f"{path}: not a tokenizer.json that HF tokenizers reads ({error})") from None
+        special = {token.content: index for index, token in hf.get_added_tokens_decoder().items()
+                   if token.special}
+        settings = _json_object(os.path.join(folder, "tokenizer_config.json"))
+        generation = _json_object(os.path.join(folder, "generation_config.json"))
+
+        def token_id(name, fallback):
+            token = settings.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            return hf.token_to_id(token) if isinstance(token, str) and hf.token_to_id(token) is not None \
+                else fallback
+
+        markers = [special[t] for t in END_MARKERS if t in special]
+        eos = token_id("eos_token", markers[0] if markers else None)
+        if eos is None:
+            raise CheckpointError(f"{folder}: no end-of-text token (eos_token in tokenizer_config.json)")
+        extra = generation.get("eos_token_id")
+        extra = extra if isinstance(extra, list) else [extra]
+        end_ids = {eos, *markers, *(i for i in extra if isinstance(i, int) and 0 <= i < hf.get_vocab_size())}
+        return cls(hf, sorted(special, key=special.get), token_id("bos_token", eos), eos, end_ids,
+                   add_bos=settings.get("add_bos_token") is True)
 
     def encode(self, text, add_bos=None):
         """Token ids of ``text``; special tokens written in the text become their ids."""
@@ -122,3 +170,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self.chat_template.render(messages, add_generation_prompt)
+
+
+
+def _json_object(path):
+    """A JSON file's object, {} when the file is missing; CheckpointError when it is not an object."""
+    if not os.path.isfile(path):
+        return {}
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    return value

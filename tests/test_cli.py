@@ -64,3 +64,23 @@ def test_finetune_reports_bad_input_without_a_traceback(tmp_path, small_data, ca
     status, _, err = run(["finetune", "--data", str(small_data), "--output-dir", str(tmp_path / "z"),
                           "--batch-size", "0"], capsys)
     assert status == 2 and "batch_size=0" in err
+
+
+def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, capsys, smollm2_tokenizer):
+    from .test_llama import _write_hf, tiny_weights, write_hf_tokenizer
+    from .test_train import TINY_VOCAB
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    _write_hf(folder, tiny_weights(TINY_VOCAB), TINY_VOCAB)
+    status, _, err = run(["generate", str(folder), "--prompt", "Hi"], capsys)
+    assert status == 2 and "no tokenizer.json" in err
+    write_hf_tokenizer(folder, smollm2_tokenizer)
+    status, out, err = run(["finetune", str(folder), "--data", str(small_data), "--output-dir",
+                            str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2"], capsys)
+    assert status == 0, err
+    assert "eval loss" in out
+    status, out, err = run(["generate", str(folder), "--chat", "--prompt", "Repeat apple", "--max-new-tokens", "3",
+                            "--adapter", latest_checkpoint(tmp_path / "run")], capsys)
+    assert status == 0, err
+    assert out.startswith("Repeat apple\n") and len(out) > len("Repeat apple\n\n")

@@ -146,6 +146,37 @@ def test_tokenizer_ids_equal_llama_cpp(smollm2_path):
     assert sorted(tokenizer.end_ids) == [0, 2, 4]                     # llama.cpp's end-of-generation set
 
 
+def write_hf_tokenizer(folder, tokenizer):
+    """SmolLM2-Instruct's tokenizer files as its Hugging Face folder has them."""
+    tokenizer._hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True},
+        "unk_token": "<|endoftext|>", "model_max_length": 8192}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+
+
+def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_tokenizer):
+    from qlora_np.errors import CheckpointError
+    from qlora_np.tokenizer import Tokenizer
+
+    assert Tokenizer.from_hf_folder(tmp_path) is None                      # no tokenizer.json
+    write_hf_tokenizer(tmp_path, smollm2_tokenizer)
+    from_hf = Tokenizer.from_hf_folder(tmp_path)
+    for text in json.loads((LLAMACPP_DIR / "tokens.json").read_text())["tokens"]:
+        assert from_hf.encode(text) == smollm2_tokenizer.encode(text), text
+    chat = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": "Add 12 and 30."}])
+    assert from_hf.encode(chat) == smollm2_tokenizer.encode(chat)
+    assert (from_hf.bos_id, from_hf.eos_id, from_hf.end_ids, from_hf.add_bos, from_hf.vocab_size) == (
+        1, 2, smollm2_tokenizer.end_ids, False, smollm2_tokenizer.vocab_size)
+    assert from_hf.special_tokens == smollm2_tokenizer.special_tokens
+    (tmp_path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        Tokenizer.from_hf_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
 @pytest.mark.slow
 def test_float_forward_matches_llama_cpp_logits(smollm2_path):
     model = LlamaModel.from_gguf(smollm2_path, quant_type=None)
