@@ -8,6 +8,7 @@ byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,9 +26,22 @@ END_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|end|>", "<|eot_id|>", "<end_of_
 
 @dataclass
 class ChatTemplate:
-    """ChatML, as SmolLM2-Instruct's template renders it (a default system turn first)."""
+    """ChatML, as SmolLM2-Instruct's template renders it: a default system turn first
+    unless the conversation has one (``default_system=None``: none is added)."""
 
     default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    @classmethod
+    def from_source(cls, source):
+        """The template a model records (its Jinja text; None when it records none) as
+        this class renders it: ChatML with the default system turn the source writes.
+        A template of another kind gives an :class:`UnsupportedChatTemplate`."""
+        if source is None:
+            return cls()
+        if "<|im_start|>" not in source:
+            return UnsupportedChatTemplate()
+        default = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", source)
+        return cls(default.group(1) if default else None)
 
     def render(self, messages, add_generation_prompt=True):
         """Text for a list of {"role", "content"} dicts."""
@@ -59,9 +73,21 @@ class ChatTemplate:
         return merged
 
     def _with_system(self, messages):
-        if not messages or messages[0]["role"] != "system":
+        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.default_system}] + list(messages)
         return list(messages)
+
+
+class UnsupportedChatTemplate:
+    """Stands for a model's chat template that is not ChatML: rendering chat raises a
+    clear error, where rendering ChatML anyway would train and prompt the model wrongly."""
+
+    def render(self, messages, add_generation_prompt=True):
+        raise UnknownFormatError("this model's chat template is not ChatML (<|im_start|> … <|im_end|>), "
+                                 "the only one qlora_np renders: use text or prompt/completion records, "
+                                 "and prompts without --chat")
+
+    pieces = render
 
 
 class Tokenizer:
@@ -72,17 +98,19 @@ class Tokenizer:
     runs the byte-level BPE.
     """
 
-    def __init__(self, hf_tokenizer, special_tokens, bos_id, eos_id, end_ids, add_bos=False):
+    def __init__(self, hf_tokenizer, special_tokens, bos_id, eos_id, end_ids, add_bos=False,
+                 chat_template=None):
         self._hf = hf_tokenizer
         self.special_tokens = list(special_tokens)
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.end_ids = frozenset(end_ids)
         self.add_bos = add_bos
-        self.chat_template = ChatTemplate()
+        self.chat_template = ChatTemplate() if chat_template is None else chat_template
 
     @classmethod
-    def from_pieces(cls, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False, pre="smollm"):
+    def from_pieces(cls, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False, pre="smollm",
+                    chat_template=None):
         """From a vocabulary (token strings in id order), its merge list ("a b" strings) and
         token types (CONTROL_TOKEN_TYPE marks the special tokens), as a GGUF stores them."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -99,7 +127,7 @@ class Tokenizer:
         hf.decoder = decoders.ByteLevel()
         special = [t for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        return cls(hf, special, bos_id, eos_id, end_ids, add_bos)
+        return cls(hf, special, bos_id, eos_id, end_ids, add_bos, chat_template)
 
     @classmethod
     def from_gguf(cls, reader):
@@ -117,7 +145,8 @@ class Tokenizer:
         return cls.from_pieces(tokens, value("tokenizer.ggml.merges"), value("tokenizer.ggml.token_type"),
                                value("tokenizer.ggml.bos_token_id"), eos, end_ids,
                                add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
-                               pre=value("tokenizer.ggml.pre", "default"))
+                               pre=value("tokenizer.ggml.pre", "default"),
+                               chat_template=ChatTemplate.from_source(value("tokenizer.chat_template")))
 
     @classmethod
     def from_hf_folder(cls, folder):
@@ -152,7 +181,8 @@ class Tokenizer:
         extra = extra if isinstance(extra, list) else [extra]
         end_ids = {eos, *markers, *(i for i in extra if isinstance(i, int) and 0 <= i < hf.get_vocab_size())}
         return cls(hf, sorted(special, key=special.get), token_id("bos_token", eos), eos, end_ids,
-                   add_bos=settings.get("add_bos_token") is True)
+                   add_bos=settings.get("add_bos_token") is True,
+                   chat_template=ChatTemplate.from_source(_template_text(settings.get("chat_template"))))
 
     def encode(self, text, add_bos=None):
         """Token ids of ``text``; special tokens written in the text become their ids."""
@@ -171,6 +201,14 @@ class Tokenizer:
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self.chat_template.render(messages, add_generation_prompt)
 
+
+
+def _template_text(value):
+    """tokenizer_config.json's chat_template: its text, or the "default" one of a list of named templates."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default", next(iter(named.values()), None))
+    return value if isinstance(value, str) else None
 
 
 def _json_object(path):

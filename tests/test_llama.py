@@ -148,10 +148,16 @@ def test_tokenizer_ids_equal_llama_cpp(smollm2_path):
 
 def write_hf_tokenizer(folder, tokenizer):
     """SmolLM2-Instruct's tokenizer files as its Hugging Face folder has them."""
+    import gguf
+
+    from qlora_np.demo import shipped_smollm2_path
+    from qlora_np.gguf_io import field_value
+
     tokenizer._hf.save(str(folder / "tokenizer.json"))
+    template = field_value(gguf.GGUFReader(shipped_smollm2_path()), "tokenizer.chat_template")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True},
-        "unk_token": "<|endoftext|>", "model_max_length": 8192}))
+        "unk_token": "<|endoftext|>", "model_max_length": 8192, "chat_template": template}))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
 
 
@@ -169,12 +175,45 @@ def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_
     assert (from_hf.bos_id, from_hf.eos_id, from_hf.end_ids, from_hf.add_bos, from_hf.vocab_size) == (
         1, 2, smollm2_tokenizer.end_ids, False, smollm2_tokenizer.vocab_size)
     assert from_hf.special_tokens == smollm2_tokenizer.special_tokens
+    assert from_hf.chat_template == smollm2_tokenizer.chat_template
     (tmp_path / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(CheckpointError, match="must hold a JSON object"):
         Tokenizer.from_hf_folder(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": 3}')
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         Tokenizer.from_hf_folder(tmp_path)
+
+
+@pytest.mark.parametrize("source, default_system", [
+    (None, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    ("{{ '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{% for m in messages %}…", "You are Qwen."),
+    ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'}}", None),
+])
+def test_chatml_templates_keep_their_own_default_system_turn(source, default_system):
+    from qlora_np.tokenizer import ChatTemplate
+
+    template = ChatTemplate.from_source(source)
+    assert template.default_system == default_system
+    rendered = template.render([{"role": "user", "content": "Hi"}])
+    assert rendered.startswith("<|im_start|>system\n" if default_system else "<|im_start|>user\nHi")
+
+
+def test_other_chat_templates_are_refused_not_rendered_as_chatml(tmp_path, smollm2_tokenizer):
+    from qlora_np.data import tokenize_record
+    from qlora_np.errors import UnknownFormatError
+    from qlora_np.tokenizer import Tokenizer
+
+    write_hf_tokenizer(tmp_path, smollm2_tokenizer)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings["chat_template"] = [{"name": "default", "template": "{% for m in messages %}[INST] {{ m.content }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer = Tokenizer.from_hf_folder(tmp_path)
+    with pytest.raises(UnknownFormatError, match="not ChatML"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    with pytest.raises(UnknownFormatError, match="not ChatML"):
+        tokenize_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                        tokenizer)
+    assert tokenize_record({"prompt": "a", "completion": "b"}, tokenizer).targets.any()
 
 
 @pytest.mark.slow
