@@ -1,7 +1,7 @@
 """Training speed and memory: a QLoRA step on SmolLM2-135M, qlora_np against plain PyTorch.
 
     python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--threads 2]
-                                    [--compute-dtype both] [--torch-python PATH]
+                                    [--compute-dtype both] [--rounds 1] [--torch-python PATH]
 
 One step = forward, backward and AdamW for LoRA r=8 (alpha 16) on q, k, v, o, gate,
 up and down of every block, on ``batch`` rows of ``seq`` random tokens, all tokens
@@ -19,7 +19,8 @@ labelled. Each side runs in its own subprocess, so each peak RSS is its own:
 Prints tokens/s (the median of the steps after the first two, which warm up caches and
 allocators) and peak RSS for each, the arithmetic a step needs and the rate each side
 reached, and the ratios of like to like (targets: ≥ 2× their tokens/s at ≤ 0.5× their
-peak RSS).
+peak RSS). Each ratio compares two runs made one after the other; ``--rounds`` repeats
+the pairs and reports the median ratio (this VM's speed drifts by ±30 % over minutes).
 """
 
 import os
@@ -199,6 +200,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compute-dtype", default="both", choices=["float32", "bfloat16", "both"],
                         help="what both sides multiply in (default: a run with each)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat ours-then-theirs this many times and report the median ratio: each "
+                             "ratio compares two runs made back to back, under the same machine noise")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="a Python with torch (and gguf) installed (default: this one)")
     args = parser.parse_args()
@@ -209,31 +213,37 @@ def main():
     common = [path, args.steps, args.batch, args.seq, args.threads]
     print(f"{os.path.basename(path)}: LoRA r=8 on all 7 linear layers, batch {args.batch} × seq {args.seq}"
           f" = {tokens} tokens a step ({flops / 1e9:.0f} GFLOP), {args.threads} threads, {args.steps} steps")
-    ours = {}
-    for compute_dtype in dtypes:
-        result = run(sys.executable, OURS, common + [compute_dtype])
-        if result is None:
-            return
-        label = f"qlora_np (NF4 + dq, {compute_dtype})"
-        ours[compute_dtype] = result, summary(label, result, tokens, flops)
-    has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"], capture_output=True)
-    if has_torch.returncode != 0:
+    has_torch = subprocess.run([args.torch_python, "-c", "import torch, gguf"],
+                               capture_output=True).returncode == 0
+    if not has_torch:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
-        return
-    theirs = {}
-    for compute_dtype in dtypes:
-        result = run(args.torch_python, TORCH, common + [compute_dtype], THEIR_ENVIRONMENT)
-        if result is None:
-            return
-        label = f"torch {result['torch']} ({'bnb NF4' if result['bnb'] else 'fp32 frozen'}, {compute_dtype})"
-        theirs[compute_dtype] = result, summary(label, result, tokens, flops)
-    for compute_dtype, (result, our_speed) in ours.items():
-        their_result, their_speed = theirs[compute_dtype]
-        print(f"{compute_dtype}: qlora_np / torch speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
-              f"peak RSS {result['rss_mib'] / their_result['rss_mib']:.2f} (target ≤ 0.5)")
-    if len(dtypes) == 2:
-        our_best, their_best = max(s for _, s in ours.values()), max(s for _, s in theirs.values())
-        print(f"fastest against fastest: speed {our_best / their_best:.2f}")
+    ratios = {compute_dtype: [] for compute_dtype in dtypes}
+    for round_index in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_index + 1} of {args.rounds}")
+        for compute_dtype in dtypes:
+            result = run(sys.executable, OURS, common + [compute_dtype])
+            if result is None:
+                return
+            our_speed = summary(f"qlora_np (NF4 + dq, {compute_dtype})", result, tokens, flops)
+            if not has_torch:
+                continue
+            theirs = run(args.torch_python, TORCH, common + [compute_dtype], THEIR_ENVIRONMENT)
+            if theirs is None:
+                return
+            frozen = "bnb NF4" if theirs["bnb"] else "fp32 frozen"
+            label = f"torch {theirs['torch']} ({frozen}, {compute_dtype})"
+            their_speed = summary(label, theirs, tokens, flops)
+            ratios[compute_dtype].append((our_speed / their_speed, result["rss_mib"] / theirs["rss_mib"]))
+            print(f"{compute_dtype}: qlora_np / torch speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
+                  f"peak RSS {result['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
+    for compute_dtype, pairs in ratios.items():
+        if len(pairs) > 1:
+            speed = sorted(ratio for ratio, _ in pairs)
+            memory = sorted(ratio for _, ratio in pairs)
+            print(f"{compute_dtype} over {len(pairs)} rounds: speed ratio median "
+                  f"{statistics.median(speed):.2f} ({speed[0]:.2f}–{speed[-1]:.2f}), "
+                  f"peak RSS ratio median {statistics.median(memory):.2f}")
 
 
 if __name__ == "__main__":
