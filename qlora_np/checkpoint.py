@@ -30,7 +30,6 @@ FORMAT = "qlora_np-train-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ADAPTERS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "trainer_state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -80,7 +79,8 @@ def load_checkpoint(folder):
             raise CheckpointError(f"{folder}: {name} is missing")
         if _sha256(path) != state["sha256"].get(name):
             raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one recorded")
-    adapters = {name: np.array(array) for name, array in read_safetensors(os.path.join(folder, ADAPTERS)).items()}
+    adapters = read_safetensors(os.path.join(folder, ADAPTERS))
+    adapters = {name: np.array(array) for name, array in adapters.items()}            # off the memory map
     moments = read_safetensors(os.path.join(folder, OPTIMIZER))
     optimizer = state.pop("optimizer")
     steps = optimizer.pop("steps")

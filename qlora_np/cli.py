@@ -171,7 +171,7 @@ def _load_model(path, quant_type, needs_tokenizer=True):
 
 
 def _load_adapter(model, adapter):
-    """Attach the adapters of a training checkpoint, a PEFT folder or a llama.cpp adapter GGUF to ``model``."""
+    """Attach to ``model`` the adapters of a training checkpoint, PEFT folder or llama.cpp adapter GGUF."""
     import os
 
     from .checkpoint import STATE

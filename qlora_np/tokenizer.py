@@ -161,7 +161,8 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(path)
         except Exception as error:              # the Rust parser raises plain Exceptions
-            raise CheckpointError(f"{path}: not a tokenizer.json that HF tokenizers reads ({error})") from None
+            raise CheckpointError(f"{path}: not a tokenizer.json that HF tokenizers reads "
+                                  f"({error})") from None
         special = {token.content: index for index, token in hf.get_added_tokens_decoder().items()
                    if token.special}
         settings = _json_object(os.path.join(folder, "tokenizer_config.json"))

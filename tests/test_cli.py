@@ -44,10 +44,11 @@ def test_finetune_resume_and_generate_with_the_adapter(tmp_path, small_data, cap
     status, from_checkpoint, err = run(generate + [latest_checkpoint(out_dir)], capsys)
     assert status == 0, err
     assert from_checkpoint.startswith("Repeat apple")
-    status, out, err = run(["export-gguf", latest_checkpoint(out_dir), str(tmp_path / "adapter.gguf")], capsys)
+    adapter_gguf = str(tmp_path / "adapter.gguf")
+    status, out, err = run(["export-gguf", latest_checkpoint(out_dir), adapter_gguf], capsys)
     assert status == 0, err
-    assert "adapter.lora.alpha = 16" in out          # --alpha's default; scale = alpha / r as llama.cpp has it
-    status, from_gguf, err = run(generate + [str(tmp_path / "adapter.gguf")], capsys)
+    assert "adapter.lora.alpha = 16" in out          # --alpha's default: llama.cpp's scale is alpha / r
+    status, from_gguf, err = run(generate + [adapter_gguf], capsys)
     assert status == 0, err
     assert from_gguf == from_checkpoint
 
@@ -80,8 +81,8 @@ def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, 
                             str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2"], capsys)
     assert status == 0, err
     assert "eval loss" in out
-    status, out, err = run(["generate", str(folder), "--chat", "--prompt", "Repeat apple", "--max-new-tokens", "3",
-                            "--adapter", latest_checkpoint(tmp_path / "run")], capsys)
+    status, out, err = run(["generate", str(folder), "--chat", "--prompt", "Repeat apple",
+                            "--max-new-tokens", "3", "--adapter", latest_checkpoint(tmp_path / "run")], capsys)
     assert status == 0, err
     assert out.startswith("Repeat apple\n") and len(out) > len("Repeat apple\n\n")
     status, out, err = run(["export-gguf", "--base", str(folder), latest_checkpoint(tmp_path / "run"),
