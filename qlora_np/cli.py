@@ -5,6 +5,7 @@
 import argparse
 import dataclasses
 import sys
+import warnings
 
 from .errors import QLoraError
 
@@ -237,11 +238,18 @@ COMMANDS = {"demo": run_demo, "generate": run_generate, "finetune": run_finetune
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            COMMANDS[args.command](args)
     except QLoraError as error:
         print(f"qlora-np: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_warning(message, category, *where, **more):
+    """Warnings as a command line prints them: one line on stderr, no source location."""
+    print(f"qlora-np: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ token, or IGNORE_INDEX), plus RoPE ``positions`` and, when packing, ``segments``
 
 import json
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-from .errors import DataError, InvalidValueError
+from .errors import DataError, DataWarning, InvalidValueError
 from .llama_lora import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
@@ -203,17 +204,26 @@ def load_examples(path, tokenizer, train_on_prompt=False, max_length=None):
     """Tokenize every record of a file: a list of :class:`Example`.
 
     With ``max_length``, each example is cut to max_length + 1 tokens (inputs and the
-    last label); an example left with nothing to learn raises a :class:`DataError`.
+    last label). A record with nothing to learn raises a :class:`DataError`; one whose
+    replies all start past max_length is left out, with a warning that counts them
+    (long prompts are normal data, not a broken file). If that leaves nothing, DataError.
     """
-    examples = []
+    examples, cut_off = [], []
     for where, record in read_records(path):
         example = tokenize_record(record, tokenizer, where, train_on_prompt)
+        if not example.targets[1:].any():
+            raise DataError(f"{where}: no tokens to learn (the reply is empty)")
         if max_length is not None:
             example = Example(example.ids[:max_length + 1], example.targets[:max_length + 1], where)
-        if not example.targets[1:].any():
-            limit = "" if max_length is None else f" within max_length={max_length}"
-            raise DataError(f"{where}: no tokens to learn{limit} (the reply is empty or cut off)")
+            if not example.targets[1:].any():
+                cut_off.append(where)
+                continue
         examples.append(example)
+    if cut_off and not examples:
+        raise DataError(f"{path}: every record's reply starts past max_length={max_length}")
+    if cut_off:
+        warnings.warn(f"left out {len(cut_off)} of {len(cut_off) + len(examples)} records whose replies start "
+                      f"past max_length={max_length} (the first: {cut_off[0]})", DataWarning, stacklevel=2)
     return examples
 
 

@@ -45,3 +45,7 @@ class DataError(QLoraError, ValueError):
 class DeviceError(QLoraError, RuntimeError):
     """A device that cannot be used: "cuda" without numba.cuda, a GPU or its driver, or arrays
     on different devices."""
+
+
+class DataWarning(UserWarning):
+    """Training data that is usable but not all used (records left out, and why)."""

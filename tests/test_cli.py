@@ -65,6 +65,12 @@ def test_finetune_reports_bad_input_without_a_traceback(tmp_path, small_data, ca
     status, _, err = run(["finetune", "--data", str(small_data), "--output-dir", str(tmp_path / "z"),
                           "--batch-size", "0"], capsys)
     assert status == 2 and "batch_size=0" in err
+    long = tmp_path / "long.jsonl"
+    long.write_text(small_data.read_text() + json.dumps({"prompt": "word " * 80, "completion": "yes"}) + "\n")
+    status, _, err = run(["finetune", "--data", str(long), "--output-dir", str(tmp_path / "w"), "--max-length",
+                          "48", "--max-steps", "1", "--target-modules", "q_proj", "--r", "2"], capsys)
+    assert status == 0, err
+    assert "qlora-np: warning: left out 1 of 7 records" in err and "long.jsonl:7" in err
 
 
 def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, capsys, smollm2_tokenizer):

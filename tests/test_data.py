@@ -100,6 +100,20 @@ def test_max_length_cuts_examples(tmp_path, smollm2_tokenizer):
     assert len(example.ids) == 5
 
 
+def test_records_whose_reply_starts_past_max_length_are_left_out_with_a_warning(tmp_path, smollm2_tokenizer):
+    from qlora_np.errors import DataWarning
+
+    long_prompt = {"prompt": "word " * 60, "completion": "yes"}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "short", "completion": "yes"}, long_prompt, long_prompt])
+    with pytest.warns(DataWarning, match="left out 2 of 3 records .* max_length=16 .*d.jsonl:2"):
+        (example,) = load_examples(path, smollm2_tokenizer, max_length=16)
+    assert example.source == "d.jsonl:1"
+    assert len(load_examples(path, smollm2_tokenizer, max_length=200)) == 3
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long_prompt])
+    with pytest.raises(DataError, match="every record's reply starts past max_length=16"):
+        load_examples(only_long, smollm2_tokenizer, max_length=16)
+
+
 # ---------------------------------------------------------------------------
 # Bad files: a DataError that names the file and line
 # ---------------------------------------------------------------------------
