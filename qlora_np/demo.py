@@ -181,9 +181,11 @@ def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_siz
     out("\nsample answers (before → after):")
     for (question, expected, before), (_, _, after) in list(zip(before_answers, after_answers))[:3]:
         out(f"  {question}\n    expected {expected!r}; before {before!r}; after {after!r}")
-    out(f"\nadapters, optimizer state and metrics.jsonl are in {output_dir}/ — try:\n"
-        f"  qlora-np generate --chat --adapter {output_dir}/checkpoint-{steps:06d} --prompt "
-        f"\"Convert this date to YYYY-MM-DD: July 4, 1976\"")
+    checkpoint = f"{output_dir}/checkpoint-{steps:06d}"
+    out(f"\nadapters (a PEFT adapter folder), optimizer state and metrics.jsonl are in {output_dir}/ — try:\n"
+        f"  qlora-np generate --chat --adapter {checkpoint} --prompt "
+        f"\"Convert this date to YYYY-MM-DD: July 4, 1976\"\n"
+        f"  qlora-np export-gguf {checkpoint} adapter.gguf      # the adapter for llama.cpp's --lora")
     return {"before_loss": before_eval["eval_loss"], "after_loss": after_eval["eval_loss"],
             "before_exact_match": before_rate, "after_exact_match": after_rate, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "answers": after_answers}
