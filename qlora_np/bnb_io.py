@@ -28,6 +28,7 @@ from .lora import LoRALinear
 from .ops import dequantize, quantize, scales
 from .safetensors_io import CHECKPOINT_FILE, atomic_write, read_checkpoint_tensors, save_safetensors
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
+from .tokenizer import Tokenizer
 
 
 
@@ -36,8 +37,8 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
 
     4-bit nf4/fp4 weights are written as they are; float weights (and int4 ones, which
     bitsandbytes cannot hold) are quantized with ``quant_type``, ``blocksize``,
-    ``double_quant``. Adapters are not part of it: save them with ``save_peft``.
-    Returns the config written.
+    ``double_quant``. The tokenizer's files are written too when the model has one.
+    Adapters are not part of it: save them with ``save_peft``. Returns the config written.
     """
     config = model.config
     tensors = {"model.embed_tokens.weight": model.embedding, "model.norm.weight": model.output_norm}
@@ -51,32 +52,42 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
             weight = _hf_quantized(block.linears[name].base, _rope_heads(config, name),
                                    (quant_type, blocksize, double_quant))
             tensors.update(weight.to_bnb(hf + HF_LINEAR_NAMES[name] + ".weight"))
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float32",
-                 "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-                 "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-                 "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-                 "intermediate_size": config.intermediate_size, "hidden_act": "silu",
-                 "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
-                 "rope_theta": config.rope_theta,
-                 "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-                 "tie_word_embeddings": model.tied_output, "attention_bias": False, "mlp_bias": False,
-                 "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                         "load_in_8bit": False, "bnb_4bit_quant_type": quant_type,
-                                         "bnb_4bit_use_double_quant": double_quant,
-                                         "bnb_4bit_compute_dtype": "float32",
-                                         "bnb_4bit_quant_storage": "uint8"}}
+    hf_config = hf_llama_config(config, model.tied_output, quant_type, double_quant)
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, CHECKPOINT_FILE), tensors, metadata={"format": "pt"})
     with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
         json.dump(hf_config, stream, indent=2)
+    if model.tokenizer is not None:
+        model.tokenizer.save_hf(folder)
     return hf_config
+
+
+def hf_llama_config(config, tied_output, quant_type="nf4", double_quant=True):
+    """The config.json of a transformers + bitsandbytes 4-bit Llama checkpoint of this shape."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float32",
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+            "intermediate_size": config.intermediate_size, "hidden_act": "silu",
+            "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
+            "rope_theta": config.rope_theta,
+            "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": tied_output, "attention_bias": False, "mlp_bias": False,
+            "quantization_config": bnb_quantization_config(quant_type, double_quant)}
+
+
+def bnb_quantization_config(quant_type, double_quant):
+    """config.json's ``quantization_config`` for bitsandbytes 4-bit weights (float32 compute)."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8"}
 
 
 def load_bnb_model(folder):
     """A :class:`LlamaModel` from a transformers + bitsandbytes checkpoint folder (or a float HF one).
 
-    4-bit weights load as they are stored (no decoding), float ones stay float32.
-    Anything missing, malformed or of the wrong shape raises CheckpointError.
+    4-bit weights load as they are stored (no decoding), float ones stay float32; the
+    tokenizer comes from ``tokenizer.json`` when there is one. Anything missing, malformed or of the wrong shape raises CheckpointError.
     """
     config = LlamaConfig.from_hf_folder(folder)
     tensors = read_checkpoint_tensors(folder)
@@ -99,7 +110,7 @@ def load_bnb_model(folder):
     output = LoRALinear(embedding, mode="dense") if tied else _gguf_layer(
         linear_from_bnb(tensors, "lm_head.weight", (config.vocab_size, h), folder), None)
     return LlamaModel(config, embedding, blocks, _float(tensors, "model.norm.weight", (h,), folder), output,
-                      tied_output=tied)
+                      tokenizer=Tokenizer.from_hf_folder(folder), tied_output=tied)
 
 
 def linear_from_bnb(tensors, key, shape, source=""):

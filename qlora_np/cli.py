@@ -73,7 +73,8 @@ def build_parser():
     quantize = commands.add_parser("quantize", help="quantize a safetensors checkpoint or GGUF to a "
                                    "bitsandbytes 4-bit safetensors checkpoint, tensor by tensor")
     quantize.add_argument("source", help="a .safetensors file, a folder of shards, or a .gguf file")
-    quantize.add_argument("target", help="a .safetensors file, or a folder (gets config.json too)")
+    quantize.add_argument("target", help="a .safetensors file, or a folder (gets config.json too; from a "
+                          "Llama GGUF, a Hugging Face checkpoint with its tokenizer)")
     quantize.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     quantize.add_argument("--blocksize", type=int, default=64)
     quantize.add_argument("--no-double-quant", action="store_true")

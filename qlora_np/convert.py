@@ -18,11 +18,13 @@ import tempfile
 
 import numpy as np
 
-from .safetensors_io import read_json
+from .bnb_io import bnb_quantization_config, hf_llama_config
 from .errors import CheckpointError, UnknownFormatError
-from .gguf_io import decode_tensor, open_gguf
+from .gguf_io import decode_tensor, field_value, open_gguf
+from .llama import LlamaConfig, gguf_to_hf_name, unpermute_rope_rows
 from .ops import quantize
-from .safetensors_io import DTYPE_NAMES, HEADER_ALIGNMENT, atomic_write, read_safetensors
+from .safetensors_io import DTYPE_NAMES, HEADER_ALIGNMENT, atomic_write, read_json, read_safetensors
+from .tokenizer import Tokenizer
 
 KEEP_FLOAT = {"embed_tokens", "lm_head", "token_embd", "output"}
 """Name parts of weights that stay float, as transformers + bitsandbytes keep them: embeddings and
@@ -62,12 +64,18 @@ def quantize_checkpoint(source, target, quant_type="nf4", blocksize=64, double_q
     ``target`` is a .safetensors file, or a folder that gets ``model.safetensors`` and,
     when ``source`` is a folder with an HF ``config.json``, that config with a
     bitsandbytes ``quantization_config`` (so :func:`qlora_np.bnb_io.load_bnb_model` and
-    transformers read it). Returns a summary: tensors, quantized, bytes in and out.
+    transformers read it). A Llama GGUF into a folder becomes that same kind of folder:
+    Hugging Face names, q and k rows in HF order, a config.json and the tokenizer's files.
+    Into a .safetensors file, and for other GGUFs, tensors keep their names.
+    Returns a summary: tensors, quantized, bytes in and out.
     """
     if quant_type not in ("nf4", "fp4"):
         raise UnknownFormatError(f"bitsandbytes checkpoints hold nf4 or fp4, got {quant_type!r}")
     tensors = source_tensors(source)
     folder = None if str(target).endswith(".safetensors") else target
+    llama = _llama_gguf(source) if folder else None
+    if llama:
+        tensors = [_hf_named(name, load, llama[0]) for name, load in tensors]
     out_path = os.path.join(folder, "model.safetensors") if folder else target
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -104,7 +112,31 @@ def quantize_checkpoint(source, target, quant_type="nf4", blocksize=64, double_q
         bar.close()
     if folder and os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
         _write_quantized_config(os.path.join(source, "config.json"), folder, quant_type, double_quant)
+    if llama:
+        config, tokenizer = llama
+        tied = "lm_head.weight" not in header
+        with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
+            json.dump(hf_llama_config(config, tied, quant_type, double_quant), stream, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_hf(folder)
     return summary
+
+
+def _llama_gguf(source):
+    """(LlamaConfig, Tokenizer or None) when ``source`` is a Llama GGUF file, else None."""
+    if not (os.path.isfile(source) and str(source).endswith(".gguf")):
+        return None
+    reader = open_gguf(source)
+    if field_value(reader, "general.architecture") != "llama":
+        return None
+    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return LlamaConfig.from_gguf(reader), tokenizer
+
+
+def _hf_named(name, load, config):
+    """(Hugging Face name, loader) of a Llama GGUF tensor: q and k rows back in rotate-half order."""
+    hf_name, heads = gguf_to_hf_name(name, config)
+    return hf_name, (load if heads is None else lambda: unpermute_rope_rows(load(), heads))
 
 
 def _is_linear_weight(name, array):
@@ -123,10 +155,7 @@ def _write_quantized_config(source_config, folder, quant_type, double_quant):
     config = read_json(source_config)
     if not isinstance(config, dict):
         raise CheckpointError(f"{source_config}: must hold a JSON object")
-    config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8"}
+    config["quantization_config"] = bnb_quantization_config(quant_type, double_quant)
     with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
         json.dump(config, stream, indent=2)
 

@@ -173,10 +173,15 @@ class LlamaModel:
 
         HF keeps q and k rows in rotate-half order; they are permuted to the GGUF
         (adjacent-pair) order used here. The tokenizer comes from ``tokenizer.json`` when
-        the folder has one (else ``tokenizer`` is None: pass token ids).
+        the folder has one (else ``tokenizer`` is None: pass token ids). A folder that
+        config.json calls a bitsandbytes checkpoint loads with
+        :func:`qlora_np.bnb_io.load_bnb_model`: its 4-bit weights as stored, whatever ``quant_type``.
         """
         from .tokenizer import Tokenizer
 
+        if is_bitsandbytes_folder(folder):
+            from .bnb_io import load_bnb_model
+            return load_bnb_model(folder)
         config = LlamaConfig.from_hf_folder(folder)
         tensors = read_checkpoint_tensors(folder)
         return cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
@@ -321,6 +326,14 @@ HF_LINEAR_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "
                    "ffn_down": "mlp.down_proj"}
 
 
+def is_bitsandbytes_folder(folder):
+    """Whether the folder's config.json has a bitsandbytes ``quantization_config``."""
+    path = os.path.join(folder, "config.json")
+    hf = read_json(path) if os.path.isfile(path) else None
+    quantization = hf.get("quantization_config") if isinstance(hf, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
+
+
 def hf_to_gguf_weights(tensors, config):
     """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
     def get(name):
@@ -341,6 +354,27 @@ def hf_to_gguf_weights(tensors, config):
         weights[gg + "attn_norm.weight"] = get(hf + "input_layernorm.weight")
         weights[gg + "ffn_norm.weight"] = get(hf + "post_attention_layernorm.weight")
     return weights
+
+
+GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}
+GGUF_TO_HF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def gguf_to_hf_name(name, config):
+    """A Llama GGUF tensor name → (its Hugging Face name, the head count whose rows go back to
+    rotate-half order for q and k, else None): the naming of :func:`hf_to_gguf_weights` reversed."""
+    if name in GGUF_TO_HF_NAMES:
+        return GGUF_TO_HF_NAMES[name], None
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+        layer, kind = f"model.layers.{int(parts[1])}.", parts[2]
+        if kind in GGUF_TO_HF_NORMS:
+            return f"{layer}{GGUF_TO_HF_NORMS[kind]}.weight", None
+        if kind in HF_LINEAR_NAMES:
+            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(kind)
+            return f"{layer}{HF_LINEAR_NAMES[kind]}.weight", heads
+    raise CheckpointError(f"{name!r} is not a tensor of a plain Llama model (no Hugging Face name for it)")
 
 
 def permute_rope_rows(weight, heads):

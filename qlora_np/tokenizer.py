@@ -7,6 +7,7 @@ pre-tokenizer, llama.cpp splits digits one by one, then applies the GPT-2 regex 
 byte-level BPE; HF ``tokenizers`` with the same pieces gives the same ids.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from functools import partial
 
 from .errors import CheckpointError, UnknownFormatError
 from .gguf_io import field_value
-from .safetensors_io import read_json
+from .safetensors_io import atomic_path, atomic_write, read_json
 
 CONTROL_TOKEN_TYPE = 3
 SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "default")
@@ -99,18 +100,19 @@ class Tokenizer:
     """
 
     def __init__(self, hf_tokenizer, special_tokens, bos_id, eos_id, end_ids, add_bos=False,
-                 chat_template=None):
+                 chat_template_text=None):
         self._hf = hf_tokenizer
         self.special_tokens = list(special_tokens)
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.end_ids = frozenset(end_ids)
         self.add_bos = add_bos
-        self.chat_template = ChatTemplate() if chat_template is None else chat_template
+        self.chat_template_text = chat_template_text          # the model's own (Jinja) template, if any
+        self.chat_template = ChatTemplate.from_source(chat_template_text)
 
     @classmethod
     def from_pieces(cls, tokens, merges, token_types, bos_id, eos_id, end_ids, add_bos=False, pre="smollm",
-                    chat_template=None):
+                    chat_template_text=None):
         """From a vocabulary (token strings in id order), its merge list ("a b" strings) and
         token types (CONTROL_TOKEN_TYPE marks the special tokens), as a GGUF stores them."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -127,7 +129,7 @@ class Tokenizer:
         hf.decoder = decoders.ByteLevel()
         special = [t for t, kind in zip(tokens, token_types) if kind == CONTROL_TOKEN_TYPE]
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        return cls(hf, special, bos_id, eos_id, end_ids, add_bos, chat_template)
+        return cls(hf, special, bos_id, eos_id, end_ids, add_bos, chat_template_text)
 
     @classmethod
     def from_gguf(cls, reader):
@@ -146,7 +148,7 @@ class Tokenizer:
                                value("tokenizer.ggml.bos_token_id"), eos, end_ids,
                                add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
                                pre=value("tokenizer.ggml.pre", "default"),
-                               chat_template=ChatTemplate.from_source(value("tokenizer.chat_template")))
+                               chat_template_text=value("tokenizer.chat_template"))
 
     @classmethod
     def from_hf_folder(cls, folder):
@@ -183,7 +185,7 @@ class Tokenizer:
         end_ids = {eos, *markers, *(i for i in extra if isinstance(i, int) and 0 <= i < hf.get_vocab_size())}
         return cls(hf, sorted(special, key=special.get), token_id("bos_token", eos), eos, end_ids,
                    add_bos=settings.get("add_bos_token") is True,
-                   chat_template=ChatTemplate.from_source(_template_text(settings.get("chat_template"))))
+                   chat_template_text=_template_text(settings.get("chat_template")))
 
     def encode(self, text, add_bos=None):
         """Token ids of ``text``; special tokens written in the text become their ids."""
@@ -198,6 +200,20 @@ class Tokenizer:
     def token_text(self, token_id):
         """The text one token adds when appended (for streaming)."""
         return self._hf.decode([token_id], skip_special_tokens=False)
+
+    def save_hf(self, folder):
+        """Write tokenizer.json and tokenizer_config.json as a Hugging Face model folder has them
+        (transformers' AutoTokenizer and :meth:`from_hf_folder` read them back)."""
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(os.path.join(folder, "tokenizer.json")) as temporary:
+            self._hf.save(temporary)
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.token_text(self.bos_id),
+                    "eos_token": self.token_text(self.eos_id), "add_bos_token": self.add_bos,
+                    "clean_up_tokenization_spaces": False}
+        if self.chat_template_text is not None:
+            settings["chat_template"] = self.chat_template_text
+        with atomic_write(os.path.join(folder, "tokenizer_config.json"), "w") as stream:
+            json.dump(settings, stream, indent=2)
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self.chat_template.render(messages, add_generation_prompt)

@@ -90,13 +90,38 @@ def test_streamed_hf_folder_loads_as_a_bitsandbytes_model(tmp_path):
     assert np.abs(model.forward(ids) - reference.forward(ids)).max() < 3.0
 
 
-def test_gguf_source_is_quantized_under_its_own_names(tmp_path):
+def test_gguf_source_into_one_file_is_quantized_under_its_own_names(tmp_path):
     source = tiny_source(tmp_path)
     summary = quantize_checkpoint(source, tmp_path / "out.safetensors", blocksize=32)
     out = read_safetensors(tmp_path / "out.safetensors")
     assert summary["quantized"] == 2 * 7
     assert "blk.0.attn_q.weight.quant_state.bitsandbytes__nf4" in out
     assert out["token_embd.weight"].dtype == np.float32                     # embeddings stay float
+
+
+def test_llama_gguf_into_a_folder_becomes_a_hugging_face_bitsandbytes_checkpoint(tmp_path):
+    from qlora_np.llama import permute_rope_rows, unpermute_rope_rows
+
+    from .test_llama import TINY, tiny_weights
+
+    source = tiny_source(tmp_path)
+    quantize_checkpoint(source, tmp_path / "hf", "fp4", blocksize=32, double_quant=False)
+    stored = read_safetensors(tmp_path / "hf" / "model.safetensors")
+    assert "model.layers.1.self_attn.k_proj.weight.quant_state.bitsandbytes__fp4" in stored
+    assert not [name for name in stored if name.startswith(("blk.", "token_embd"))]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["tie_word_embeddings"]) == (
+        TINY.num_layers, TINY.num_kv_heads, True)
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    model = LlamaModel.from_hf(tmp_path / "hf")                  # a bitsandbytes folder: weights as stored
+    weights = tiny_weights()
+    for name, heads in (("attn_q", TINY.num_heads), ("attn_k", TINY.num_kv_heads), ("ffn_down", None)):
+        weight = weights[f"blk.1.{name}.weight"]
+        hf_order = weight if heads is None else unpermute_rope_rows(weight, heads)
+        expected = dequantize(quantize(hf_order, "fp4", 32, False))          # quantized in HF's row order
+        expected = expected if heads is None else permute_rope_rows(expected, heads)
+        np.testing.assert_array_equal(dequantize(model.blocks[1].linears[name].base), expected)
+    np.testing.assert_array_equal(model.embedding, weights["token_embd.weight"])
 
 
 def test_quantize_refuses_bad_sources_and_types(tmp_path):

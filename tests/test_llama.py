@@ -184,6 +184,20 @@ def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_
         Tokenizer.from_hf_folder(tmp_path)
 
 
+def test_a_saved_tokenizer_reads_back_the_same(tmp_path, smollm2_tokenizer):
+    from qlora_np.tokenizer import Tokenizer
+
+    smollm2_tokenizer.save_hf(tmp_path)
+    again = Tokenizer.from_hf_folder(tmp_path)
+    text = "<|im_start|>user\nWrite 2024-03-07 in words: héllo 12345<|im_end|>\n"
+    assert again.encode(text) == smollm2_tokenizer.encode(text)
+    assert (again.bos_id, again.eos_id, again.end_ids, again.add_bos, again.chat_template_text) == (
+        smollm2_tokenizer.bos_id, smollm2_tokenizer.eos_id, smollm2_tokenizer.end_ids, smollm2_tokenizer.add_bos,
+        smollm2_tokenizer.chat_template_text)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
+
+
 @pytest.mark.parametrize("source, default_system", [
     (None, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
     ("{{ '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{% for m in messages %}…", "You are Qwen."),
