@@ -185,7 +185,7 @@ class Tokenizer:
         end_ids = {eos, *markers, *(i for i in extra if isinstance(i, int) and 0 <= i < hf.get_vocab_size())}
         return cls(hf, sorted(special, key=special.get), token_id("bos_token", eos), eos, end_ids,
                    add_bos=settings.get("add_bos_token") is True,
-                   chat_template_text=_template_text(settings.get("chat_template")))
+                   chat_template_text=_template_text(settings.get("chat_template"), folder))
 
     def encode(self, text, add_bos=None):
         """Token ids of ``text``; special tokens written in the text become their ids."""
@@ -220,12 +220,23 @@ class Tokenizer:
 
 
 
-def _template_text(value):
-    """tokenizer_config.json's chat_template: its text, or the "default" one of a list of named templates."""
+def _template_text(value, folder):
+    """A Hugging Face folder's chat template: tokenizer_config.json's chat_template (its text,
+    or the "default" one of a list of named templates), else the chat_template.jinja file
+    newer transformers write beside it; None when there is neither."""
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default", next(iter(named.values()), None))
-    return value if isinstance(value, str) else None
+    if isinstance(value, str):
+        return value
+    path = os.path.join(folder, "chat_template.jinja")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
 
 
 def _json_object(path):

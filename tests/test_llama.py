@@ -176,6 +176,10 @@ def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_
         1, 2, smollm2_tokenizer.end_ids, False, smollm2_tokenizer.vocab_size)
     assert from_hf.special_tokens == smollm2_tokenizer.special_tokens
     assert from_hf.chat_template == smollm2_tokenizer.chat_template
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "chat_template.jinja").write_text(settings.pop("chat_template"), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))       # as transformers 5 writes it
+    assert Tokenizer.from_hf_folder(tmp_path).chat_template == smollm2_tokenizer.chat_template
     (tmp_path / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(CheckpointError, match="must hold a JSON object"):
         Tokenizer.from_hf_folder(tmp_path)
