@@ -25,7 +25,8 @@ def build_parser():
     demo.add_argument("--steps", type=int, default=30, help="fine-tuning steps (0: skip fine-tuning)")
     demo.add_argument("--output-dir", default="qlora_np_demo", help="where the fine-tuning run is saved")
 
-    generate = commands.add_parser("generate", help="generate text with a Llama model (GGUF or HF folder), streamed")
+    generate = commands.add_parser("generate", help="generate text with a Llama model (GGUF or HF folder), "
+                                   "streamed")
     generate.add_argument("model", nargs="?", help=MODEL_HELP)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true",
