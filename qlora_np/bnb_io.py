@@ -87,7 +87,8 @@ def load_bnb_model(folder):
     """A :class:`LlamaModel` from a transformers + bitsandbytes checkpoint folder (or a float HF one).
 
     4-bit weights load as they are stored (no decoding), float ones stay float32; the
-    tokenizer comes from ``tokenizer.json`` when there is one. Anything missing, malformed or of the wrong shape raises CheckpointError.
+    tokenizer comes from ``tokenizer.json`` when there is one. Anything missing, malformed or
+    of the wrong shape raises CheckpointError.
     """
     config = LlamaConfig.from_hf_folder(folder)
     tensors = read_checkpoint_tensors(folder)

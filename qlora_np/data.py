@@ -222,8 +222,9 @@ def load_examples(path, tokenizer, train_on_prompt=False, max_length=None):
     if cut_off and not examples:
         raise DataError(f"{path}: every record's reply starts past max_length={max_length}")
     if cut_off:
-        warnings.warn(f"left out {len(cut_off)} of {len(cut_off) + len(examples)} records whose replies start "
-                      f"past max_length={max_length} (the first: {cut_off[0]})", DataWarning, stacklevel=2)
+        warnings.warn(f"left out {len(cut_off)} of {len(cut_off) + len(examples)} records whose replies "
+                      f"start past max_length={max_length} (the first: {cut_off[0]})", DataWarning,
+                      stacklevel=2)
     return examples
 
 

@@ -182,7 +182,8 @@ def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_siz
     for (question, expected, before), (_, _, after) in list(zip(before_answers, after_answers))[:3]:
         out(f"  {question}\n    expected {expected!r}; before {before!r}; after {after!r}")
     checkpoint = f"{output_dir}/checkpoint-{steps:06d}"
-    out(f"\nadapters (a PEFT adapter folder), optimizer state and metrics.jsonl are in {output_dir}/ — try:\n"
+    out(f"\nadapters (a PEFT adapter folder), optimizer state and metrics.jsonl are in {output_dir}/"
+        f" — try:\n"
         f"  qlora-np generate --chat --adapter {checkpoint} --prompt "
         f"\"Convert this date to YYYY-MM-DD: July 4, 1976\"\n"
         f"  qlora-np export-gguf {checkpoint} adapter.gguf      # the adapter for llama.cpp's --lora")

@@ -356,8 +356,8 @@ def hf_to_gguf_weights(tensors, config):
     return weights
 
 
-GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                    "output.weight": "lm_head.weight"}
+GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 GGUF_TO_HF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
