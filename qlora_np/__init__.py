@@ -26,8 +26,8 @@ keep_freed_memory()          # a training step's activations are reused, not fau
 
 from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
 from .dtypes import bfloat16_from_bits
-from .errors import (BlocksizeError, CheckpointError, DataError, DeviceError, DTypeError, InvalidValueError,
-                     QLoraError, ShapeError, StateDictError, UnknownFormatError)
+from .errors import (BlocksizeError, CheckpointError, DataError, DataWarning, DeviceError, DTypeError,
+                     InvalidValueError, QLoraError, ShapeError, StateDictError, UnknownFormatError)
 from .ops import dequantize, matmul, matmul_t, quantize
 from .tensor import BNB_BLOCKSIZES, QuantizedTensor
 from .lora import LoRALinear, MergeReport, Parameter
@@ -52,5 +52,5 @@ __all__ = [
     "save_bnb_model", "load_bnb_model", "quantize_checkpoint",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
-    "UnknownFormatError", "StateDictError", "CheckpointError", "DataError", "DeviceError",
+    "UnknownFormatError", "StateDictError", "CheckpointError", "DataError", "DataWarning", "DeviceError",
 ]

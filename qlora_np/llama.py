@@ -137,6 +137,8 @@ class LlamaModel:
         self.compute_dtype = "float32"
         """What training's large products multiply in: see :meth:`set_compute_dtype`."""
         self.projections = FusedProjections()
+        self.name_or_path = None
+        """The Hugging Face folder it was loaded from (adapters saved for PEFT name it as their base)."""
 
     # -- loading ------------------------------------------------------------
     @classmethod
@@ -181,11 +183,14 @@ class LlamaModel:
 
         if is_bitsandbytes_folder(folder):
             from .bnb_io import load_bnb_model
-            return load_bnb_model(folder)
-        config = LlamaConfig.from_hf_folder(folder)
-        tensors = read_checkpoint_tensors(folder)
-        return cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
-                                double_quant, Tokenizer.from_hf_folder(folder))
+            model = load_bnb_model(folder)
+        else:
+            config = LlamaConfig.from_hf_folder(folder)
+            tensors = read_checkpoint_tensors(folder)
+            model = cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
+                                     double_quant, Tokenizer.from_hf_folder(folder))
+        model.name_or_path = os.fspath(folder)
+        return model
 
     @classmethod
     def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,

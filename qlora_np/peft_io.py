@@ -34,7 +34,10 @@ GGUF_NAMES = {hf: gguf for gguf, hf in HF_LINEAR_NAMES.items()}        # "self_a
 
 
 def save_peft(model, folder, base_model_name_or_path=None, lora_dropout=0.0):
-    """Write the model's adapters as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads."""
+    """Write the model's adapters as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
+
+    ``base_model_name_or_path`` defaults to the Hugging Face folder the model came from.
+    """
     tensors, config = peft_adapter(model, base_model_name_or_path, lora_dropout)
     write_peft(folder, tensors, config)
     return config
@@ -60,7 +63,8 @@ def peft_adapter(model, base_model_name_or_path=None, lora_dropout=0.0):
     if len(adapted) != len(layers) * len(targets):
         raise InvalidValueError("PEFT's config needs the same modules adapted in every adapted layer")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": base_model_name_or_path, "r": int(r), "lora_alpha": alpha,
+              "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+              "r": int(r), "lora_alpha": alpha,
               "use_rslora": use_rslora, "target_modules": targets,
               "lora_dropout": float(lora_dropout), "bias": "none", "fan_in_fan_out": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,

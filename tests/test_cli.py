@@ -1,6 +1,7 @@
 """The ``qlora-np`` command line on the real SmolLM2-135M (slow: loads the model each time)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,8 @@ def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, 
                             "--max-new-tokens", "3", "--adapter", latest_checkpoint(tmp_path / "run")], capsys)
     assert status == 0, err
     assert out.startswith("Repeat apple\n") and len(out) > len("Repeat apple\n\n")
+    peft_config = json.loads((Path(latest_checkpoint(tmp_path / "run")) / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == str(folder)                # AutoPeftModel finds the base
     status, out, err = run(["export-gguf", "--base", str(folder), latest_checkpoint(tmp_path / "run"),
                             str(tmp_path / "adapter.gguf")], capsys)
     assert status == 0, err
