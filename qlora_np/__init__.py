@@ -37,7 +37,7 @@ from .data import load_examples, split_examples
 from .train import TrainConfig, Trainer
 from .gguf_export import load_gguf_adapter, save_gguf_adapter, save_merged_gguf
 from .peft_io import load_peft, save_peft
-from .bnb_io import load_bnb_model, save_bnb_model
+from .bnb_io import load_bnb_model, save_bnb_model, save_merged_hf
 from .convert import quantize_checkpoint
 from . import memory, optim
 
@@ -49,7 +49,7 @@ __all__ = [
     "LlamaModel", "inject_lora", "loss_and_backward", "print_trainable_parameters",
     "load_examples", "split_examples", "TrainConfig", "Trainer",
     "save_gguf_adapter", "load_gguf_adapter", "save_merged_gguf", "save_peft", "load_peft",
-    "save_bnb_model", "load_bnb_model", "quantize_checkpoint",
+    "save_bnb_model", "load_bnb_model", "save_merged_hf", "quantize_checkpoint",
     "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
     "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
     "UnknownFormatError", "StateDictError", "CheckpointError", "DataError", "DataWarning", "DeviceError",

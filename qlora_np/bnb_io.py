@@ -1,4 +1,5 @@
-"""Whole 4-bit Llama checkpoints in the Hugging Face + bitsandbytes layout, read and written without torch.
+"""Whole Llama checkpoints in the Hugging Face layout, read and written without torch: 4-bit in
+bitsandbytes' layout (both ways), and plain float with the adapters merged in (written).
 
 A folder holds ``config.json`` (the HF Llama config with a ``quantization_config``) and
 ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``). Every
@@ -19,11 +20,13 @@ they stay float32, on saving they are quantized again in HF order.
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 
-from .errors import CheckpointError, StateDictError
-from .llama import HF_LINEAR_NAMES, LINEAR_NAMES, LlamaBlock, LlamaConfig, LlamaModel, permute_rope_rows, \
-    unpermute_rope_rows
+from .errors import CheckpointError, StateDictError, UnknownFormatError
+from .gguf_export import merged_weights
+from .llama import HF_LINEAR_NAMES, LINEAR_NAMES, LlamaBlock, LlamaConfig, LlamaModel, gguf_to_hf_name, \
+    permute_rope_rows, unpermute_rope_rows
 from .lora import LoRALinear
 from .ops import dequantize, quantize, scales
 from .safetensors_io import CHECKPOINT_FILE, atomic_write, read_checkpoint_tensors, save_safetensors
@@ -52,28 +55,59 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
             weight = _hf_quantized(block.linears[name].base, _rope_heads(config, name),
                                    (quant_type, blocksize, double_quant))
             tensors.update(weight.to_bnb(hf + HF_LINEAR_NAMES[name] + ".weight"))
-    hf_config = hf_llama_config(config, model.tied_output, quant_type, double_quant)
+    hf_config = hf_llama_config(config, model.tied_output,
+                                quantization=bnb_quantization_config(quant_type, double_quant))
+    _write_hf_folder(folder, tensors, hf_config, model.tokenizer)
+    return hf_config
+
+
+MERGED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def save_merged_hf(model, folder, tensor_type="BF16"):
+    """Write ``model`` with its adapters merged in as a plain Hugging Face checkpoint folder
+    (what PEFT's ``merge_and_unload`` + ``save_pretrained`` give): every weight decoded to
+    float32, W + scale·B@A where a layer has adapters, stored as ``tensor_type`` ("F32",
+    "F16", "BF16"); config.json (no quantization) and the tokenizer's files. Returns the config."""
+    if tensor_type not in MERGED_DTYPES:
+        raise UnknownFormatError(f"a merged Hugging Face checkpoint holds {', '.join(MERGED_DTYPES)}, "
+                                 f"got {tensor_type!r}")
+    tensors = {}
+    for name, _, make in merged_weights(model):
+        hf_name, heads = gguf_to_hf_name(name, model.config)
+        values = make()
+        tensors[hf_name] = (values if heads is None else unpermute_rope_rows(values, heads)).astype(
+            MERGED_DTYPES[tensor_type])
+    hf_config = hf_llama_config(model.config, model.tied_output, np.dtype(MERGED_DTYPES[tensor_type]).name)
+    _write_hf_folder(folder, tensors, hf_config, model.tokenizer)
+    return hf_config
+
+
+def _write_hf_folder(folder, tensors, hf_config, tokenizer):
+    """model.safetensors, config.json and (when there is a tokenizer) its files, each written atomically."""
     os.makedirs(folder, exist_ok=True)
     save_safetensors(os.path.join(folder, CHECKPOINT_FILE), tensors, metadata={"format": "pt"})
     with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
         json.dump(hf_config, stream, indent=2)
-    if model.tokenizer is not None:
-        model.tokenizer.save_hf(folder)
+    if tokenizer is not None:
+        tokenizer.save_hf(folder)
+
+
+def hf_llama_config(config, tied_output, dtype="float32", quantization=None):
+    """The config.json of a Hugging Face Llama checkpoint of this shape, ``quantization``
+    (:func:`bnb_quantization_config`) as its quantization_config when given."""
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
+                 "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+                 "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+                 "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+                 "intermediate_size": config.intermediate_size, "hidden_act": "silu",
+                 "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
+                 "rope_theta": config.rope_theta,
+                 "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+                 "tie_word_embeddings": tied_output, "attention_bias": False, "mlp_bias": False}
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization
     return hf_config
-
-
-def hf_llama_config(config, tied_output, quant_type="nf4", double_quant=True):
-    """The config.json of a transformers + bitsandbytes 4-bit Llama checkpoint of this shape."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float32",
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-            "intermediate_size": config.intermediate_size, "hidden_act": "silu",
-            "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
-            "rope_theta": config.rope_theta,
-            "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-            "tie_word_embeddings": tied_output, "attention_bias": False, "mlp_bias": False,
-            "quantization_config": bnb_quantization_config(quant_type, double_quant)}
 
 
 def bnb_quantization_config(quant_type, double_quant):

