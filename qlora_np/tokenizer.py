@@ -182,7 +182,7 @@ class Tokenizer:
             raise CheckpointError(f"{folder}: no end-of-text token (eos_token in tokenizer_config.json)")
         extra = generation.get("eos_token_id")
         extra = extra if isinstance(extra, list) else [extra]
-        end_ids = {eos, *markers, *(i for i in extra if isinstance(i, int) and 0 <= i < hf.get_vocab_size())}
+        end_ids = {eos, *markers, *(i for i in extra if type(i) is int and 0 <= i < hf.get_vocab_size())}
         return cls(hf, sorted(special, key=special.get), token_id("bos_token", eos), eos, end_ids,
                    add_bos=settings.get("add_bos_token") is True,
                    chat_template_text=_template_text(settings.get("chat_template"), folder))

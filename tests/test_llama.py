@@ -202,6 +202,33 @@ def test_a_saved_tokenizer_reads_back_the_same(tmp_path, smollm2_tokenizer):
         "PreTrainedTokenizerFast"
 
 
+json_settings = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 40) | st.sampled_from(
+    ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "nope", "{{ '<|im_start|>system\\nHi<|im_end|>' }}"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["content", "name", "template", "eos_token", "bos_token", "chat_template",
+                         "add_bos_token", "eos_token_id"]), inner, max_size=4), max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(settings_json=json_settings, generation_json=json_settings)
+def test_any_tokenizer_settings_load_or_raise_a_checkpoint_error(tmp_path_factory, smollm2_tokenizer,
+                                                                  settings_json, generation_json):
+    from qlora_np.errors import CheckpointError
+    from qlora_np.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    smollm2_tokenizer._hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings_json))
+    (folder / "generation_config.json").write_text(json.dumps(generation_json))
+    try:
+        tokenizer = Tokenizer.from_hf_folder(folder)
+    except CheckpointError:
+        return
+    assert tokenizer.eos_id in tokenizer.end_ids
+    assert all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in tokenizer.end_ids)
+    assert tokenizer.encode("Hi 12") == smollm2_tokenizer.encode("Hi 12")
+
+
 @pytest.mark.parametrize("source, default_system", [
     (None, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
     ("{{ '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{% for m in messages %}…", "You are Qwen."),
