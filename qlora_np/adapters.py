@@ -8,7 +8,7 @@ is in the GGUF row order (q and k rows permuted for adjacent-pair RoPE).
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError
-from .llama import permute_rope_rows
+from .llama import permute_rope_rows, rope_heads
 from .lora import LoRALinear
 from .tensor import QuantizedTensor
 
@@ -39,7 +39,7 @@ def attach_adapter(model, index, name, lora_a, lora_b, alpha, use_rslora=False, 
     if lora_a.ndim != 2 or lora_b.shape != expected_b or lora_a.shape != expected_a:
         raise ShapeError(f"blk.{index}.{name}: adapters must be A {expected_a} and B {expected_b}, "
                          f"got A {lora_a.shape} and B {lora_b.shape}")
-    heads = {"attn_q": model.config.num_heads, "attn_k": model.config.num_kv_heads}.get(name)
+    heads = rope_heads(model.config, name)
     if hf_rows and heads is not None:
         lora_b = permute_rope_rows(lora_b, heads)
     mode = "qlora" if isinstance(layer.base, QuantizedTensor) else "lora"

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import CheckpointError, StateDictError, UnknownFormatError
 from .gguf_export import merged_weights
 from .llama import HF_LINEAR_NAMES, LINEAR_NAMES, LlamaBlock, LlamaConfig, LlamaModel, gguf_to_hf_name, \
-    permute_rope_rows, unpermute_rope_rows
+    permute_rope_rows, rope_heads, unpermute_rope_rows
 from .lora import LoRALinear
 from .ops import dequantize, quantize, scales
 from .safetensors_io import CHECKPOINT_FILE, atomic_write, read_checkpoint_tensors, save_safetensors
@@ -52,7 +52,7 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
         tensors[hf + "input_layernorm.weight"] = block.attn_norm
         tensors[hf + "post_attention_layernorm.weight"] = block.ffn_norm
         for name in LINEAR_NAMES:
-            weight = _hf_quantized(block.linears[name].base, _rope_heads(config, name),
+            weight = _hf_quantized(block.linears[name].base, rope_heads(config, name),
                                    (quant_type, blocksize, double_quant))
             tensors.update(weight.to_bnb(hf + HF_LINEAR_NAMES[name] + ".weight"))
     hf_config = hf_llama_config(config, model.tied_output,
@@ -136,7 +136,7 @@ def load_bnb_model(folder):
         linears = {}
         for name in LINEAR_NAMES:
             weight = linear_from_bnb(tensors, hf + HF_LINEAR_NAMES[name] + ".weight", shapes[name], folder)
-            linears[name] = _gguf_layer(weight, _rope_heads(config, name))
+            linears[name] = _gguf_layer(weight, rope_heads(config, name))
         norms = [_float(tensors, hf + key, (h,), folder)
                  for key in ("input_layernorm.weight", "post_attention_layernorm.weight")]
         blocks.append(LlamaBlock(*norms, linears))
@@ -168,10 +168,6 @@ def linear_from_bnb(tensors, key, shape, source=""):
 # ---------------------------------------------------------------------------
 # Row order of q and k
 # ---------------------------------------------------------------------------
-
-def _rope_heads(config, name):
-    return {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
-
 
 def _gguf_layer(weight, heads):
     """A frozen layer of the model from an HF-ordered weight (QuantizedTensor or float32 array)."""

@@ -339,36 +339,30 @@ def is_bitsandbytes_folder(folder):
     return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
 
 
-def hf_to_gguf_weights(tensors, config):
-    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
-    def get(name):
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint has no tensor {name!r}")
-        return np.asarray(tensors[name], np.float32)
-
-    weights = {"token_embd.weight": get("model.embed_tokens.weight"),
-               "output_norm.weight": get("model.norm.weight")}
-    if "lm_head.weight" in tensors:
-        weights["output.weight"] = get("lm_head.weight")
-    for layer in range(config.num_layers):
-        hf, gg = f"model.layers.{layer}.", f"blk.{layer}."
-        for name, hf_name in HF_LINEAR_NAMES.items():
-            weight = get(hf + hf_name + ".weight")
-            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
-            weights[gg + name + ".weight"] = weight if heads is None else permute_rope_rows(weight, heads)
-        weights[gg + "attn_norm.weight"] = get(hf + "input_layernorm.weight")
-        weights[gg + "ffn_norm.weight"] = get(hf + "post_attention_layernorm.weight")
-    return weights
-
-
 GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                     "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 GGUF_TO_HF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+def hf_to_gguf_weights(tensors, config):
+    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
+    names = ["token_embd.weight", "output_norm.weight"]
+    names += ["output.weight"] if "lm_head.weight" in tensors else []   # else tied
+    names += [f"blk.{layer}.{kind}.weight" for layer in range(config.num_layers)
+              for kind in (*LINEAR_NAMES, *GGUF_TO_HF_NORMS)]
+    weights = {}
+    for name in names:
+        hf_name, heads = gguf_to_hf_name(name, config)
+        if hf_name not in tensors:
+            raise CheckpointError(f"checkpoint has no tensor {hf_name!r}")
+        weight = np.asarray(tensors[hf_name], np.float32)
+        weights[name] = weight if heads is None else permute_rope_rows(weight, heads)
+    return weights
+
+
 def gguf_to_hf_name(name, config):
-    """A Llama GGUF tensor name → (its Hugging Face name, the head count whose rows go back to
-    rotate-half order for q and k, else None): the naming of :func:`hf_to_gguf_weights` reversed."""
+    """A Llama GGUF tensor name → (its Hugging Face name, the head count whose rows HF orders
+    for rotate-half RoPE (q and k), else None): the one name map both directions read."""
     if name in GGUF_TO_HF_NAMES:
         return GGUF_TO_HF_NAMES[name], None
     parts = name.split(".")
@@ -377,9 +371,14 @@ def gguf_to_hf_name(name, config):
         if kind in GGUF_TO_HF_NORMS:
             return f"{layer}{GGUF_TO_HF_NORMS[kind]}.weight", None
         if kind in HF_LINEAR_NAMES:
-            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(kind)
-            return f"{layer}{HF_LINEAR_NAMES[kind]}.weight", heads
+            return f"{layer}{HF_LINEAR_NAMES[kind]}.weight", rope_heads(config, kind)
     raise CheckpointError(f"{name!r} is not a tensor of a plain Llama model (no Hugging Face name for it)")
+
+
+def rope_heads(config, name):
+    """The head count whose rows HF and GGUF order differently for linear layer ``name``
+    (q: the heads, k: the kv heads), else None (the other layers' rows agree)."""
+    return {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
 
 
 def permute_rope_rows(weight, heads):

@@ -22,7 +22,8 @@ import numpy as np
 
 from .adapters import attach_adapter, model_adapters
 from .errors import CheckpointError, InvalidValueError, ShapeError
-from .llama import HF_LINEAR_NAMES, permute_rope_rows, unpermute_rope_rows
+from .llama import HF_LINEAR_NAMES, permute_rope_rows, rope_heads, unpermute_rope_rows
+from .llama_lora import trainable_parameters
 from .safetensors_io import atomic_write, read_safetensors, save_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -70,9 +71,7 @@ def peft_adapter(model, base_model_name_or_path=None, lora_dropout=0.0):
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "layers_to_transform": None if len(layers) == len(model.blocks) else layers,
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-    arrays = {f"blk.{index}.{name}.lora_{half}": getattr(layer, f"lora_{half}")
-              for index, name, layer in adapted for half in "ab"}
-    return to_peft(model, arrays), config
+    return to_peft(model), config
 
 
 def write_peft(folder, tensors, config):
@@ -84,29 +83,29 @@ def write_peft(folder, tensors, config):
 
 
 def peft_names(model):
-    """Parameter name as the optimizer knows it (``blk.N.attn_q.lora_a``) → (PEFT key, heads)
-    for every adapter of ``model``; heads is the head count of q or k for their B, whose rows
-    PEFT keeps in rotate-half order, else None."""
-    heads_of = {"attn_q": model.config.num_heads, "attn_k": model.config.num_kv_heads}
+    """Parameter name as :func:`.llama_lora.trainable_parameters` gives it
+    (``blk.N.attn_q.lora_a``) → (PEFT key, heads) for every adapter of ``model``; heads is
+    the head count of q or k for their B, whose rows PEFT keeps in rotate-half order, else None."""
     names = {}
     for index, name, _ in model_adapters(model):
         module = f"{KEY_PREFIX}model.layers.{index}.{HF_LINEAR_NAMES[name]}"
         names[f"blk.{index}.{name}.lora_a"] = (f"{module}.lora_A.weight", None)
-        names[f"blk.{index}.{name}.lora_b"] = (f"{module}.lora_B.weight", heads_of.get(name))
+        names[f"blk.{index}.{name}.lora_b"] = (f"{module}.lora_B.weight", rope_heads(model.config, name))
     return names
 
 
-def to_peft(model, arrays):
-    """{PEFT key: float32 array} from {parameter name: array in this model's row order}."""
-    return {key: np.asarray(arrays[name] if heads is None else unpermute_rope_rows(arrays[name], heads),
+def to_peft(model):
+    """The model's adapters as PEFT stores them: {PEFT key: float32 array}, B of q and k in HF row order."""
+    values = {name: param.value for name, param in trainable_parameters(model).items()}
+    return {key: np.asarray(values[name] if heads is None else unpermute_rope_rows(values[name], heads),
                             np.float32)
             for name, (key, heads) in peft_names(model).items()}
 
 
 def from_peft(model, tensors):
-    """The inverse of :func:`to_peft` for the keys present: {parameter name: array in this
-    model's order} (an array of a shape no q or k B has is passed on as it is, for the
-    caller's shape check to name)."""
+    """The inverse of :func:`to_peft` for the keys present: {parameter name (as
+    :func:`.llama_lora.trainable_parameters` names it): array in this model's order}. An
+    array of a shape no q or k B has is passed on as it is, for the caller's shape check to name."""
     arrays = {}
     for name, (key, heads) in peft_names(model).items():
         if key in tensors:
