@@ -12,11 +12,12 @@ out below, in the reverse order of the forward:
 """
 
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .errors import InvalidValueError, ShapeError, UnknownFormatError
-from .kernels import bf16, training_cpu
+from .kernels import attention_bf16, bf16, training_cpu
 from .llama import LINEAR_NAMES, apply_rope, rope_tables, silu
 from .lora import LoRALinear, init_adapters
 from .tensor import QuantizedTensor
@@ -113,15 +114,15 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
     rope = _rope_rows(model.config, positions, dtype)
     mask = _attention_mask(ids.shape[1], segments)
-    product = _attention_product(model, dtype)
-    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint, product)
+    attention = _attention_passes(model, dtype)
+    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint, attention)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
     loss, grad_logits = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows],
                                                             count if normalizer is None else normalizer)
     grad_final = np.zeros((ids.size, final.shape[-1]), final.dtype)
     grad_final[rows] = model.output.backward(grad_logits)
-    _backward(model, saved, grad_final.reshape(final.shape), rope, mask, product)
+    _backward(model, saved, grad_final.reshape(final.shape), rope, mask, attention)
     return loss
 
 
@@ -136,7 +137,7 @@ def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.floa
         return 0.0, 0
     rope = _rope_rows(model.config, positions, dtype)
     _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False,
-                        _attention_product(model, dtype))
+                        _attention_passes(model, dtype))
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
     loss, _ = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows], 1)
@@ -164,7 +165,7 @@ def _checked_batch(model, ids, labels, positions, segments):
     return ids, labels, np.asarray(positions), segments, int(np.count_nonzero(labels != IGNORE_INDEX))
 
 
-def _forward(model, ids, rope, mask, dtype, checkpoint, product):
+def _forward(model, ids, rope, mask, dtype, checkpoint, attention):
     """Blocks and final norm in training mode: (what the backward needs, normed output (B, T, hidden))."""
     cfg = model.config
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
@@ -173,9 +174,9 @@ def _forward(model, ids, rope, mask, dtype, checkpoint, product):
         if checkpoint:                   # remember the input and the dropout generators only
             states = {name: layer.dropout_rng.bit_generator.state for name, layer in block.linears.items()}
             step = {"x": x, "rng_states": states}
-            x, _ = _block_forward(cfg, block, x, rope, mask, product)
+            x, _ = _block_forward(cfg, block, x, rope, mask, attention)
         else:
-            x, step = _block_forward(cfg, block, x, rope, mask, product)
+            x, step = _block_forward(cfg, block, x, rope, mask, attention)
         saved.append(step)
     final, rms = _passes(dtype).rms_norm_forward(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
@@ -198,7 +199,7 @@ def _attention_mask(seq, segments):
     return same & causal
 
 
-def _block_forward(cfg, block, x, rope, mask, product):
+def _block_forward(cfg, block, x, rope, mask, attention):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
     lin, passes = block.linears, _passes(x.dtype)
@@ -210,9 +211,9 @@ def _block_forward(cfg, block, x, rope, mask, product):
     q = passes.rope_into_groups(q, *rope, cfg.num_kv_heads)                       # (B, KV, T·g, hd)
     k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
     v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
-    attention, probs = _attention(q, k, v, mask, product)                          # (B, KV, T·g, hd)
-    step.update(q=q, k=k, v=v, probs=probs)
-    x = x + _train(lin["attn_output"], _groups_to_heads(attention, T))
+    out, step["attention"] = attention.forward(q, k, v, mask)                      # (B, KV, T·g, hd)
+    step.update(q=q, k=k, v=v)
+    x = x + _train(lin["attn_output"], _groups_to_heads(out, T))
     step["x_mid"] = x
     m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
@@ -221,7 +222,7 @@ def _block_forward(cfg, block, x, rope, mask, product):
     return x + _train(lin["ffn_down"], hidden, keep_input=False), step
 
 
-def _backward(model, saved, grad_final, rope, mask, product):
+def _backward(model, saved, grad_final, rope, mask, attention):
     cfg = model.config
     last = saved[-1]
     passes = _passes(grad_final.dtype)
@@ -233,7 +234,7 @@ def _backward(model, saved, grad_final, rope, mask, product):
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
             for name, layer in lin.items():
                 layer.dropout_rng.bit_generator.state = step["rng_states"][name]
-            _, step = _block_forward(cfg, block, step["x"], rope, mask, product)
+            _, step = _block_forward(cfg, block, step["x"], rope, mask, attention)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
         grad_hidden = lin["ffn_down"].backward(grad, x=passes.swiglu(step["gate"], step["up"]))
         grad_gate, grad_up = passes.swiglu_backward(grad_hidden, step["gate"], step["up"])
@@ -242,8 +243,8 @@ def _backward(model, saved, grad_final, rope, mask, product):
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = _attention_backward(step["q"], step["k"], step["v"], step["probs"], grad_o,
-                                                     product)
+        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["attention"],
+                                                    grad_o)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
@@ -278,13 +279,30 @@ def _groups_to_heads(x, T):
     return x.reshape(B, kv_heads, T, -1).transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
-def _attention_product(model, dtype):
-    """What a step's attention multiplies with: bfloat16 products with float32 sums
-    (:func:`.kernels.bf16.batched_matmul_bf16`) for a float32 step of a model set to
-    compute in bfloat16, else NumPy's."""
-    if dtype == np.float32 and model.compute_dtype == "bfloat16":
-        return bf16.batched_matmul_bf16
-    return np.matmul
+class _AttentionPasses(NamedTuple):
+    """How a step computes attention: ``forward(q, k, v, mask)`` → (out, what backward
+    needs); ``backward(q, k, v, mask, saved, grad_out)`` → (grad_q, grad_k, grad_v)."""
+    forward: Callable
+    backward: Callable
+
+
+def _attention_passes(model, dtype):
+    """The fused bfloat16 kernels (:mod:`.kernels.attention_bf16`, which keep no
+    probabilities) for a float32 step of a model set to compute in bfloat16, where they
+    apply; else the chunked attention below, with bfloat16 products
+    (:func:`.kernels.bf16.batched_matmul_bf16`) for such a model, NumPy's otherwise."""
+    head_dim = model.config.head_dim
+    bfloat16 = dtype == np.float32 and model.compute_dtype == "bfloat16"
+    if bfloat16 and attention_bf16.fuses(head_dim):
+        scale = 1 / np.sqrt(head_dim)
+        return _AttentionPasses(
+            lambda q, k, v, mask: attention_bf16.attention_bf16(q, k, v, mask, scale),
+            lambda q, k, v, mask, lse, grad_out: attention_bf16.attention_bf16_backward(q, k, v, mask, lse,
+                                                                                     grad_out, scale))
+    product = bf16.batched_matmul_bf16 if bfloat16 else np.matmul
+    return _AttentionPasses(lambda q, k, v, mask: _attention(q, k, v, mask, product),
+                            lambda q, k, v, mask, probs, grad_out: _attention_backward(q, k, v, probs,
+                                                                                       grad_out, product))
 
 
 def _attention(q, k, v, mask, product=np.matmul):

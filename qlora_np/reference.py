@@ -307,54 +307,52 @@ def round_to_bfloat16(a):
 
 
 def matmul_bf16(a, b):
-    """a (rows, k) @ b (k, n) with both rounded to bfloat16, summed exactly (float64) → float32."""
-    a_rounded = round_to_bfloat16(a).astype(np.float64)       # (rows, k)
-    b_rounded = round_to_bfloat16(b).astype(np.float64)       # (k, n)
-    return (a_rounded @ b_rounded).astype(np.float32)         # (rows, n), exact sums rounded once
+    """a (..., rows, k) @ b (..., k, n) with both rounded to bfloat16, summed exactly (float64) → float32."""
+    a_rounded = round_to_bfloat16(a).astype(np.float64)       # (..., rows, k)
+    b_rounded = round_to_bfloat16(b).astype(np.float64)       # (..., k, n)
+    return np.matmul(a_rounded, b_rounded).astype(np.float32)  # (..., rows, n), exact sums rounded once
 
 
-# ---------------------------------------------------------------------------
-# Int8 activations: the approximation llama.cpp makes when decoding (opt-in here)
-# ---------------------------------------------------------------------------
+def attention_bf16(q, k, v, mask, scale):
+    """Masked grouped attention with bfloat16 products: the plain version of
+    :func:`.kernels.attention_bf16.attention_bf16`.
 
-INT8_GROUP = 32
-
-
-def quantize_activations(x):
-    """x (rows, in) float32 → int8 xq (rows, in) and float32 scales (rows, in/32).
-
-    Each group of 32 is rounded to int8 against its own largest magnitude; the scale,
-    max|x| / 127², also undoes the 127 of the int8 codebook (:func:`gemv_int8`).
+    q (B, KV, T·g, d), row t·g + j being query head j of the group at position t; k, v
+    (B, KV, T, d); mask (B or 1, T, T) bool, True where position t may see key s.
+    Returns out (like q) and lse (B, KV, T·g): log Σ exp(scale · scores) of each row,
+    all the backward needs to make the probabilities again.
     """
-    rows, in_features = x.shape
-    groups = x.reshape(rows, in_features // INT8_GROUP, INT8_GROUP)            # (rows, G, 32)
-    # 1. the largest magnitude of each group, and 127 over it (0 for an all-zero group)
-    largest = np.abs(groups).max(axis=2)                                         # (rows, G)
-    safe = np.where(largest > 0, largest, np.float32(1))
-    inverse = np.where(largest > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
-    # 2. round each value times that to the nearest integer (ties to even): -127 … 127
-    xq = np.rint(groups * inverse[:, :, None]).astype(np.int8).reshape(rows, in_features)
-    return xq, (largest / np.float32(127 * 127)).astype(np.float32)
+    group = q.shape[2] // k.shape[2]
+    # 1. scores = q kᵀ from bfloat16 roundings
+    scores = matmul_bf16(q, k.swapaxes(-1, -2))                            # (B, KV, T·g, T)
+    # 2. scale, and −inf where the mask hides a key (each row repeats its position's mask)
+    allowed = np.repeat(mask, group, axis=1)[:, None]                      # (B or 1, 1, T·g, T)
+    scaled = np.where(allowed, scores * np.float32(scale), np.float32(-np.inf))
+    # 3. softmax over the keys, and its log-sum-exp
+    largest = scaled.max(axis=-1, keepdims=True)
+    weights = np.exp(scaled - largest)
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = weights / total                                                # (B, KV, T·g, T)
+    lse = (largest + np.log(total))[..., 0]                                # (B, KV, T·g)
+    # 4. out = probs v
+    return matmul_bf16(probs, v), lse
 
 
-def gemv_int8(x, packed, scales, codebook, out_features, blocksize):
-    """x (rows, in) @ W.T with int8 activations → (rows, out) float32.
-
-    The weights' codes index the codebook rounded to int8, round(127 · value); each group
-    of 32 products of int8 values is an exact integer, then scaled by the group's x scale
-    and the block's weight scale. blocksize and in must be multiples of 32.
-    """
-    rows, in_features = x.shape
-    groups = in_features // INT8_GROUP
-    # 1. int8 codebook and int8 activations
-    table = np.clip(np.rint(codebook * np.float32(127)), -127, 127).astype(np.int64)       # (16,)
-    xq, x_scales = quantize_activations(x)                                    # (rows, in), (rows, G)
-    # 2. every weight as its int8 codebook value
-    codes = unpack_nibbles(packed, out_features * in_features)
-    weights = table[codes].reshape(out_features, groups, INT8_GROUP)          # (out, G, 32)
-    # 3. exact integer dot product of each group
-    dots = np.einsum("rgi,ogi->rog", xq.reshape(rows, groups, INT8_GROUP).astype(np.int64), weights)
-    # 4. times the group's x scale and the block's weight scale (blocksize/32 groups a block)
-    group_weight_scales = np.repeat(scales.reshape(out_features, -1), blocksize // INT8_GROUP, axis=1)
-    y = (dots * x_scales[:, None, :].astype(np.float64) * group_weight_scales[None]).sum(axis=2)
-    return y.astype(np.float32)                                                # (rows, out)
+def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
+    """Gradients (dq, dk, dv) of :func:`attention_bf16` for grad_out (like q): the plain
+    version of :func:`.kernels.attention_bf16.attention_bf16_backward`."""
+    group = q.shape[2] // k.shape[2]
+    # 1. the probabilities again, from the scores and lse
+    scores = matmul_bf16(q, k.swapaxes(-1, -2))                            # (B, KV, T·g, T)
+    allowed = np.repeat(mask, group, axis=1)[:, None]
+    probs = np.where(allowed, np.exp(scores * np.float32(scale) - lse[..., None]), np.float32(0))
+    # 2. dP = dO vᵀ
+    grad_probs = matmul_bf16(grad_out, v.swapaxes(-1, -2))                 # (B, KV, T·g, T)
+    # 3. through the softmax: dS = scale · P ⊙ (dP − Σ P ⊙ dP)
+    weighted = (grad_probs * probs).sum(axis=-1, keepdims=True)
+    grad_scores = np.float32(scale) * probs * (grad_probs - weighted)
+    # 4. the products' gradients (k and v sum over their group's query heads by the stacking)
+    grad_q = matmul_bf16(grad_scores, k)                                   # (B, KV, T·g, d)
+    grad_k = matmul_bf16(grad_scores.swapaxes(-1, -2), q)                  # (B, KV, T, d)
+    grad_v = matmul_bf16(probs.swapaxes(-1, -2), grad_out)                 # (B, KV, T, d)
+    return grad_q, grad_k, grad_v

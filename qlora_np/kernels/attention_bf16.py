@@ -1,0 +1,317 @@
+"""Training attention in bfloat16, fused: scores, softmax and products a block of queries at a time.
+
+The unfused step (:func:`qlora_np.llama_lora._attention`) makes each chunk's scores
+as a whole array, multiplies with separate batched products, and keeps every
+probability for the backward pass: B·H·T² floats a layer (at seq 256 and batch 4,
+7 MiB a layer; at seq 2048, 450 MiB). Here one task takes POSITIONS query positions of
+one kv group (their g query heads, stacked as :func:`.training_cpu.rope_into_groups`
+orders them) and keeps its scores in a buffer that stays in the core's cache:
+
+* forward, per block: S = Q Kᵀ (keys up to the block's last allowed one), P = the
+  masked softmax of scale·S, O = P V; it keeps only each row's log-sum-exp (lse);
+* backward, per kv group, block by block: P again from S and lse, dP = dO Vᵀ,
+  dS = scale · P ⊙ (dP − Σ P ⊙ dP), dQ = dS K, and dK += dSᵀ Q, dV += Pᵀ dO.
+
+Every product multiplies bfloat16 roundings of its operands with float32 sums, in the
+``vdpbf16ps`` register tiles of :mod:`.bf16` (so these kernels need AVX-512 BF16:
+see :func:`fuses`); :func:`qlora_np.reference.attention_bf16` and
+:func:`~qlora_np.reference.attention_bf16_backward` are the same arithmetic in NumPy.
+Results match them within float32 summation order; the same inputs always give the
+same bytes. Forward tasks are (group, block) pairs; backward tasks are whole groups,
+because a group's blocks all add into its dK and dV (so batch · kv heads should be at
+least the thread count to keep every thread busy).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import ShapeError
+from .bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel, _tile_row1, _tile_rows6,
+                   pack_panel, round_pairs)
+from .exp32 import exp32
+
+POSITIONS = 32
+"""Query positions per block: a block's scores are POSITIONS·g rows of at most T keys."""
+
+
+def fuses(head_dim):
+    """Whether these kernels apply: AVX-512 BF16 here and heads of whole panels."""
+    return HAS_AVX512_BF16 and head_dim % PANEL == 0
+
+
+# ---------------------------------------------------------------------------
+# The wrappers
+# ---------------------------------------------------------------------------
+
+def attention_bf16(q, k, v, mask, scale):
+    """Masked grouped attention forward: q (B, KV, T·g, d), k and v (B, KV, T, d) float32,
+    mask (B or 1, T, T) bool (every query allows at least one key) → (out like q, lse
+    (B, KV, T·g) float32), lse being each query row's log Σ exp(scale · scores)."""
+    B, KV, rows, d, T, group = _checked(q, k, v, mask)
+    q_pairs = _pairs(q)                                                      # (G, T·g, d/2) uint32
+    kt_panels = _transposed_panels(_pairs(k), T)                             # (G, T/32, d/2, 32)
+    v_panels = _row_panels(v)                                                # (G, d/32, T/2, 32)
+    out = np.empty(q.shape, np.float32)
+    lse = np.empty(q.shape[:3], np.float32)
+    _forward_blocks(q_pairs, kt_panels, v_panels, mask, _key_ends(mask), np.float32(scale), KV, group,
+                    out.reshape(B * KV, rows, d), lse.reshape(B * KV, rows))
+    return out, lse
+
+
+def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
+    """Gradients (dq, dk, dv) of :func:`attention_bf16`'s output given grad_out (like q)
+    and the lse it returned; the probabilities are made again from q, k and lse."""
+    B, KV, rows, d, T, group = _checked(q, k, v, mask)
+    if lse.shape != q.shape[:3] or grad_out.shape != q.shape:
+        raise ShapeError(f"lse {lse.shape} and grad_out {grad_out.shape} must match q {q.shape}")
+    G = B * KV
+    grad_q = np.empty(q.shape, np.float32)
+    grad_k, grad_v = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
+    _backward_groups(_pairs(q), _transposed_panels(_pairs(k), T), _row_panels(k),
+                     _transposed_panels(_pairs(v), T), _pairs(grad_out),
+                     np.ascontiguousarray(q, np.float32).reshape(G, rows, d),
+                     np.ascontiguousarray(grad_out, np.float32).reshape(G, rows, d),
+                     mask, _key_ends(mask), np.ascontiguousarray(lse, np.float32).reshape(G, rows),
+                     np.float32(scale), KV, group,
+                     grad_q.reshape(G, rows, d), grad_k.reshape(G, T, d), grad_v.reshape(G, T, d))
+    return grad_q, grad_k, grad_v
+
+
+def _checked(q, k, v, mask):
+    """The shapes (B, KV, T·g, d, T, g), or a ShapeError."""
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ShapeError(f"q (B, KV, T·g, d) and k, v (B, KV, T, d) do not fit: {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    B, KV, rows, d = q.shape
+    T = k.shape[2]
+    if T == 0 or rows % T or mask.shape not in ((B, T, T), (1, T, T)):
+        raise ShapeError(f"q rows {rows} must be a multiple of T = {T}, mask (B or 1, T, T): {mask.shape}")
+    if not fuses(d):
+        raise ShapeError(f"the fused kernels need AVX-512 BF16 and a head size that is a multiple of "
+                         f"{PANEL}, got {d}")
+    return B, KV, rows, d, T, rows // T
+
+
+def _key_ends(mask):
+    """(B or 1, T) int64: 1 + the last key each query position may see."""
+    return (mask.shape[2] - np.argmax(mask[:, :, ::-1], axis=-1)).astype(np.int64)
+
+
+def _pairs(x):
+    """(B, KV, n, d) float32 → (B·KV, n, d/2) uint32: its rows' bfloat16 pairs."""
+    B, KV, n, d = x.shape
+    pairs = np.empty((B * KV * n, d // 2), np.uint32)
+    round_pairs(np.ascontiguousarray(x, np.float32).reshape(-1, d), pairs)
+    return pairs.reshape(B * KV, n, d // 2)
+
+
+@njit(parallel=True, cache=True)
+def _transposed_panels(pairs, T):
+    """pairs (G, T, d/2) → the panels of their transposes (G, ceil(T/PANEL), d/2, PANEL):
+    ``[g, p, j, c]`` = pairs[g, PANEL·p + c, j], zero past T (for S = Q Kᵀ and dP = dO Vᵀ)."""
+    G, _, half = pairs.shape
+    panels = np.zeros((G, -(-T // PANEL), half, PANEL), np.uint32)
+    for g in prange(G):
+        for key in range(T):
+            for j in range(half):
+                panels[g, key // PANEL, j, key % PANEL] = pairs[g, key, j]
+    return panels
+
+
+def _row_panels(x):
+    """x (B, KV, T, d) float32 → (G, d/PANEL, ceil(T/PANEL)·PANEL/2, PANEL) uint32: the
+    panels of each group's x as the b of a product (for O = P V and dQ = dS K), zero past T."""
+    B, KV, T, d = x.shape
+    values = np.ascontiguousarray(x, np.float32).reshape(B * KV, T, d)
+    panels = np.zeros((B * KV, d // PANEL, -(-T // PANEL) * PANEL // 2, PANEL), np.uint32)
+    _pack_row_panels(values, panels)
+    return panels
+
+
+@njit(parallel=True, cache=True)
+def _pack_row_panels(values, panels):
+    T = values.shape[1]
+    for g in prange(values.shape[0]):
+        for p in range(panels.shape[1]):
+            pack_panel(values[g], p, panels[g, p, :(T + 1) // 2])
+
+
+# ---------------------------------------------------------------------------
+# Forward: one task per (group, block)
+# ---------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _forward_blocks(q_pairs, kt_panels, v_panels, mask, ends, scale, kv_heads, group, out, lse):
+    """out, lse (G, T·g, …) of every group, a block of POSITIONS positions per task. The
+    tasks alternate short and long blocks (causal blocks grow with their position), so
+    that each thread's contiguous share of them holds as much work as the other's."""
+    G, rows = lse.shape
+    T = rows // group
+    blocks = -(-T // POSITIONS)
+    for task in prange(G * blocks):
+        g, turn = task // blocks, task % blocks
+        block = turn // 2 if turn % 2 == 0 else blocks - 1 - turn // 2
+        b = g // kv_heads if mask.shape[0] > 1 else 0
+        _forward_block(q_pairs[g], kt_panels[g], v_panels[g], mask[b], ends[b], scale, group,
+                       block * POSITIONS, min(T, (block + 1) * POSITIONS), out[g], lse[g])
+
+
+@njit(cache=True)
+def _forward_block(q_pairs, kt_panels, v_panels, mask, ends, scale, group, first, end, out, lse):
+    """One block: query positions [first, end) of one group → their out rows and lse."""
+    rows, half = (end - first) * group, q_pairs.shape[1]
+    r0 = first * group
+    key_panels = -(-ends[first:end].max() // PANEL)
+    keys, depth = key_panels * PANEL, key_panels * PANEL // 2
+    scores = np.empty((rows, keys), np.float32)                              # (rows, keys)
+    # 1. S = Q Kᵀ, one panel of keys at a time
+    for p in range(key_panels):
+        _rows_times_panel(q_pairs.ctypes.data + 4 * r0 * half, rows, half, kt_panels[p].ctypes.data,
+                          scores.ctypes.data + 4 * p * PANEL, keys)
+    # 2. P = softmax(scale · S) over the allowed keys; keep log Σ exp
+    for i in range(rows):
+        t = first + i // group
+        lse[r0 + i] = _softmax_row(scores[i], mask[t], ends[t], scale)
+    # 3. O = P V with P rounded to bfloat16 pairs
+    prob_pairs = _row_pairs(scores)                                          # (rows, keys/2)
+    for p in range(v_panels.shape[0]):
+        _rows_times_panel(prob_pairs.ctypes.data, rows, depth, v_panels[p].ctypes.data,
+                          out.ctypes.data + 4 * (r0 * out.shape[1] + p * PANEL), out.shape[1])
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _softmax_row(scores, allowed, end, scale):
+    """scores[:] = softmax(scale · scores) over the keys ``allowed`` before ``end``, 0 elsewhere;
+    returns log Σ exp(scale · scores) over the allowed keys (fastmath: the sums' order is free)."""
+    largest = np.float32(-np.inf)
+    for s in range(end):
+        largest = max(largest, scores[s] * scale if allowed[s] else np.float32(-np.inf))
+    total = np.float32(0)
+    for s in range(end):
+        weight = exp32(scores[s] * scale - largest) if allowed[s] else np.float32(0)
+        scores[s] = weight
+        total += weight
+    inverse = np.float32(1) / total
+    for s in range(end):
+        scores[s] *= inverse
+    scores[end:] = 0
+    return largest + np.log(total)
+
+
+@njit(cache=True)
+def _row_pairs(values):
+    """values (rows, n even) float32 → (rows, n/2) uint32 bfloat16 pairs (a product's a)."""
+    rows, n = values.shape
+    pairs = np.empty((rows, n // 2), np.uint32)
+    bits = values.view(np.uint32)
+    for i in range(rows):
+        for j in range(n // 2):
+            pairs[i, j] = _pair_bits(bits[i, 2 * j], bits[i, 2 * j + 1])
+    return pairs
+
+
+# ---------------------------------------------------------------------------
+# Backward: one task per group, its blocks in turn
+# ---------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _backward_groups(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, q, grad_out, mask, ends, lse,
+                     scale, kv_heads, group, grad_q, grad_k, grad_v):
+    """grad_q (G, T·g, d), grad_k and grad_v (G, T, d) of every group, one group per task."""
+    G, rows, d = q.shape
+    T = rows // group
+    keys = k_panels.shape[2] * 2                                             # T rounded up to panels
+    for g in prange(G):
+        b = g // kv_heads if mask.shape[0] > 1 else 0
+        probs_t = np.zeros((keys, (rows + 1) // 2), np.uint32)              # Pᵀ's pairs, (keys, T·g/2)
+        grad_scores_t = np.zeros_like(probs_t)                               # dSᵀ's pairs
+        for first in range(0, T, POSITIONS):
+            _backward_block(q_pairs[g], kt_panels[g], k_panels[g], vt_panels[g], grad_out_pairs[g], mask[b],
+                            ends[b], lse[g], scale, group, first, min(T, first + POSITIONS), grad_q[g],
+                            probs_t, grad_scores_t)
+        # dV = Pᵀ dO and dK = dSᵀ Q over all the group's rows
+        _lower_product(probs_t, grad_out[g], group, grad_v[g])
+        _lower_product(grad_scores_t, q[g], group, grad_k[g])
+
+
+@njit(cache=True)
+def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mask, ends, lse, scale, group,
+                    first, end, grad_q, probs_t, grad_scores_t):
+    """One block of one group: its grad_q rows, and its columns of Pᵀ and dSᵀ (as pairs)."""
+    rows, half, d = (end - first) * group, q_pairs.shape[1], grad_q.shape[1]
+    r0 = first * group
+    key_panels = -(-ends[first:end].max() // PANEL)
+    keys, depth = key_panels * PANEL, key_panels * PANEL // 2
+    probs = np.empty((rows, keys), np.float32)                               # (rows, keys)
+    grad_scores = np.empty((rows, keys), np.float32)
+    # 1. P again: S = Q Kᵀ, P = exp(scale · S − lse) on the allowed keys
+    # 2. dP = dO Vᵀ
+    for p in range(key_panels):
+        _rows_times_panel(q_pairs.ctypes.data + 4 * r0 * half, rows, half, kt_panels[p].ctypes.data,
+                          probs.ctypes.data + 4 * p * PANEL, keys)
+        _rows_times_panel(grad_out_pairs.ctypes.data + 4 * r0 * half, rows, half, vt_panels[p].ctypes.data,
+                          grad_scores.ctypes.data + 4 * p * PANEL, keys)
+    # 3. dS = scale · P ⊙ (dP − Σ P ⊙ dP), row by row
+    for i in range(rows):
+        t = first + i // group
+        _probs_and_grad_row(probs[i], grad_scores[i], mask[t], ends[t], lse[r0 + i], scale)
+    # 4. dQ = dS K
+    score_pairs = _row_pairs(grad_scores)                                    # (rows, keys/2)
+    for p in range(k_panels.shape[0]):
+        _rows_times_panel(score_pairs.ctypes.data, rows, depth, k_panels[p].ctypes.data,
+                          grad_q.ctypes.data + 4 * (r0 * d + p * PANEL), d)
+    # 5. this block's columns of Pᵀ and dSᵀ, for dV and dK
+    _put_column_pairs(probs, r0, probs_t)
+    _put_column_pairs(grad_scores, r0, grad_scores_t)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _probs_and_grad_row(probs, grad, allowed, end, lse, scale):
+    """probs[:] = exp(scale · S − lse) from the scores in probs, 0 where not allowed; then
+    grad[:] = scale · P ⊙ (dP − Σ P ⊙ dP) from the dP in grad (fastmath: the sum's order is free)."""
+    for s in range(end):
+        probs[s] = exp32(probs[s] * scale - lse) if allowed[s] else np.float32(0)
+    probs[end:] = 0
+    weighted = np.float32(0)
+    for s in range(end):
+        weighted += grad[s] * probs[s]
+    for s in range(end):
+        grad[s] = (grad[s] - weighted) * probs[s] * scale
+    grad[end:] = 0
+
+
+@njit(cache=True)
+def _put_column_pairs(values, r0, pairs_t):
+    """pairs_t[s, r0/2 + i] = the bfloat16 pair (values[2i, s], values[2i + 1, s]): values
+    (rows, keys) float32 as rows r0 … of a transposed product's a (r0 even)."""
+    rows, keys = values.shape
+    bits = values.view(np.uint32)
+    for i in range(rows // 2):
+        for s in range(keys):
+            pairs_t[s, r0 // 2 + i] = _pair_bits(bits[2 * i, s], bits[2 * i + 1, s])
+    if rows % 2:
+        for s in range(keys):
+            pairs_t[s, r0 // 2 + rows // 2] = _pair_bits(bits[rows - 1, s], np.uint32(0))
+
+
+@njit(cache=True)
+def _lower_product(pairs_t, b, group, out):
+    """out (T, d) = aᵀ b in bfloat16 for a causal aᵀ given as pairs_t (≥ T, rows/2) and
+    b (rows, d) float32: key s sees no row before s·g, so each tile of keys starts its
+    sums at the pair of its first key's first row (the rows before add only zeros)."""
+    T, d = out.shape
+    depth = pairs_t.shape[1]
+    panels = np.empty((d // PANEL, depth, PANEL), np.uint32)
+    for p in range(d // PANEL):
+        pack_panel(b, p, panels[p])
+    for s in range(0, T, TILE_ROWS):
+        start = s * group // 2                                               # the pair of key s's first row
+        for p in range(d // PANEL):
+            a_at = pairs_t.ctypes.data + 4 * (s * depth + start)
+            panel_at = panels[p].ctypes.data + 4 * start * PANEL
+            c_at = out.ctypes.data + 4 * (s * d + p * PANEL)
+            if s + TILE_ROWS <= T:
+                _tile_rows6(a_at, depth, panel_at, depth - start, c_at, d)
+            else:
+                for key in range(T - s):
+                    _tile_row1(a_at + 4 * key * depth, depth, panel_at, depth - start, c_at + 4 * key * d, d)
