@@ -12,6 +12,7 @@ out below, in the reverse order of the forward:
 """
 
 import sys
+from functools import partial
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -211,7 +212,7 @@ def _block_forward(cfg, block, x, rope, mask, attention):
     q = passes.rope_into_groups(q, *rope, cfg.num_kv_heads)                       # (B, KV, T·g, hd)
     k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
     v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
-    out, step["attention"] = attention.forward(q, k, v, mask)                      # (B, KV, T·g, hd)
+    out, step["lse"] = attention.forward(q, k, v, mask)                            # (B, KV, T·g, hd)
     step.update(q=q, k=k, v=v)
     x = x + _train(lin["attn_output"], _groups_to_heads(out, T))
     step["x_mid"] = x
@@ -243,8 +244,7 @@ def _backward(model, saved, grad_final, rope, mask, attention):
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["attention"],
-                                                    grad_o)
+        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["lse"], grad_o)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
@@ -280,78 +280,77 @@ def _groups_to_heads(x, T):
 
 
 class _AttentionPasses(NamedTuple):
-    """How a step computes attention: ``forward(q, k, v, mask)`` → (out, what backward
-    needs); ``backward(q, k, v, mask, saved, grad_out)`` → (grad_q, grad_k, grad_v)."""
+    """How a step computes attention: ``forward(q, k, v, mask)`` → (out, each query row's
+    log-sum-exp); ``backward(q, k, v, mask, lse, grad_out)`` → (grad_q, grad_k, grad_v)."""
     forward: Callable
     backward: Callable
 
 
 def _attention_passes(model, dtype):
-    """The fused bfloat16 kernels (:mod:`.kernels.attention_bf16`, which keep no
-    probabilities) for a float32 step of a model set to compute in bfloat16, where they
-    apply; else the chunked attention below, with bfloat16 products
-    (:func:`.kernels.bf16.batched_matmul_bf16`) for such a model, NumPy's otherwise."""
-    head_dim = model.config.head_dim
+    """The fused bfloat16 kernels (:mod:`.kernels.attention_bf16`) for a float32 step of a
+    model set to compute in bfloat16, where they apply; else the chunked attention below,
+    with bfloat16 products (:func:`.kernels.bf16.batched_matmul_bf16`) for such a model,
+    NumPy's otherwise. Both keep only the log-sum-exp between the passes."""
     bfloat16 = dtype == np.float32 and model.compute_dtype == "bfloat16"
-    if bfloat16 and attention_bf16.fuses(head_dim):
-        scale = 1 / np.sqrt(head_dim)
-        return _AttentionPasses(
-            lambda q, k, v, mask: attention_bf16.attention_bf16(q, k, v, mask, scale),
-            lambda q, k, v, mask, lse, grad_out: attention_bf16.attention_bf16_backward(q, k, v, mask, lse,
-                                                                                     grad_out, scale))
+    if bfloat16 and attention_bf16.fuses(model.config.head_dim):
+        scale = 1 / np.sqrt(model.config.head_dim)
+        return _AttentionPasses(partial(attention_bf16.attention_bf16, scale=scale),
+                                partial(attention_bf16.attention_bf16_backward, scale=scale))
     product = bf16.batched_matmul_bf16 if bfloat16 else np.matmul
-    return _AttentionPasses(lambda q, k, v, mask: _attention(q, k, v, mask, product),
-                            lambda q, k, v, mask, probs, grad_out: _attention_backward(q, k, v, probs,
-                                                                                       grad_out, product))
+    return _AttentionPasses(partial(_attention, product=product), partial(_attention_backward, product=product))
 
 
 def _attention(q, k, v, mask, product=np.matmul):
-    """Masked grouped-query attention: q (B, KV, T·g, d), k/v (B, KV, T, d) → output like q, probabilities.
+    """Masked grouped-query attention: q (B, KV, T·g, d), k/v (B, KV, T, d) → output like q,
+    and each query row's log-sum-exp (B, KV, T·g), all that the backward keeps.
 
     q comes in :func:`_heads_to_groups` order: the g query heads that read kv head k
     are stacked in group k, position by position, so one product per kv head serves
     them all, with no copies of k and v per query head, and rows [t0·g, t1·g) are the
     queries of positions t0 … t1-1. Queries go in chunks of ATTENTION_CHUNK positions,
-    each against the keys up to its last position (the mask is causal). Returns the
-    output and each chunk's probabilities (B, KV, chunk·g, keys) — the largest arrays
-    here, which the softmax makes from the scores in place.
+    each against the keys up to its last position (the mask is causal); a chunk's
+    scores, which the softmax turns into probabilities in place, are the largest
+    array here and live only until its product with v.
     """
     rows, d = q.shape[2:]
     T = k.shape[2]
     group = rows // T
     out = np.empty_like(q)
-    probs = []
+    lse = np.empty(q.shape[:3], q.dtype)
     for start in range(0, T, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, T)
         queries = slice(start * group, end * group)
         scores = product(q[:, :, queries], k[:, :, :end].transpose(0, 1, 3, 2))    # (B, KV, c·g, end)
-        chunk = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], 1 / np.sqrt(d))
-        product(chunk, v[:, :, :end], out=out[:, :, queries])
-        probs.append(chunk)
-    return out, probs
+        lse[:, :, queries] = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], 1 / np.sqrt(d))
+        product(scores, v[:, :, :end], out=out[:, :, queries])
+    return out, lse
 
 
-def _attention_backward(q, k, v, probs, grad_out, product=np.matmul):
+def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul):
     """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped and chunked as
-    :func:`_attention` does; grad_out (B, KV, T·g, d) like out.
+    :func:`_attention` does; grad_out (B, KV, T·g, d) like out, lse what it returned.
 
-    With each group's queries stacked, the products for k and v sum over the group's
-    query heads by themselves (a kv head shared by g query heads gets the sum of
-    their gradients), and over the chunks by adding up. ``product`` makes dP and dQ; dV and
-    dK, whose products have a chunk's queries as their short side, stay NumPy's
-    float32 (bfloat16 panels of such a product cost more to pack than they save).
+    Each chunk makes its scores again and from them and lse its probabilities (an exp
+    a score, instead of keeping (queries × keys) floats a layer). With each group's
+    queries stacked, the products for k and v sum over the group's query heads by
+    themselves (a kv head shared by g query heads gets the sum of their gradients), and
+    over the chunks by adding up. ``product`` makes the scores, dP and dQ; dV and dK,
+    whose products have a chunk's queries as their short side, stay NumPy's float32
+    (bfloat16 panels of such a product cost more to pack than they save).
     """
     rows, d = q.shape[2:]
     T = k.shape[2]
     group = rows // T
     grad_q, grad_k, grad_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
-    for start, chunk in zip(range(0, T, ATTENTION_CHUNK), probs):
+    for start in range(0, T, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, T)
         queries = slice(start * group, end * group)
         grad_chunk = grad_out[:, :, queries]                                          # (B, KV, c·g, d)
-        grad_v[:, :, :end] += chunk.transpose(0, 1, 3, 2) @ grad_chunk
-        grad_scores = product(grad_chunk, v[:, :, :end].transpose(0, 1, 3, 2))       # dP (B, KV, c·g, end)
-        _passes(q.dtype).masked_softmax_backward(grad_scores, chunk, 1 / np.sqrt(d))
+        scores = product(q[:, :, queries], k[:, :, :end].transpose(0, 1, 3, 2))      # (B, KV, c·g, end)
+        grad_probs = product(grad_chunk, v[:, :, :end].transpose(0, 1, 3, 2))        # dP (B, KV, c·g, end)
+        probs, grad_scores = _passes(q.dtype).masked_softmax_backward(
+            grad_probs, scores, mask[:, start:end, :end], lse[:, :, queries], 1 / np.sqrt(d))
+        grad_v[:, :, :end] += probs.transpose(0, 1, 3, 2) @ grad_chunk
         product(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
         grad_k[:, :, :end] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, queries]
     return grad_q, grad_k, grad_v
@@ -398,27 +397,40 @@ def rope_back_from_groups(grad, cos, sin):
 
 
 def masked_softmax(scores, mask, scale):
-    """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
+    """softmax(scale·scores) over the allowed keys in place; returns each row's log-sum-exp.
 
-    scores (B, KV, T·g, S), row t·g + j for query position t; mask (B or 1, T, S).
+    scores (B, KV, T·g, S), row t·g + j for query position t; mask (B or 1, T, S);
+    log-sum-exp (B, KV, T·g): log Σ exp(scale·scores) over the allowed keys.
     """
-    B, KV, rows, S = scores.shape
-    T = mask.shape[1]
-    heads = scores.reshape(B, KV, T, rows // T, S)                           # (B, KV, T, g, S)
+    heads = _by_position(scores, mask)                                       # (B, KV, T, g, S)
     heads *= scores.dtype.type(scale)
     np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, :, None])
-    heads -= heads.max(axis=-1, keepdims=True)
+    largest = heads.max(axis=-1, keepdims=True)
+    heads -= largest
     np.exp(heads, out=heads)
-    heads /= heads.sum(axis=-1, keepdims=True)
-    return scores
+    total = heads.sum(axis=-1, keepdims=True)
+    heads /= total
+    return (largest + np.log(total)).reshape(scores.shape[:3])
 
 
-def masked_softmax_backward(grad_probs, probs, scale):
-    """dL/dscores from dL/dprobs in place: scale·P·(dP − Σ_j P_j dP_j); returns grad_probs."""
-    grad_probs -= np.sum(grad_probs * probs, axis=-1, keepdims=True)
-    grad_probs *= probs
-    grad_probs *= probs.dtype.type(scale)
-    return grad_probs
+def masked_softmax_backward(grad_probs, scores, mask, lse, scale):
+    """In place: scores (the forward's again) → P = exp(scale·scores − lse) on the allowed
+    keys; grad_probs (dL/dP) → dL/dscores = scale·P·(dP − Σ_j P_j dP_j). Returns (P, dL/dscores)."""
+    heads = _by_position(scores, mask)                                       # (B, KV, T, g, S)
+    heads *= scores.dtype.type(scale)
+    heads -= lse.reshape(heads.shape[:-1] + (1,))
+    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, :, None])
+    np.exp(heads, out=heads)
+    grad_probs -= np.sum(grad_probs * scores, axis=-1, keepdims=True)
+    grad_probs *= scores
+    grad_probs *= scores.dtype.type(scale)
+    return scores, grad_probs
+
+
+def _by_position(scores, mask):
+    """scores (B, KV, T·g, S) viewed as (B, KV, T, g, S), to meet the mask (B or 1, T, S)."""
+    B, KV, rows, S = scores.shape
+    return scores.reshape(B, KV, mask.shape[1], rows // mask.shape[1], S)
 
 
 def swiglu(gate, up):

@@ -356,3 +356,50 @@ def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
     grad_k = matmul_bf16(grad_scores.swapaxes(-1, -2), q)                  # (B, KV, T, d)
     grad_v = matmul_bf16(probs.swapaxes(-1, -2), grad_out)                 # (B, KV, T, d)
     return grad_q, grad_k, grad_v
+
+
+# ---------------------------------------------------------------------------
+# Int8 activations: the approximation llama.cpp makes when decoding (opt-in here)
+# ---------------------------------------------------------------------------
+
+INT8_GROUP = 32
+
+
+def quantize_activations(x):
+    """x (rows, in) float32 → int8 xq (rows, in) and float32 scales (rows, in/32).
+
+    Each group of 32 is rounded to int8 against its own largest magnitude; the scale,
+    max|x| / 127², also undoes the 127 of the int8 codebook (:func:`gemv_int8`).
+    """
+    rows, in_features = x.shape
+    groups = x.reshape(rows, in_features // INT8_GROUP, INT8_GROUP)            # (rows, G, 32)
+    # 1. the largest magnitude of each group, and 127 over it (0 for an all-zero group)
+    largest = np.abs(groups).max(axis=2)                                         # (rows, G)
+    safe = np.where(largest > 0, largest, np.float32(1))
+    inverse = np.where(largest > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    # 2. round each value times that to the nearest integer (ties to even): -127 … 127
+    xq = np.rint(groups * inverse[:, :, None]).astype(np.int8).reshape(rows, in_features)
+    return xq, (largest / np.float32(127 * 127)).astype(np.float32)
+
+
+def gemv_int8(x, packed, scales, codebook, out_features, blocksize):
+    """x (rows, in) @ W.T with int8 activations → (rows, out) float32.
+
+    The weights' codes index the codebook rounded to int8, round(127 · value); each group
+    of 32 products of int8 values is an exact integer, then scaled by the group's x scale
+    and the block's weight scale. blocksize and in must be multiples of 32.
+    """
+    rows, in_features = x.shape
+    groups = in_features // INT8_GROUP
+    # 1. int8 codebook and int8 activations
+    table = np.clip(np.rint(codebook * np.float32(127)), -127, 127).astype(np.int64)       # (16,)
+    xq, x_scales = quantize_activations(x)                                    # (rows, in), (rows, G)
+    # 2. every weight as its int8 codebook value
+    codes = unpack_nibbles(packed, out_features * in_features)
+    weights = table[codes].reshape(out_features, groups, INT8_GROUP)          # (out, G, 32)
+    # 3. exact integer dot product of each group
+    dots = np.einsum("rgi,ogi->rog", xq.reshape(rows, groups, INT8_GROUP).astype(np.int64), weights)
+    # 4. times the group's x scale and the block's weight scale (blocksize/32 groups a block)
+    group_weight_scales = np.repeat(scales.reshape(out_features, -1), blocksize // INT8_GROUP, axis=1)
+    y = (dots * x_scales[:, None, :].astype(np.float64) * group_weight_scales[None]).sum(axis=2)
+    return y.astype(np.float32)                                                # (rows, out)

@@ -237,8 +237,8 @@ def test_training_attention_in_bfloat16_stays_close_to_float32():
     mask = np.tril(np.ones((T, T), bool))[None]
     results = {}
     for name, product in (("float32", np.matmul), ("bfloat16", bf16.batched_matmul_bf16)):
-        out, probs = llama_lora._attention(q, k, v, mask, product)
-        results[name] = (out, *llama_lora._attention_backward(q, k, v, probs, go, product))
+        out, lse = llama_lora._attention(q, k, v, mask, product)
+        results[name] = (out, *llama_lora._attention_backward(q, k, v, mask, lse, go, product))
     for exact, rounded in zip(results["float32"], results["bfloat16"]):
         difference = np.abs(rounded - exact).max()
         assert 0 < difference <= 0.02 * np.abs(exact).max()          # rounded, and only by bfloat16's steps

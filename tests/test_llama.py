@@ -617,8 +617,8 @@ def test_training_attention_and_its_backward_follow_the_formulas(packed):
     def by_head(x):
         return x.reshape(B, KV, T, H // KV, d).transpose(0, 1, 3, 2, 4).reshape(B, H, T, d)
 
-    out, probs = _attention(grouped(q), k, v, mask)
-    grad_q, grad_k, grad_v = _attention_backward(grouped(q), k, v, probs, grouped(grad_out))
+    out, lse = _attention(grouped(q), k, v, mask)
+    grad_q, grad_k, grad_v = _attention_backward(grouped(q), k, v, mask, lse, grouped(grad_out))
     expected = _full_attention_and_gradients(q, k, v, mask, grad_out)
     got = (by_head(out), by_head(grad_q), grad_k, grad_v)
     for name, got, want in zip(["out", "grad_q", "grad_k", "grad_v"], got, expected):

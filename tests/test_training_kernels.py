@@ -103,16 +103,21 @@ def test_masked_softmax_and_its_backward_match_the_reference(B, KV, group, T, hd
     mask = _mask(rng, B, T, kind)
     scores = (rng.standard_normal((B, KV, T * group, T)) * 4).astype(np.float32)
     scale = 1 / np.sqrt(hd)
-    probs = training_cpu.masked_softmax(scores.copy(), mask, scale)
-    want = reference.masked_softmax(scores.copy(), mask, scale)
+    probs, want = scores.copy(), scores.copy()
+    lse = training_cpu.masked_softmax(probs, mask, scale)
+    want_lse = reference.masked_softmax(want, mask, scale)
     np.testing.assert_allclose(probs, want, **TOLERANCE)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
     heads_mask = np.broadcast_to(mask[:, None, :, None], (B, KV, T, group, T)).reshape(probs.shape)
     assert np.all(probs[~heads_mask] == 0)                      # masked keys get exactly 0
     np.testing.assert_allclose(probs.sum(axis=-1), 1, rtol=1e-5)
 
     grad_probs = rng.standard_normal(probs.shape).astype(np.float32)
-    got = training_cpu.masked_softmax_backward(grad_probs.copy(), want, scale)
-    expected = reference.masked_softmax_backward(grad_probs.copy(), want, scale)
+    again, got = training_cpu.masked_softmax_backward(grad_probs.copy(), scores.copy(), mask, lse, scale)
+    want_again, expected = reference.masked_softmax_backward(grad_probs.copy(), scores.copy(), mask, lse, scale)
+    np.testing.assert_allclose(again, probs, rtol=3e-5, atol=1e-7)            # the forward's probabilities
+    np.testing.assert_allclose(want_again, probs, rtol=3e-5, atol=1e-7)
+    assert np.all(again[~heads_mask] == 0)
     np.testing.assert_allclose(got, expected, rtol=3e-5, atol=3e-5)
 
 
@@ -150,8 +155,8 @@ def test_float32_training_attention_matches_the_float64_path(packed):
     results = {}
     for dtype in (np.float32, np.float64):
         cast = [a.astype(dtype) for a in (q, k, v, grad_out)]
-        out, probs = reference._attention(*cast[:3], mask)
-        results[dtype] = (out,) + reference._attention_backward(*cast[:3], probs, cast[3])
+        out, lse = reference._attention(*cast[:3], mask)
+        results[dtype] = (out,) + reference._attention_backward(*cast[:3], mask, lse, cast[3])
     for got, want in zip(results[np.float32], results[np.float64]):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)

@@ -28,7 +28,7 @@ from numba import njit, prange
 from ..errors import ShapeError
 from .bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel, _tile_row1, _tile_rows6,
                    pack_panel, round_pairs)
-from .exp32 import exp32
+from .training_cpu import key_ends, probs_and_grad_row, softmax_row
 
 POSITIONS = 32
 """Query positions per block: a block's scores are POSITIONS·g rows of at most T keys."""
@@ -53,7 +53,7 @@ def attention_bf16(q, k, v, mask, scale):
     v_panels = _row_panels(v)                                                # (G, d/32, T/2, 32)
     out = np.empty(q.shape, np.float32)
     lse = np.empty(q.shape[:3], np.float32)
-    _forward_blocks(q_pairs, kt_panels, v_panels, mask, _key_ends(mask), np.float32(scale), KV, group,
+    _forward_blocks(q_pairs, kt_panels, v_panels, mask, key_ends(mask), np.float32(scale), KV, group,
                     out.reshape(B * KV, rows, d), lse.reshape(B * KV, rows))
     return out, lse
 
@@ -71,7 +71,7 @@ def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
                      _transposed_panels(_pairs(v), T), _pairs(grad_out),
                      np.ascontiguousarray(q, np.float32).reshape(G, rows, d),
                      np.ascontiguousarray(grad_out, np.float32).reshape(G, rows, d),
-                     mask, _key_ends(mask), np.ascontiguousarray(lse, np.float32).reshape(G, rows),
+                     mask, key_ends(mask), np.ascontiguousarray(lse, np.float32).reshape(G, rows),
                      np.float32(scale), KV, group,
                      grad_q.reshape(G, rows, d), grad_k.reshape(G, T, d), grad_v.reshape(G, T, d))
     return grad_q, grad_k, grad_v
@@ -90,11 +90,6 @@ def _checked(q, k, v, mask):
         raise ShapeError(f"the fused kernels need AVX-512 BF16 and a head size that is a multiple of "
                          f"{PANEL}, got {d}")
     return B, KV, rows, d, T, rows // T
-
-
-def _key_ends(mask):
-    """(B or 1, T) int64: 1 + the last key each query position may see."""
-    return (mask.shape[2] - np.argmax(mask[:, :, ::-1], axis=-1)).astype(np.int64)
 
 
 def _pairs(x):
@@ -171,31 +166,12 @@ def _forward_block(q_pairs, kt_panels, v_panels, mask, ends, scale, group, first
     # 2. P = softmax(scale · S) over the allowed keys; keep log Σ exp
     for i in range(rows):
         t = first + i // group
-        lse[r0 + i] = _softmax_row(scores[i], mask[t], ends[t], scale)
+        lse[r0 + i] = softmax_row(scores[i], mask[t], ends[t], scale)
     # 3. O = P V with P rounded to bfloat16 pairs
     prob_pairs = _row_pairs(scores)                                          # (rows, keys/2)
     for p in range(v_panels.shape[0]):
         _rows_times_panel(prob_pairs.ctypes.data, rows, depth, v_panels[p].ctypes.data,
                           out.ctypes.data + 4 * (r0 * out.shape[1] + p * PANEL), out.shape[1])
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _softmax_row(scores, allowed, end, scale):
-    """scores[:] = softmax(scale · scores) over the keys ``allowed`` before ``end``, 0 elsewhere;
-    returns log Σ exp(scale · scores) over the allowed keys (fastmath: the sums' order is free)."""
-    largest = np.float32(-np.inf)
-    for s in range(end):
-        largest = max(largest, scores[s] * scale if allowed[s] else np.float32(-np.inf))
-    total = np.float32(0)
-    for s in range(end):
-        weight = exp32(scores[s] * scale - largest) if allowed[s] else np.float32(0)
-        scores[s] = weight
-        total += weight
-    inverse = np.float32(1) / total
-    for s in range(end):
-        scores[s] *= inverse
-    scores[end:] = 0
-    return largest + np.log(total)
 
 
 @njit(cache=True)
@@ -254,7 +230,7 @@ def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mas
     # 3. dS = scale · P ⊙ (dP − Σ P ⊙ dP), row by row
     for i in range(rows):
         t = first + i // group
-        _probs_and_grad_row(probs[i], grad_scores[i], mask[t], ends[t], lse[r0 + i], scale)
+        probs_and_grad_row(probs[i], grad_scores[i], mask[t], ends[t], lse[r0 + i], scale)
     # 4. dQ = dS K
     score_pairs = _row_pairs(grad_scores)                                    # (rows, keys/2)
     for p in range(k_panels.shape[0]):
@@ -263,21 +239,6 @@ def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mas
     # 5. this block's columns of Pᵀ and dSᵀ, for dV and dK
     _put_column_pairs(probs, r0, probs_t)
     _put_column_pairs(grad_scores, r0, grad_scores_t)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _probs_and_grad_row(probs, grad, allowed, end, lse, scale):
-    """probs[:] = exp(scale · S − lse) from the scores in probs, 0 where not allowed; then
-    grad[:] = scale · P ⊙ (dP − Σ P ⊙ dP) from the dP in grad (fastmath: the sum's order is free)."""
-    for s in range(end):
-        probs[s] = exp32(probs[s] * scale - lse) if allowed[s] else np.float32(0)
-    probs[end:] = 0
-    weighted = np.float32(0)
-    for s in range(end):
-        weighted += grad[s] * probs[s]
-    for s in range(end):
-        grad[s] = (grad[s] - weighted) * probs[s] * scale
-    grad[end:] = 0
 
 
 @njit(cache=True)

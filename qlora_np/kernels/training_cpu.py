@@ -11,7 +11,8 @@ references (float64 training runs those):
   reordering the attention products need (each kv head's query heads stacked), and
   the inverse rotation fused with the reordering back;
 * :func:`masked_softmax` / :func:`masked_softmax_backward` — the attention softmax
-  (scale, mask, normalise) in place, and its gradient;
+  (scale, mask, normalise) in place, keeping each row's log-sum-exp, and its gradient
+  with the probabilities made again from the scores and that log-sum-exp;
 * :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients;
 * :func:`cross_entropy` — the loss over the vocabulary and its gradient, in place of
   the logits (the largest array of a step);
@@ -128,31 +129,66 @@ def _rope_between_layouts(by_head, cos, sin, grouped, into_groups):
 # ---------------------------------------------------------------------------
 
 def masked_softmax(scores, mask, scale):
-    """softmax(scale·scores) over the keys ``mask`` allows, in place; returns scores.
+    """softmax(scale·scores) over the keys ``mask`` allows, in place; returns each row's
+    log-sum-exp (B, KV, T·g) float32, log Σ exp(scale·scores) over those keys, from which
+    :func:`masked_softmax_backward` makes the probabilities again.
 
     scores (B, KV, T·g, S) in :func:`rope_into_groups`' row order (row t·g + j is query
     position t); mask (B or 1, T, S) bool, True where query t may see key s (every row
     must allow at least one key).
     """
     B, KV, rows, S = scores.shape
-    ends = S - np.argmax(mask[:, :, ::-1], axis=-1)          # (B or 1, T): 1 + the last key allowed
-    _masked_softmax_rows(scores.reshape(-1, S), mask, ends, np.float32(scale), rows // mask.shape[1],
-                         KV * rows)
-    return scores
+    lse = np.empty((B, KV, rows), np.float32)
+    _masked_softmax_rows(scores.reshape(-1, S), mask, key_ends(mask), np.float32(scale), rows // mask.shape[1],
+                         KV * rows, lse.reshape(-1))
+    return lse
+
+
+def masked_softmax_backward(grad_probs, scores, mask, lse, scale):
+    """The probabilities again and dL/dscores, in place: scores (the forward's scores
+    again) become P = exp(scale·scores − lse) on the allowed keys, grad_probs (dL/dP)
+    becomes dL/dscores = scale · P ⊙ (dP − Σ_j P_j dP_j). Returns (probs, grad_scores).
+
+    Making P again costs an exp a score but keeps no (queries × keys) array between
+    the passes. Shapes as :func:`masked_softmax`; lse is what it returned.
+    """
+    B, KV, rows, S = scores.shape
+    _softmax_backward_rows(grad_probs.reshape(-1, S), scores.reshape(-1, S), mask, key_ends(mask),
+                           np.ascontiguousarray(lse, np.float32).reshape(-1), np.float32(scale),
+                           rows // mask.shape[1], KV * rows)
+    return scores, grad_probs
+
+
+def key_ends(mask):
+    """(B or 1, T) int64: 1 + the last key each query position may see (keys after it
+    are all masked: causal, half the row, skipped without exp)."""
+    return (mask.shape[2] - np.argmax(mask[:, :, ::-1], axis=-1)).astype(np.int64)
+
+
+@njit(cache=True, inline="always")
+def _batch_and_position(row, mask, group, rows_per_batch):
+    """(batch of the mask, query position) of row ``row`` of the flattened (B·KV·T·g) scores."""
+    return (row // rows_per_batch if mask.shape[0] > 1 else 0), row // group % mask.shape[1]
 
 
 @njit(parallel=True, cache=True)
-def _masked_softmax_rows(scores, mask, ends, scale, group, rows_per_batch):
-    T = mask.shape[1]
+def _masked_softmax_rows(scores, mask, ends, scale, group, rows_per_batch, lse):
     for row in prange(scores.shape[0]):
-        b = row // rows_per_batch if mask.shape[0] > 1 else 0
-        t = row // group % T
-        _masked_softmax_row(scores[row], mask[b, t], ends[b, t], scale)
+        b, t = _batch_and_position(row, mask, group, rows_per_batch)
+        lse[row] = softmax_row(scores[row], mask[b, t], ends[b, t], scale)
+
+
+@njit(parallel=True, cache=True)
+def _softmax_backward_rows(grad, scores, mask, ends, lse, scale, group, rows_per_batch):
+    for row in prange(grad.shape[0]):
+        b, t = _batch_and_position(row, mask, group, rows_per_batch)
+        probs_and_grad_row(scores[row], grad[row], mask[b, t], ends[b, t], lse[row], scale)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _masked_softmax_row(scores, allowed, end, scale):
-    """Keys from ``end`` on are all masked (causal: half the row): set to 0 without exp."""
+def softmax_row(scores, allowed, end, scale):
+    """scores[:] = softmax(scale · scores) over the keys ``allowed`` before ``end``, 0 elsewhere;
+    returns log Σ exp(scale · scores) over the allowed keys."""
     largest = np.float32(-np.inf)
     for s in range(end):
         largest = max(largest, scores[s] * scale if allowed[s] else np.float32(-np.inf))
@@ -165,32 +201,22 @@ def _masked_softmax_row(scores, allowed, end, scale):
     for s in range(end):
         scores[s] *= inverse
     scores[end:] = 0
+    return largest + np.log(total)
 
 
-def masked_softmax_backward(grad_probs, probs, scale):
-    """dL/dscores from dL/dprobs, in place in grad_probs; returns it.
-
-    dL/dscore_s = scale · P_s · (dP_s − Σ_j P_j dP_j), a row at a time (the row's two
-    passes read it from the cache). grad_probs, probs (B, KV, T·g, S).
-    """
-    S = probs.shape[-1]
-    _softmax_backward_rows(grad_probs.reshape(-1, S), probs.reshape(-1, S), np.float32(scale))
-    return grad_probs
-
-
-@njit(parallel=True, cache=True)
-def _softmax_backward_rows(grad, probs, scale):
-    for row in prange(grad.shape[0]):
-        _softmax_backward_row(grad[row], probs[row], scale)
-
-
-@njit(cache=True, fastmath=True)
-def _softmax_backward_row(grad, probs, scale):
+@njit(cache=True, fastmath=True, error_model="numpy")
+def probs_and_grad_row(probs, grad, allowed, end, lse, scale):
+    """probs[:] = exp(scale · S − lse) from the scores S in probs, 0 where not allowed; then
+    grad[:] = scale · P ⊙ (dP − Σ P ⊙ dP) from the dP in grad."""
+    for s in range(end):
+        probs[s] = exp32(probs[s] * scale - lse) if allowed[s] else np.float32(0)
+    probs[end:] = 0
     weighted = np.float32(0)
-    for s in range(grad.size):
+    for s in range(end):
         weighted += grad[s] * probs[s]
-    for s in range(grad.size):
+    for s in range(end):
         grad[s] = (grad[s] - weighted) * probs[s] * scale
+    grad[end:] = 0
 
 
 # ---------------------------------------------------------------------------
