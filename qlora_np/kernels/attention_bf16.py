@@ -1,16 +1,16 @@
 """Training attention in bfloat16, fused: scores, softmax and products a block of queries at a time.
 
-The unfused step (:func:`qlora_np.llama_lora._attention`) makes each chunk's scores
-as a whole array, multiplies with separate batched products, and keeps every
-probability for the backward pass: B·H·T² floats a layer (at seq 256 and batch 4,
-7 MiB a layer; at seq 2048, 450 MiB). Here one task takes POSITIONS query positions of
-one kv group (their g query heads, stacked as :func:`.training_cpu.rope_into_groups`
-orders them) and keeps its scores in a buffer that stays in the core's cache:
+The chunked attention (:func:`qlora_np.llama_lora._attention`) makes a chunk's scores
+as a whole (queries × keys) array and multiplies with separate batched products, each
+a pass over memory. Here one task takes POSITIONS query positions of one kv group
+(their g query heads, stacked as :func:`.training_cpu.rope_into_groups` orders them)
+and keeps its scores in a buffer that stays in the core's cache:
 
 * forward, per block: S = Q Kᵀ (keys up to the block's last allowed one), P = the
   masked softmax of scale·S, O = P V; it keeps only each row's log-sum-exp (lse);
 * backward, per kv group, block by block: P again from S and lse, dP = dO Vᵀ,
-  dS = scale · P ⊙ (dP − Σ P ⊙ dP), dQ = dS K, and dK += dSᵀ Q, dV += Pᵀ dO.
+  dS = scale · P ⊙ (dP − Σ P ⊙ dP), dQ = dS K, and the block's columns of Pᵀ and dSᵀ;
+  then dV = Pᵀ dO and dK = dSᵀ Q over all the group's rows, one product each.
 
 Every product multiplies bfloat16 roundings of its operands with float32 sums, in the
 ``vdpbf16ps`` register tiles of :mod:`.bf16` (so these kernels need AVX-512 BF16:
