@@ -115,7 +115,7 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
     rope = _rope_rows(model.config, positions, dtype)
     mask = _attention_mask(ids.shape[1], segments)
-    attention = _attention_passes(model, dtype)
+    attention = _attention_passes(model, dtype, ids.shape[1])
     saved, final = _forward(model, ids, rope, mask, dtype, checkpoint, attention)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
@@ -138,7 +138,7 @@ def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.floa
         return 0.0, 0
     rope = _rope_rows(model.config, positions, dtype)
     _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False,
-                        _attention_passes(model, dtype))
+                        _attention_passes(model, dtype, ids.shape[1]))
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
     loss, _ = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows], 1)
@@ -286,13 +286,14 @@ class _AttentionPasses(NamedTuple):
     backward: Callable
 
 
-def _attention_passes(model, dtype):
+def _attention_passes(model, dtype, seq):
     """The fused bfloat16 kernels (:mod:`.kernels.attention_bf16`) for a float32 step of a
-    model set to compute in bfloat16, where they apply; else the chunked attention below,
+    model set to compute in bfloat16, where they apply and ``seq`` is at most their
+    FASTER_UP_TO positions; else the chunked attention below,
     with bfloat16 products (:func:`.kernels.bf16.batched_matmul_bf16`) for such a model,
     NumPy's otherwise. Both keep only the log-sum-exp between the passes."""
     bfloat16 = dtype == np.float32 and model.compute_dtype == "bfloat16"
-    if bfloat16 and attention_bf16.fuses(model.config.head_dim):
+    if bfloat16 and attention_bf16.fuses(model.config.head_dim) and seq <= attention_bf16.FASTER_UP_TO:
         scale = 1 / np.sqrt(model.config.head_dim)
         return _AttentionPasses(partial(attention_bf16.attention_bf16, scale=scale),
                                 partial(attention_bf16.attention_bf16_backward, scale=scale))

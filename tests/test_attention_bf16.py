@@ -119,3 +119,15 @@ def test_training_step_with_fused_attention_matches_the_chunked_one(monkeypatch,
     assert abs(loss - chunked_loss) <= 1e-3 * abs(chunked_loss)
     for grad, chunked in zip(grads, chunked_grads):
         assert np.abs(grad - chunked).max() <= 0.02 * np.abs(chunked).max()
+
+
+def test_long_sequences_take_the_chunked_attention():
+    """Past FASTER_UP_TO positions the fused backward's per-group buffers leave the cache."""
+    config = LlamaConfig(vocab_size=50, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=96, rope_theta=10000.0, rms_norm_eps=1e-5, context_length=4096)
+    model = LlamaModel.from_weights(config, tiny_weights(config), quant_type="nf4", blocksize=32)
+    model.set_compute_dtype("bfloat16")
+    short = llama_lora._attention_passes(model, np.float32, fused.FASTER_UP_TO)
+    long = llama_lora._attention_passes(model, np.float32, fused.FASTER_UP_TO + 1)
+    assert long.forward.func is _attention and long.backward.func is _attention_backward
+    assert (short.forward.func is fused.attention_bf16) == fused.fuses(config.head_dim)
