@@ -244,7 +244,8 @@ def _backward(model, saved, grad_final, rope, mask, attention):
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
         # attention: x_mid = x + Wo o
         grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["lse"], grad_o)
+        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["lse"],
+                                                    grad_o)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
@@ -298,7 +299,8 @@ def _attention_passes(model, dtype, seq):
         return _AttentionPasses(partial(attention_bf16.attention_bf16, scale=scale),
                                 partial(attention_bf16.attention_bf16_backward, scale=scale))
     product = bf16.batched_matmul_bf16 if bfloat16 else np.matmul
-    return _AttentionPasses(partial(_attention, product=product), partial(_attention_backward, product=product))
+    return _AttentionPasses(partial(_attention, product=product),
+                            partial(_attention_backward, product=product))
 
 
 def _attention(q, k, v, mask, product=np.matmul):

@@ -307,7 +307,8 @@ def round_to_bfloat16(a):
 
 
 def matmul_bf16(a, b):
-    """a (..., rows, k) @ b (..., k, n) with both rounded to bfloat16, summed exactly (float64) → float32."""
+    """a (..., rows, k) @ b (..., k, n) with both rounded to bfloat16, summed exactly (float64),
+    rounded once to float32."""
     a_rounded = round_to_bfloat16(a).astype(np.float64)       # (..., rows, k)
     b_rounded = round_to_bfloat16(b).astype(np.float64)       # (..., k, n)
     return np.matmul(a_rounded, b_rounded).astype(np.float32)  # (..., rows, n), exact sums rounded once

@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from ..errors import ShapeError
 from .bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel, _tile_row1, _tile_rows6,
-                   pack_panel, round_pairs)
+                   pack_panel, round_row_pairs, rounded_rows)
 from .training_cpu import key_ends, probs_and_grad_row, softmax_row
 
 POSITIONS = 32
@@ -101,9 +101,7 @@ def _checked(q, k, v, mask):
 def _pairs(x):
     """(B, KV, n, d) float32 → (B·KV, n, d/2) uint32: its rows' bfloat16 pairs."""
     B, KV, n, d = x.shape
-    pairs = np.empty((B * KV * n, d // 2), np.uint32)
-    round_pairs(np.ascontiguousarray(x, np.float32).reshape(-1, d), pairs)
-    return pairs.reshape(B * KV, n, d // 2)
+    return rounded_rows(x.reshape(-1, d)).reshape(B * KV, n, d // 2)
 
 
 @njit(parallel=True, cache=True)
@@ -160,36 +158,42 @@ def _forward_blocks(q_pairs, kt_panels, v_panels, mask, ends, scale, kv_heads, g
 @njit(cache=True)
 def _forward_block(q_pairs, kt_panels, v_panels, mask, ends, scale, group, first, end, out, lse):
     """One block: query positions [first, end) of one group → their out rows and lse."""
-    rows, half = (end - first) * group, q_pairs.shape[1]
-    r0 = first * group
+    rows, r0 = (end - first) * group, first * group
     key_panels = -(-ends[first:end].max() // PANEL)
-    keys, depth = key_panels * PANEL, key_panels * PANEL // 2
-    scores = np.empty((rows, keys), np.float32)                              # (rows, keys)
     # 1. S = Q Kᵀ, one panel of keys at a time
-    for p in range(key_panels):
-        _rows_times_panel(q_pairs.ctypes.data + 4 * r0 * half, rows, half, kt_panels[p].ctypes.data,
-                          scores.ctypes.data + 4 * p * PANEL, keys)
+    scores = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels)  # (rows, keys)
     # 2. P = softmax(scale · S) over the allowed keys; keep log Σ exp
     for i in range(rows):
         t = first + i // group
         lse[r0 + i] = softmax_row(scores[i], mask[t], ends[t], scale)
     # 3. O = P V with P rounded to bfloat16 pairs
-    prob_pairs = _row_pairs(scores)                                          # (rows, keys/2)
-    for p in range(v_panels.shape[0]):
-        _rows_times_panel(prob_pairs.ctypes.data, rows, depth, v_panels[p].ctypes.data,
-                          out.ctypes.data + 4 * (r0 * out.shape[1] + p * PANEL), out.shape[1])
+    _rounded_times_panels(scores, v_panels, out, r0)
 
 
 @njit(cache=True)
-def _row_pairs(values):
-    """values (rows, n even) float32 → (rows, n/2) uint32 bfloat16 pairs (a product's a)."""
-    rows, n = values.shape
-    pairs = np.empty((rows, n // 2), np.uint32)
-    bits = values.view(np.uint32)
+def _block_times_panels(pairs, r0, rows, panels, count):
+    """pairs[r0 : r0 + rows] (…, d/2) @ the first ``count`` panels (… , d/2, PANEL) →
+    (rows, count·PANEL) float32: a block's S = Q Kᵀ or dP = dO Vᵀ, keys up to a panel's end."""
+    half = pairs.shape[1]
+    product = np.empty((rows, count * PANEL), np.float32)
+    for p in range(count):
+        _rows_times_panel(pairs.ctypes.data + 4 * r0 * half, rows, half, panels[p].ctypes.data,
+                          product.ctypes.data + 4 * p * PANEL, count * PANEL)
+    return product
+
+
+@njit(cache=True)
+def _rounded_times_panels(values, panels, out, r0):
+    """out[r0 : r0 + rows] = values (rows, keys) rounded to bfloat16 @ the b whose panels
+    (d/PANEL, ≥ keys/2, PANEL) are given: a block's O = P V or dQ = dS K."""
+    rows, keys = values.shape
+    pairs = np.empty((rows, keys // 2), np.uint32)                          # (rows, keys/2)
     for i in range(rows):
-        for j in range(n // 2):
-            pairs[i, j] = _pair_bits(bits[i, 2 * j], bits[i, 2 * j + 1])
-    return pairs
+        round_row_pairs(values[i], pairs[i])
+    d = out.shape[1]
+    for p in range(panels.shape[0]):
+        _rows_times_panel(pairs.ctypes.data, rows, keys // 2, panels[p].ctypes.data,
+                          out.ctypes.data + 4 * (r0 * d + p * PANEL), d)
 
 
 # ---------------------------------------------------------------------------
@@ -220,28 +224,18 @@ def _backward_groups(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, q,
 def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mask, ends, lse, scale, group,
                     first, end, grad_q, probs_t, grad_scores_t):
     """One block of one group: its grad_q rows, and its columns of Pᵀ and dSᵀ (as pairs)."""
-    rows, half, d = (end - first) * group, q_pairs.shape[1], grad_q.shape[1]
-    r0 = first * group
+    rows, r0 = (end - first) * group, first * group
     key_panels = -(-ends[first:end].max() // PANEL)
-    keys, depth = key_panels * PANEL, key_panels * PANEL // 2
-    probs = np.empty((rows, keys), np.float32)                               # (rows, keys)
-    grad_scores = np.empty((rows, keys), np.float32)
     # 1. P again: S = Q Kᵀ, P = exp(scale · S − lse) on the allowed keys
+    probs = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels)   # (rows, keys)
     # 2. dP = dO Vᵀ
-    for p in range(key_panels):
-        _rows_times_panel(q_pairs.ctypes.data + 4 * r0 * half, rows, half, kt_panels[p].ctypes.data,
-                          probs.ctypes.data + 4 * p * PANEL, keys)
-        _rows_times_panel(grad_out_pairs.ctypes.data + 4 * r0 * half, rows, half, vt_panels[p].ctypes.data,
-                          grad_scores.ctypes.data + 4 * p * PANEL, keys)
+    grad_scores = _block_times_panels(grad_out_pairs, r0, rows, vt_panels, key_panels)
     # 3. dS = scale · P ⊙ (dP − Σ P ⊙ dP), row by row
     for i in range(rows):
         t = first + i // group
         probs_and_grad_row(probs[i], grad_scores[i], mask[t], ends[t], lse[r0 + i], scale)
     # 4. dQ = dS K
-    score_pairs = _row_pairs(grad_scores)                                    # (rows, keys/2)
-    for p in range(k_panels.shape[0]):
-        _rows_times_panel(score_pairs.ctypes.data, rows, depth, k_panels[p].ctypes.data,
-                          grad_q.ctypes.data + 4 * (r0 * d + p * PANEL), d)
+    _rounded_times_panels(grad_scores, k_panels, grad_q, r0)
     # 5. this block's columns of Pᵀ and dSᵀ, for dV and dK
     _put_column_pairs(probs, r0, probs_t)
     _put_column_pairs(grad_scores, r0, grad_scores_t)

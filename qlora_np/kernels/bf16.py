@@ -63,13 +63,19 @@ def _bfloat16_bits(bits):
 def round_pairs(a, pairs):
     """a (rows, k) float32 → pairs (rows, ceil(k/2)) uint32: a rounded to bfloat16, two a
     uint32 (an odd k's last pair has a zero high half)."""
-    rows, k = a.shape
-    for r in prange(rows):
-        bits = a[r].view(np.uint32)
-        for j in range(k // 2):
-            pairs[r, j] = _bfloat16_bits(bits[2 * j]) | (_bfloat16_bits(bits[2 * j + 1]) << np.uint32(16))
-        if k % 2:
-            pairs[r, k // 2] = _bfloat16_bits(bits[k - 1])
+    for r in prange(a.shape[0]):
+        round_row_pairs(a[r], pairs[r])
+
+
+@njit(cache=True, inline="always")
+def round_row_pairs(values, pairs):
+    """One row of :func:`round_pairs`: values (k,) float32 → pairs (ceil(k/2),) uint32."""
+    k = values.size
+    bits = values.view(np.uint32)
+    for j in range(k // 2):
+        pairs[j] = _bfloat16_bits(bits[2 * j]) | (_bfloat16_bits(bits[2 * j + 1]) << np.uint32(16))
+    if k % 2:
+        pairs[k // 2] = _bfloat16_bits(bits[k - 1])
 
 
 @njit(cache=True)

@@ -139,8 +139,8 @@ def masked_softmax(scores, mask, scale):
     """
     B, KV, rows, S = scores.shape
     lse = np.empty((B, KV, rows), np.float32)
-    _masked_softmax_rows(scores.reshape(-1, S), mask, key_ends(mask), np.float32(scale), rows // mask.shape[1],
-                         KV * rows, lse.reshape(-1))
+    _masked_softmax_rows(scores.reshape(-1, S), mask, key_ends(mask), np.float32(scale),
+                         rows // mask.shape[1], KV * rows, lse.reshape(-1))
     return lse
 
 
