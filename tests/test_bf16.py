@@ -5,15 +5,30 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import contextlib
+
 import qlora_np
 from qlora_np import reference
 from qlora_np.errors import ShapeError, UnknownFormatError
-from qlora_np.kernels import bf16
+from qlora_np.kernels import amx, bf16
 from qlora_np.ops import PANEL_MAX_ROWS
 
-SIMD = pytest.param(True, marks=pytest.mark.skipif(not bf16.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
-PATHS = [SIMD, False]
-"""The two paths: vdpbf16ps register tiles, and BLAS on the rounded values."""
+AMX = pytest.param("amx", marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16"))
+AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not bf16.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
+TILES = [AMX, AVX512]
+PATHS = TILES + ["blas"]
+"""The three paths: AMX tiles, vdpbf16ps register tiles, and BLAS on the rounded values."""
+
+
+@contextlib.contextmanager
+def _on(path):
+    """Run the products on ``path``; yields rounded_rows' ``simd`` flag for it."""
+    before = amx.USE_AMX
+    amx.USE_AMX = path == "amx"
+    try:
+        yield path != "blas"
+    finally:
+        amx.USE_AMX = before
 
 
 def _bound(a, b):
@@ -47,34 +62,60 @@ def test_rounding_is_to_nearest_even_and_keeps_specials():
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 20), k=st.integers(1, 70), n=st.integers(1, 80), transposed=st.booleans(),
        seed=st.integers(0, 2 ** 16))
-@pytest.mark.parametrize("simd", PATHS)
-def test_product_matches_reference(simd, rows, k, n, transposed, seed):
+@pytest.mark.parametrize("path", PATHS)
+def test_product_matches_reference(path, rows, k, n, transposed, seed):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((rows, k)).astype(np.float32)
     b = rng.standard_normal((n, k)).astype(np.float32).T if transposed else \
         rng.standard_normal((k, n)).astype(np.float32)                    # (k, n), either stride
-    result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
+    with _on(path) as simd:
+        result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
     assert result.shape == (rows, n) and result.dtype == np.float32
     assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
 
 
-@pytest.mark.parametrize("simd", PATHS)
-def test_product_writes_into_a_column_view(simd):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [40, 64])
+def test_product_writes_into_a_column_view(path, k):
     rng = np.random.default_rng(1)
-    a, b = rng.standard_normal((13, 40), np.float32), rng.standard_normal((40, 64), np.float32)
-    out = np.full((13, 100), 7.0, np.float32)
-    bf16.matmul_bf16(bf16.rounded_rows(a, simd), b, out=out[:, 32:96])
+    a, b = rng.standard_normal((45, k), np.float32), rng.standard_normal((k, 64), np.float32)
+    out = np.full((45, 100), 7.0, np.float32)
+    with _on(path) as simd:
+        bf16.matmul_bf16(bf16.rounded_rows(a, simd), b, out=out[:, 32:96])
     assert (np.abs(out[:, 32:96] - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
     assert (out[:, :32] == 7).all() and (out[:, 96:] == 7).all()
 
 
-def test_both_paths_agree_on_a_training_shape():
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_is_within_the_bound_on_a_training_shape(path):
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((300, 576), np.float32), rng.standard_normal((576, 200), np.float32)
-    paths = [bf16.matmul_bf16(bf16.rounded_rows(a, simd), b) for simd in (True, False)
-             if simd is False or bf16.HAS_AVX512_BF16]
-    for result in paths:
-        assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+    with _on(path) as simd:
+        result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
+    assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+
+
+@pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16")
+@pytest.mark.parametrize("rows", [1, 31, 32, 33, 70])
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
+    """A last partial block of rows goes through zero-padded spares: each row's values are
+    those it gets alone, and closer to the exact sums than the bound."""
+    rng = np.random.default_rng(rows * k)
+    a, b = rng.standard_normal((rows, k), np.float32), rng.standard_normal((k, 96), np.float32)
+    with _on("amx"):
+        assert amx.fits(k // 2)
+        together = bf16.matmul_bf16(bf16.rounded_rows(a), b)
+        for r in range(rows):
+            np.testing.assert_array_equal(together[r:r + 1], bf16.matmul_bf16(bf16.rounded_rows(a[r:r + 1]), b))
+    assert (np.abs(together - reference.matmul_bf16(a, b)) <= _bound(a, b) / 4).all()
+
+
+def test_amx_takes_only_whole_steps_of_k(monkeypatch):
+    monkeypatch.setattr(amx, "USE_AMX", True)
+    assert amx.fits(16) and amx.fits(288) and not amx.fits(20) and not amx.fits(8)
+    monkeypatch.setattr(amx, "USE_AMX", False)
+    assert not amx.fits(288)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int4_asym"])
@@ -135,8 +176,14 @@ def test_panels_from_codes_are_the_panels_of_the_decoded_weight(quant_type, out_
 @given(quant_type=st.sampled_from(["nf4", "fp4", "int4_asym"]), out_features=st.integers(1, 100),
        blocks=st.integers(1, 4), blocksize=st.sampled_from([16, 32, 64, 128]), n=st.integers(1, 20),
        data=st.data())
-def test_products_from_codes_equal_products_with_the_decoded_weight(quant_type, out_features, blocks,
+@pytest.mark.parametrize("path", TILES)
+def test_products_from_codes_equal_products_with_the_decoded_weight(path, quant_type, out_features, blocks,
                                                                    blocksize, n, data):
+    with _on(path):
+        _check_products_from_codes(quant_type, out_features, blocks, blocksize, n, data)
+
+
+def _check_products_from_codes(quant_type, out_features, blocks, blocksize, n, data):
     in_features = blocks * blocksize
     weight, decoded = _weight(quant_type, out_features, in_features, blocksize, seed=out_features)
     first_row = data.draw(st.integers(0, out_features - 1))
@@ -173,9 +220,8 @@ def test_small_batches_stay_exact_float32():
     np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"), qlora_np.matmul(x, qt))
 
 
-@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("simd", [True, False])
 def test_mismatched_operands_are_refused(simd):
-
     rounded = bf16.rounded_rows(np.ones((3, 64), np.float32), simd)
     with pytest.raises(ShapeError, match="does not match"):
         bf16.matmul_bf16(rounded, np.ones((66, 32), np.float32))
@@ -209,9 +255,11 @@ def test_lora_layer_trains_in_bfloat16():
     np.testing.assert_array_equal(results["float32"][2], results["bfloat16"][2])   # A's gradient skips W
 
 
-@pytest.mark.parametrize("simd", PATHS)
-def test_batched_products_match_each_groups_product(simd, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_batched_products_match_each_groups_product(path, monkeypatch):
+    simd = path != "blas"
     monkeypatch.setattr(bf16, "HAS_AVX512_BF16", simd)
+    monkeypatch.setattr(amx, "USE_AMX", path == "amx")
     rng = np.random.default_rng(7)
     a = rng.standard_normal((2, 3, 37, 64), np.float32)
     b = rng.standard_normal((2, 3, 40, 64), np.float32).transpose(0, 1, 3, 2)    # (2, 3, 64, 40) strided

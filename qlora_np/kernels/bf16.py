@@ -31,6 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import ShapeError
+from . import amx
 from . import simd as simd_kernels
 from .simd import HAS_AVX512, avx512_dequantize_blocks
 
@@ -264,6 +265,32 @@ def _packed_panel_products(pairs, panels, c, c_stride, threads):
                               c.ctypes.data + 4 * p * PANEL, c_stride)
 
 
+@njit(parallel=True, cache=True)
+def _amx_panel_products(pairs, b, c, c_stride, threads):
+    """:func:`_panel_products` with AMX tiles (:mod:`.amx`); c's row stride is its own."""
+    rows, depth = pairs.shape
+    count = -(-b.shape[1] // PANEL)
+    for t in prange(threads):
+        panel, space = np.empty((depth, PANEL), np.uint32), amx.workspace(depth)
+        amx.start(space)
+        for p in range(t * count // threads, (t + 1) * count // threads):
+            pack_panel(b, p, panel)
+            amx.rows_times_panel(pairs, panel, c[:, p * PANEL:(p + 1) * PANEL], space)
+        amx.stop()
+
+
+@njit(parallel=True, cache=True)
+def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
+    """:func:`_packed_panel_products` with AMX tiles; c's row stride is its own."""
+    count = panels.shape[0]
+    for t in prange(threads):
+        space = amx.workspace(pairs.shape[1])
+        amx.start(space)
+        for p in range(t * count // threads, (t + 1) * count // threads):
+            amx.rows_times_panel(pairs, panels[p], c[:, p * PANEL:(p + 1) * PANEL], space)
+        amx.stop()
+
+
 # ---------------------------------------------------------------------------
 # The product
 # ---------------------------------------------------------------------------
@@ -296,7 +323,8 @@ def matmul_bf16(a_rounded, b, out=None):
         round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
         np.matmul(a_rounded, b_rounded, out=out)
         return out
-    _products_into(out, n, lambda c, c_stride, threads: _panel_products(a_rounded, b, c, c_stride, threads))
+    products = _amx_panel_products if amx.fits(a_rounded.shape[1]) else _panel_products
+    _products_into(out, n, lambda c, c_stride, threads: products(a_rounded, b, c, c_stride, threads))
     return out
 
 
@@ -342,8 +370,7 @@ def times_weight_t(a_pairs, weight, first_row, rows, out):
     panels = np.empty((-(-rows // PANEL), in_features // 2, PANEL), np.uint32)
     pack_weight_rows(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
                      first_row, min(out_features, first_row + rows), panels)
-    _products_into(out, rows, lambda c, c_stride, threads:
-                   _packed_panel_products(a_pairs, panels, c, c_stride, threads))
+    _products_into(out, rows, lambda c, c_stride, threads: _packed_products(a_pairs, panels, c, c_stride, threads))
     return out
 
 
@@ -355,8 +382,14 @@ def times_weight(a_pairs, weight, first_row, rows, out):
     pack_weight_columns(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
                         in_features, first_row, rows, panels, min(numba.get_num_threads(), panels.shape[1]))
     _products_into(out, in_features, lambda c, c_stride, threads:
-                   _packed_panel_products(a_pairs, panels, c, c_stride, threads))
+                   _packed_products(a_pairs, panels, c, c_stride, threads))
     return out
+
+
+def _packed_products(pairs, panels, c, c_stride, threads):
+    """The driver for panels packed beforehand: AMX tiles where they fit, else AVX-512 BF16."""
+    products = _amx_packed_panel_products if amx.fits(pairs.shape[1]) else _packed_panel_products
+    products(pairs, panels, c, c_stride, threads)
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +409,20 @@ def _batched_panel_products(pairs, b, c, c_stride):
         pack_panel(b[g], p, panel)
         _rows_times_panel(pairs[g].ctypes.data, rows, depth, panel.ctypes.data,
                           c[g].ctypes.data + 4 * p * PANEL, c_stride)
+
+
+@njit(parallel=True, cache=True)
+def _amx_batched_panel_products(pairs, b, c, c_stride):
+    """:func:`_batched_panel_products` with AMX tiles; c's row stride is its own."""
+    groups, rows, depth = pairs.shape
+    count = -(-b.shape[2] // PANEL)
+    for task in prange(groups * count):
+        g, p = task // count, task % count
+        panel, space = np.empty((depth, PANEL), np.uint32), amx.workspace(depth)
+        pack_panel(b[g], p, panel)
+        amx.start(space)
+        amx.rows_times_panel(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL], space)
+        amx.stop()
 
 
 def batched_matmul_bf16(a, b, out=None):
@@ -403,7 +450,8 @@ def batched_matmul_bf16(a, b, out=None):
         fits = False
     if not fits:
         c = np.empty((groups, m, -(-n // PANEL) * PANEL), np.float32)
-    _batched_panel_products(pairs, b3, c, c.strides[1] // 4)
+    products = _amx_batched_panel_products if amx.fits(pairs.shape[2]) else _batched_panel_products
+    products(pairs, b3, c, c.strides[1] // 4)
     if not fits:
         out[...] = c[:, :, :n].reshape(out.shape)
     return out
