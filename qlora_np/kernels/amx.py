@@ -39,6 +39,16 @@ BLOCK_ROWS = 32
 STEP_PAIRS = 16
 """Pairs of k one A tile holds (64 bytes a row): k/2 must be a multiple of it."""
 
+CHUNK_STEPS = 6
+"""Steps of k a block of rows takes with each panel of a group before the next chunk:
+32 rows × 96 pairs of a (12 KB) stay in the L1 cache while the group's panels go by."""
+
+GROUP = 8
+"""Panels multiplied chunk by chunk with the same rows: their 32 × 256 sums (32 KB) are
+stored and loaded again between chunks. Measured on the training shapes, 8 panels and
+chunks of 6 steps gave 10–25 % more than whole panels one at a time (same sums, bit for bit:
+a tile rounds once per instruction, so where the sums pause between them changes nothing)."""
+
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
@@ -100,18 +110,26 @@ def _release(typingctx):
 
 
 @intrinsic
-def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride):
-    """c[0:32, 0:32] = a[0:32] @ panel: a 32 rows of pairs (byte stride a_stride), the panel
-    16·steps pair-rows of 128 bytes, c 32 rows of 32 float32 (byte stride c_stride)."""
+def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulate):
+    """c[0:32, 0:32] (+)= a[0:32] @ panel: a 32 rows of pairs (byte stride a_stride), the panel
+    16·steps pair-rows of 128 bytes, c 32 rows of 32 float32 (byte stride c_stride); the sums
+    start from c where ``accumulate`` is nonzero, else from zero."""
     def codegen(context, builder, sig, args):
-        a_at, a_stride, panel_at, steps, c_at, c_stride = args
+        a_at, a_stride, panel_at, steps, c_at, c_stride, accumulate = args
 
         def plus(at, offset):
             return builder.add(at, offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset))
 
         sixteen_rows_of_a = builder.mul(a_stride, ir.Constant(_I64, 16))
-        for sums in range(4):
-            _emit(builder, f"tilezero %tmm{sums}")
+        c_lower = plus(c_at, builder.mul(c_stride, ir.Constant(_I64, 16)))
+        c_tiles = (c_at, plus(c_at, 64), c_lower, plus(c_lower, 64))            # tiles 0–3: the sums
+        with builder.if_else(builder.icmp_signed("!=", accumulate, ir.Constant(_I64, 0))) as (go_on, start):
+            with go_on:
+                for sums, at in enumerate(c_tiles):
+                    _emit(builder, f"tileloadd ($0,$1,1), %tmm{sums}", "r,r,", [at, c_stride])
+            with start:
+                for sums in range(4):
+                    _emit(builder, f"tilezero %tmm{sums}")
         with cgutils.for_range(builder, steps) as loop:
             a_top = plus(a_at, builder.mul(loop.index, ir.Constant(_I64, 4 * STEP_PAIRS)))
             b_top = plus(panel_at, builder.mul(loop.index, ir.Constant(_I64, STEP_PAIRS * 128)))
@@ -120,27 +138,26 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride):
                 _emit(builder, f"tileloadd ($0,$1,1), %tmm{tile}", "r,r,", [at, stride])
             for sums, a_tile, b_tile in ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7)):
                 _emit(builder, f"tdpbf16ps %tmm{b_tile}, %tmm{a_tile}, %tmm{sums}")
-        c_lower = plus(c_at, builder.mul(c_stride, ir.Constant(_I64, 16)))
-        for sums, at in enumerate((c_at, plus(c_at, 64), c_lower, plus(c_lower, 64))):
+        for sums, at in enumerate(c_tiles):
             _emit(builder, f"tilestored %tmm{sums}, ($0,$1,1)", "r,r,", [at, c_stride])
         return context.get_dummy_value()
-    return types.void(*([types.intp] * 6)), codegen
+    return types.void(*([types.intp] * 7)), codegen
 
 
 # ---------------------------------------------------------------------------
-# Rows of a times one panel
+# Rows of a times a few panels
 # ---------------------------------------------------------------------------
 
 @njit(cache=True)
 def workspace(depth):
     """A thread's tile configuration (palette 1, tiles 0–7 all 16 rows × 64 bytes) and the
-    zero-padded spares :func:`rows_times_panel` puts a last partial block of rows through."""
+    zero-padded spares :func:`rows_times_panels` puts a last partial block of rows through."""
     config = np.zeros(64, np.uint8)
     config[0] = 1
     for tile in range(8):
         config[16 + 2 * tile] = 64                  # bytes a row (little-endian uint16)
         config[48 + tile] = 16                      # rows
-    return config, np.zeros((BLOCK_ROWS, depth), np.uint32), np.empty((BLOCK_ROWS, 32), np.float32)
+    return config, np.zeros((BLOCK_ROWS, depth), np.uint32), np.empty((BLOCK_ROWS, 32 * GROUP), np.float32)
 
 
 @njit(cache=True, inline="always")
@@ -156,19 +173,34 @@ def stop():
 
 
 @njit(cache=True, inline="always")
-def rows_times_panel(pairs, panel, c, space):
-    """c (rows, 32) float32, unit column stride = pairs (rows, depth) uint32, contiguous rows
-    @ panel (depth, 32) uint32, contiguous; depth a multiple of STEP_PAIRS, tiles started."""
+def _rows_block(a_at, a_stride, panels, c_at, c_stride, depth):
+    """32 rows of c (c_at, byte stride c_stride) = 32 rows of pairs @ each of ``panels``
+    (count ≤ GROUP, depth, 32), in chunks of CHUNK_STEPS steps of k: each chunk of the rows
+    is multiplied with the same chunk of every panel while it is in the L1 cache."""
+    chunk = CHUNK_STEPS * STEP_PAIRS
+    for first in range(0, depth, chunk):
+        steps = min(chunk, depth - first) // STEP_PAIRS
+        for p in range(panels.shape[0]):
+            _block(a_at + 4 * first, a_stride, panels[p].ctypes.data + 128 * first, steps,
+                   c_at + 128 * p, c_stride, first)
+
+
+@njit(cache=True, inline="always")
+def rows_times_panels(pairs, panels, c, space):
+    """c (rows, 32 · count) float32, unit column stride = pairs (rows, depth) uint32,
+    contiguous rows @ panels (count, depth, 32) uint32, each contiguous, side by side;
+    depth a multiple of STEP_PAIRS, tiles started (:func:`start`). GROUP panels at a time."""
     rows, depth = pairs.shape
-    steps = depth // STEP_PAIRS
     whole = rows - rows % BLOCK_ROWS
-    for r in range(0, whole, BLOCK_ROWS):
-        _block(pairs.ctypes.data + r * pairs.strides[0], pairs.strides[0], panel.ctypes.data, steps,
-               c.ctypes.data + r * c.strides[0], c.strides[0])
-    if whole < rows:
-        spare_a, spare_c = space[1], space[2]
-        spare_a[: rows - whole] = pairs[whole:]
-        spare_a[rows - whole:] = 0
-        _block(spare_a.ctypes.data, spare_a.strides[0], panel.ctypes.data, steps, spare_c.ctypes.data,
-               spare_c.strides[0])
-        c[whole:] = spare_c[: rows - whole]
+    spare_a, spare_c = space[1], space[2]
+    spare_a[rows - whole:] = 0
+    for p in range(0, panels.shape[0], GROUP):
+        group = panels[p:p + GROUP]
+        for r in range(0, whole, BLOCK_ROWS):
+            _rows_block(pairs.ctypes.data + r * pairs.strides[0], pairs.strides[0], group,
+                        c.ctypes.data + r * c.strides[0] + 128 * p, c.strides[0], depth)
+        if whole < rows:
+            spare_a[: rows - whole] = pairs[whole:]
+            _rows_block(spare_a.ctypes.data, spare_a.strides[0], group, spare_c.ctypes.data,
+                        spare_c.strides[0], depth)
+            c[whole:, 32 * p:32 * (p + group.shape[0])] = spare_c[: rows - whole, :32 * group.shape[0]]

@@ -267,15 +267,19 @@ def _packed_panel_products(pairs, panels, c, c_stride, threads):
 
 @njit(parallel=True, cache=True)
 def _amx_panel_products(pairs, b, c, c_stride, threads):
-    """:func:`_panel_products` with AMX tiles (:mod:`.amx`); c's row stride is its own."""
+    """:func:`_panel_products` with AMX tiles (:mod:`.amx`), packing amx.GROUP panels at a
+    time; c's row stride is its own."""
     rows, depth = pairs.shape
     count = -(-b.shape[1] // PANEL)
     for t in prange(threads):
-        panel, space = np.empty((depth, PANEL), np.uint32), amx.workspace(depth)
+        group, space = np.empty((amx.GROUP, depth, PANEL), np.uint32), amx.workspace(depth)
         amx.start(space)
-        for p in range(t * count // threads, (t + 1) * count // threads):
-            pack_panel(b, p, panel)
-            amx.rows_times_panel(pairs, panel, c[:, p * PANEL:(p + 1) * PANEL], space)
+        end = (t + 1) * count // threads
+        for first in range(t * count // threads, end, amx.GROUP):
+            size = min(amx.GROUP, end - first)
+            for i in range(size):
+                pack_panel(b, first + i, group[i])
+            amx.rows_times_panels(pairs, group[:size], c[:, first * PANEL:(first + size) * PANEL], space)
         amx.stop()
 
 
@@ -284,10 +288,10 @@ def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
     """:func:`_packed_panel_products` with AMX tiles; c's row stride is its own."""
     count = panels.shape[0]
     for t in prange(threads):
+        first, end = t * count // threads, (t + 1) * count // threads
         space = amx.workspace(pairs.shape[1])
         amx.start(space)
-        for p in range(t * count // threads, (t + 1) * count // threads):
-            amx.rows_times_panel(pairs, panels[p], c[:, p * PANEL:(p + 1) * PANEL], space)
+        amx.rows_times_panels(pairs, panels[first:end], c[:, first * PANEL:end * PANEL], space)
         amx.stop()
 
 
@@ -418,10 +422,10 @@ def _amx_batched_panel_products(pairs, b, c, c_stride):
     count = -(-b.shape[2] // PANEL)
     for task in prange(groups * count):
         g, p = task // count, task % count
-        panel, space = np.empty((depth, PANEL), np.uint32), amx.workspace(depth)
-        pack_panel(b[g], p, panel)
+        panel, space = np.empty((1, depth, PANEL), np.uint32), amx.workspace(depth)
+        pack_panel(b[g], p, panel[0])
         amx.start(space)
-        amx.rows_times_panel(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL], space)
+        amx.rows_times_panels(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL], space)
         amx.stop()
 
 
