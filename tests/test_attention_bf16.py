@@ -2,12 +2,15 @@
 (reference.attention_bf16), the reference against float64 attention, and a training step
 with the fused kernels against one with the chunked attention."""
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np import llama_lora, reference
 from qlora_np.errors import ShapeError
+from qlora_np.kernels import amx
 from qlora_np.kernels import attention_bf16 as fused
 from qlora_np.llama import LlamaConfig, LlamaModel
 from qlora_np.llama_lora import _attention, _attention_backward, _attention_mask
@@ -15,6 +18,20 @@ from qlora_np.llama_lora import _attention, _attention_backward, _attention_mask
 from .test_llama import tiny_weights
 
 FUSED = pytest.mark.skipif(not fused.fuses(64), reason="no AVX-512 BF16")
+TILES = [pytest.param(True, marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16"), id="amx"),
+         pytest.param(False, id="avx512")]
+"""Whether the kernels multiply with AMX tiles or the AVX-512 BF16 tile."""
+
+
+@contextlib.contextmanager
+def _tiles(use_amx):
+    """The products on AMX tiles where ``use_amx``, else on the AVX-512 BF16 tile."""
+    before = amx.USE_AMX
+    amx.USE_AMX = use_amx
+    try:
+        yield
+    finally:
+        amx.USE_AMX = before
 
 
 def _inputs(seed, B, KV, group, T, d, packed):
@@ -39,25 +56,29 @@ def _assert_close(result, expected, tolerance):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2 ** 16), B=st.integers(1, 2), KV=st.integers(1, 3), group=st.integers(1, 4),
        T=st.integers(1, 100), d=st.sampled_from([32, 64, 128]), packed=st.booleans())
-def test_fused_kernels_match_the_reference(seed, B, KV, group, T, d, packed):
+@pytest.mark.parametrize("use_amx", TILES)
+def test_fused_kernels_match_the_reference(use_amx, seed, B, KV, group, T, d, packed):
     q, k, v, grad_out, mask, scale = _inputs(seed, B, KV, group, T, d, packed)
-    out, lse = fused.attention_bf16(q, k, v, mask, scale)
+    with _tiles(use_amx):
+        out, lse = fused.attention_bf16(q, k, v, mask, scale)
+        grads = fused.attention_bf16_backward(q, k, v, mask, lse, grad_out, scale)
     expected_out, expected_lse = reference.attention_bf16(q, k, v, mask, scale)
     _assert_close(out, expected_out, 2e-3)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
-    grads = fused.attention_bf16_backward(q, k, v, mask, lse, grad_out, scale)
     expected = reference.attention_bf16_backward(q, k, v, mask, expected_lse, grad_out, scale)
-    for grad, expected_grad in zip(grads, expected):
-        _assert_close(grad, expected_grad, 2e-3)
+    for grad, expected_grad in zip(grads, expected):          # dS = P ⊙ (dP − Σ P ⊙ dP) cancels, and its
+        _assert_close(grad, expected_grad, 4e-3)               # rounding may flip by one bfloat16 step (2⁻⁸)
 
 
 @FUSED
-def test_fused_kernels_give_the_same_bytes_every_time():
-    q, k, v, grad_out, mask, scale = _inputs(1, 4, 3, 3, 256, 64, False)
-    first = fused.attention_bf16(q, k, v, mask, scale)
-    grads = fused.attention_bf16_backward(q, k, v, mask, first[1], grad_out, scale)
-    again = fused.attention_bf16(q, k, v, mask, scale)
-    grads_again = fused.attention_bf16_backward(q, k, v, mask, again[1], grad_out, scale)
+@pytest.mark.parametrize("use_amx", TILES)
+def test_fused_kernels_give_the_same_bytes_every_time(use_amx):
+    q, k, v, grad_out, mask, scale = _inputs(1, 4, 3, 3, 250, 64, False)
+    with _tiles(use_amx):
+        first = fused.attention_bf16(q, k, v, mask, scale)
+        grads = fused.attention_bf16_backward(q, k, v, mask, first[1], grad_out, scale)
+        again = fused.attention_bf16(q, k, v, mask, scale)
+        grads_again = fused.attention_bf16_backward(q, k, v, mask, again[1], grad_out, scale)
     for a, b in zip(first + grads, again + grads_again):
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 

@@ -151,7 +151,8 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
 @njit(cache=True)
 def workspace(depth):
     """A thread's tile configuration (palette 1, tiles 0–7 all 16 rows × 64 bytes) and the
-    zero-padded spares :func:`rows_times_panels` puts a last partial block of rows through."""
+    zero-padded spares :func:`rows_times_panels` puts a last partial block of rows through
+    (for products of up to ``depth`` pairs of k)."""
     config = np.zeros(64, np.uint8)
     config[0] = 1
     for tile in range(8):
@@ -192,7 +193,7 @@ def rows_times_panels(pairs, panels, c, space):
     depth a multiple of STEP_PAIRS, tiles started (:func:`start`). GROUP panels at a time."""
     rows, depth = pairs.shape
     whole = rows - rows % BLOCK_ROWS
-    spare_a, spare_c = space[1], space[2]
+    spare_a, spare_c = space[1][:, :depth], space[2]
     spare_a[rows - whole:] = 0
     for p in range(0, panels.shape[0], GROUP):
         group = panels[p:p + GROUP]
