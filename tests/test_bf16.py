@@ -1,11 +1,14 @@
 """bfloat16 products (kernels.bf16, and compute_dtype="bfloat16" in matmul / matmul_t)
 against the plain rounding-then-exact-sum reference."""
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-
-import contextlib
 
 import qlora_np
 from qlora_np import reference
@@ -109,6 +112,13 @@ def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
         for r in range(rows):
             np.testing.assert_array_equal(together[r:r + 1], bf16.matmul_bf16(bf16.rounded_rows(a[r:r + 1]), b))
     assert (np.abs(together - reference.matmul_bf16(a, b)) <= _bound(a, b) / 4).all()
+
+
+def test_amx_is_turned_off_from_the_environment():
+    code = "from qlora_np.kernels import amx; print(amx.USE_AMX)"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QLORA_NP_AMX": "0"},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_amx_takes_only_whole_steps_of_k(monkeypatch):

@@ -153,39 +153,37 @@ def _forward_blocks(q_pairs, kt_panels, v_panels, mask, ends, scale, kv_heads, g
         g, turn = task // blocks, task % blocks
         block = turn // 2 if turn % 2 == 0 else blocks - 1 - turn // 2
         b = g // kv_heads if mask.shape[0] > 1 else 0
-        space = amx.workspace(max(q_pairs.shape[2], v_panels.shape[2]))
         if use_amx:
-            amx.start(space)
+            amx.start(amx.tile_config())
         _forward_block(q_pairs[g], kt_panels[g], v_panels[g], mask[b], ends[b], scale, group,
-                       block * POSITIONS, min(T, (block + 1) * POSITIONS), out[g], lse[g], space, use_amx)
+                       block * POSITIONS, min(T, (block + 1) * POSITIONS), out[g], lse[g], use_amx)
         if use_amx:
             amx.stop()
 
 
 @njit(cache=True)
-def _forward_block(q_pairs, kt_panels, v_panels, mask, ends, scale, group, first, end, out, lse, space,
-                   use_amx):
+def _forward_block(q_pairs, kt_panels, v_panels, mask, ends, scale, group, first, end, out, lse, use_amx):
     """One block: query positions [first, end) of one group → their out rows and lse."""
     rows, r0 = (end - first) * group, first * group
     key_panels = -(-ends[first:end].max() // PANEL)
     # 1. S = Q Kᵀ, one panel of keys at a time
-    scores = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels, space, use_amx)  # (rows, keys)
+    scores = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels, use_amx)  # (rows, keys)
     # 2. P = softmax(scale · S) over the allowed keys; keep log Σ exp
     for i in range(rows):
         t = first + i // group
         lse[r0 + i] = softmax_row(scores[i], mask[t], ends[t], scale)
     # 3. O = P V with P rounded to bfloat16 pairs
-    _rounded_times_panels(scores, v_panels, out, r0, space, use_amx)
+    _rounded_times_panels(scores, v_panels, out, r0, use_amx)
 
 
 @njit(cache=True)
-def _block_times_panels(pairs, r0, rows, panels, count, space, use_amx):
+def _block_times_panels(pairs, r0, rows, panels, count, use_amx):
     """pairs[r0 : r0 + rows] (…, d/2) @ the first ``count`` panels (… , d/2, PANEL) →
     (rows, count·PANEL) float32: a block's S = Q Kᵀ or dP = dO Vᵀ, keys up to a panel's end."""
     half = pairs.shape[1]
     product = np.empty((rows, count * PANEL), np.float32)
     if use_amx:
-        amx.rows_times_panels(pairs[r0:r0 + rows], panels[:count], product, space)
+        amx.rows_times_panels(pairs[r0:r0 + rows], panels[:count], product)
         return product
     for p in range(count):
         _rows_times_panel(pairs.ctypes.data + 4 * r0 * half, rows, half, panels[p].ctypes.data,
@@ -194,7 +192,7 @@ def _block_times_panels(pairs, r0, rows, panels, count, space, use_amx):
 
 
 @njit(cache=True)
-def _rounded_times_panels(values, panels, out, r0, space, use_amx):
+def _rounded_times_panels(values, panels, out, r0, use_amx):
     """out[r0 : r0 + rows] = values (rows, keys) rounded to bfloat16 @ the b whose panels
     (d/PANEL, ≥ keys/2, PANEL) are given: a block's O = P V or dQ = dS K."""
     rows, keys = values.shape
@@ -203,7 +201,7 @@ def _rounded_times_panels(values, panels, out, r0, space, use_amx):
         round_row_pairs(values[i], pairs[i])
     d = out.shape[1]
     if use_amx:
-        amx.rows_times_panels(pairs, panels[:, :keys // 2], out[r0:r0 + rows], space)
+        amx.rows_times_panels(pairs, panels[:, :keys // 2], out[r0:r0 + rows])
         return
     for p in range(panels.shape[0]):
         _rows_times_panel(pairs.ctypes.data, rows, keys // 2, panels[p].ctypes.data,
@@ -224,38 +222,37 @@ def _backward_groups(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, q,
     depth = -(-rows // (2 * amx.STEP_PAIRS)) * amx.STEP_PAIRS                # T·g/2 up to whole tile steps
     for g in prange(G):
         b = g // kv_heads if mask.shape[0] > 1 else 0
-        space = amx.workspace(max(depth, keys // 2, d // 2))
         if use_amx:
-            amx.start(space)
+            amx.start(amx.tile_config())
         probs_t = np.zeros((keys, depth), np.uint32)                         # Pᵀ's pairs, (keys, T·g/2)
         grad_scores_t = np.zeros_like(probs_t)                               # dSᵀ's pairs
         for first in range(0, T, POSITIONS):
             _backward_block(q_pairs[g], kt_panels[g], k_panels[g], vt_panels[g], grad_out_pairs[g], mask[b],
                             ends[b], lse[g], scale, group, first, min(T, first + POSITIONS), grad_q[g],
-                            probs_t, grad_scores_t, space, use_amx)
+                            probs_t, grad_scores_t, use_amx)
         # dV = Pᵀ dO and dK = dSᵀ Q over all the group's rows
-        _lower_product(probs_t, grad_out[g], group, grad_v[g], space, use_amx)
-        _lower_product(grad_scores_t, q[g], group, grad_k[g], space, use_amx)
+        _lower_product(probs_t, grad_out[g], group, grad_v[g], use_amx)
+        _lower_product(grad_scores_t, q[g], group, grad_k[g], use_amx)
         if use_amx:
             amx.stop()
 
 
 @njit(cache=True)
 def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mask, ends, lse, scale, group,
-                    first, end, grad_q, probs_t, grad_scores_t, space, use_amx):
+                    first, end, grad_q, probs_t, grad_scores_t, use_amx):
     """One block of one group: its grad_q rows, and its columns of Pᵀ and dSᵀ (as pairs)."""
     rows, r0 = (end - first) * group, first * group
     key_panels = -(-ends[first:end].max() // PANEL)
     # 1. P again: S = Q Kᵀ, P = exp(scale · S − lse) on the allowed keys
-    probs = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels, space, use_amx)   # (rows, keys)
+    probs = _block_times_panels(q_pairs, r0, rows, kt_panels, key_panels, use_amx)   # (rows, keys)
     # 2. dP = dO Vᵀ
-    grad_scores = _block_times_panels(grad_out_pairs, r0, rows, vt_panels, key_panels, space, use_amx)
+    grad_scores = _block_times_panels(grad_out_pairs, r0, rows, vt_panels, key_panels, use_amx)
     # 3. dS = scale · P ⊙ (dP − Σ P ⊙ dP), row by row
     for i in range(rows):
         t = first + i // group
         probs_and_grad_row(probs[i], grad_scores[i], mask[t], ends[t], lse[r0 + i], scale)
     # 4. dQ = dS K
-    _rounded_times_panels(grad_scores, k_panels, grad_q, r0, space, use_amx)
+    _rounded_times_panels(grad_scores, k_panels, grad_q, r0, use_amx)
     # 5. this block's columns of Pᵀ and dSᵀ, for dV and dK
     _put_column_pairs(probs, r0, probs_t)
     _put_column_pairs(grad_scores, r0, grad_scores_t)
@@ -276,7 +273,7 @@ def _put_column_pairs(values, r0, pairs_t):
 
 
 @njit(cache=True)
-def _lower_product(pairs_t, b, group, out, space, use_amx):
+def _lower_product(pairs_t, b, group, out, use_amx):
     """out (T, d) = aᵀ b in bfloat16 for a causal aᵀ given as pairs_t (≥ T, ≥ rows/2, zero
     past rows/2) and b (rows, d) float32: key s sees no row before s·g, so each tile of
     keys starts its sums at the pair of its first key's first row (the rows before add
@@ -290,7 +287,7 @@ def _lower_product(pairs_t, b, group, out, space, use_amx):
         for s in range(0, T, amx.BLOCK_ROWS):
             start = depth - (depth - s * group // 2) // amx.STEP_PAIRS * amx.STEP_PAIRS
             amx.rows_times_panels(pairs_t[s:min(T, s + amx.BLOCK_ROWS), start:], panels[:, start:],
-                                  out[s:s + amx.BLOCK_ROWS], space)
+                                  out[s:s + amx.BLOCK_ROWS])
         return
     for s in range(0, T, TILE_ROWS):
         start = s * group // 2                                               # the pair of key s's first row

@@ -44,6 +44,10 @@ PANEL = 32
 TILE_ROWS = 6
 """Rows of a one register tile multiplies with a panel (12 sums of 16 lanes in registers)."""
 
+PACKED_AT_ONCE = 8
+"""Panels of a float32 b the AMX driver packs before multiplying all rows with them
+(8 × depth × 128 bytes: 288 KB for k = 576, in L2)."""
+
 _ROUNDING_BIAS = np.uint32(0x7FFF)
 _QUIET_NAN = np.uint32(0x40)
 
@@ -267,19 +271,20 @@ def _packed_panel_products(pairs, panels, c, c_stride, threads):
 
 @njit(parallel=True, cache=True)
 def _amx_panel_products(pairs, b, c, c_stride, threads):
-    """:func:`_panel_products` with AMX tiles (:mod:`.amx`), packing amx.GROUP panels at a
-    time; c's row stride is its own."""
+    """:func:`_panel_products` with AMX tiles (:mod:`.amx`), packing PACKED_AT_ONCE panels
+    at a time and multiplying every row with them while they are in the cache; c's row
+    stride is its own."""
     rows, depth = pairs.shape
     count = -(-b.shape[1] // PANEL)
     for t in prange(threads):
-        group, space = np.empty((amx.GROUP, depth, PANEL), np.uint32), amx.workspace(depth)
-        amx.start(space)
+        panels, config = np.empty((PACKED_AT_ONCE, depth, PANEL), np.uint32), amx.tile_config()
+        amx.start(config)
         end = (t + 1) * count // threads
-        for first in range(t * count // threads, end, amx.GROUP):
-            size = min(amx.GROUP, end - first)
+        for first in range(t * count // threads, end, PACKED_AT_ONCE):
+            size = min(PACKED_AT_ONCE, end - first)
             for i in range(size):
-                pack_panel(b, first + i, group[i])
-            amx.rows_times_panels(pairs, group[:size], c[:, first * PANEL:(first + size) * PANEL], space)
+                pack_panel(b, first + i, panels[i])
+            amx.rows_times_panels(pairs, panels[:size], c[:, first * PANEL:(first + size) * PANEL])
         amx.stop()
 
 
@@ -289,9 +294,8 @@ def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
     count = panels.shape[0]
     for t in prange(threads):
         first, end = t * count // threads, (t + 1) * count // threads
-        space = amx.workspace(pairs.shape[1])
-        amx.start(space)
-        amx.rows_times_panels(pairs, panels[first:end], c[:, first * PANEL:end * PANEL], space)
+        amx.start(amx.tile_config())
+        amx.rows_times_panels(pairs, panels[first:end], c[:, first * PANEL:end * PANEL])
         amx.stop()
 
 
@@ -422,10 +426,10 @@ def _amx_batched_panel_products(pairs, b, c, c_stride):
     count = -(-b.shape[2] // PANEL)
     for task in prange(groups * count):
         g, p = task // count, task % count
-        panel, space = np.empty((1, depth, PANEL), np.uint32), amx.workspace(depth)
+        panel = np.empty((1, depth, PANEL), np.uint32)
         pack_panel(b[g], p, panel[0])
-        amx.start(space)
-        amx.rows_times_panels(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL], space)
+        amx.start(amx.tile_config())
+        amx.rows_times_panels(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL])
         amx.stop()
 
 
