@@ -23,6 +23,12 @@ import qlora_np  # noqa: E402
 from timing import interleaved_medians, median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 
+def bfloat16_tiles():
+    """Which kernel multiplies in bfloat16 here: AMX tiles, the AVX-512 BF16 tile, or BLAS."""
+    from qlora_np.kernels import amx, bf16
+    return "AMX" if amx.USE_AMX else "AVX-512 BF16" if bf16.HAS_AVX512_BF16 else "BLAS on rounded values"
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as info:
@@ -133,9 +139,10 @@ def main():
          lambda: qlora_np.matmul(x, qt, compute_dtype="bfloat16"), lambda: g @ weight,
          lambda: qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")], max(5, repeat // 3))
     row(f"matmul {side}×{side}, 1024 rows", exact, "numpy x @ W.T (fp32)", dense, "(decoded tiles + BLAS)", None)
-    row("matmul, 1024 rows, bfloat16", rounded, "numpy x @ W.T (fp32)", dense,
+    tiles = bfloat16_tiles()
+    row(f"matmul, 1024 rows, bfloat16 ({tiles})", rounded, "numpy x @ W.T (fp32)", dense,
         f"{exact / rounded:.2f}× faster than float32", None)
-    row("matmul_t, 1024 rows, bfloat16", rounded_t, "numpy g @ W (fp32)", dense_t, "", None)
+    row(f"matmul_t, 1024 rows, bfloat16 ({tiles})", rounded_t, "numpy g @ W (fp32)", dense_t, "", None)
 
     for name, seconds in bitsandbytes_rows(weight, repeat):
         row(name, seconds, "np.copy(input)", copy_input, "", None)
