@@ -44,12 +44,20 @@ CHUNK_STEPS = 6
 32 rows × 96 pairs of a (12 KB) stay in the L1 cache while the group's panels go by."""
 
 GROUP = 32
-"""Panels multiplied chunk by chunk with the same rows: their 32 × 1024 sums (128 KB, in
-L2) are stored and loaded again between chunks, and the rows are read once per group.
-Alone, groups of 8 and chunks of 6 steps ran the training shapes 10–25 % faster than whole
-panels one at a time; in the SmolLM2 step, the products took 1.86 s over three steps with
-groups of 8, 1.81 with 16 and 1.75 with 32 (two rounds each). The sums are the same bit for
-bit: a tile rounds once per instruction, so where they pause between chunks changes nothing."""
+"""At most this many panels are multiplied chunk by chunk with the same rows: their
+32 × 1024 sums (128 KB, in L2) are stored and loaded again between chunks, and the rows
+are read once per group. Alone, groups of 8 and chunks of 6 steps ran the training shapes
+10–25 % faster than whole panels one at a time; in the SmolLM2 step, the products took
+1.86 s over three steps with groups of 8, 1.81 with 16 and 1.75 with 32 (two rounds each).
+The sums are the same bit for bit: a tile rounds once per instruction, so where they
+pause between chunks changes nothing."""
+
+GROUP_BYTES = 1 << 20
+"""...and at most as many as fit in this many bytes (half of a 2 MiB L2), at least 4: the
+group's panels stay in L2 while every block of rows goes by. With k = 2048 (32 panels,
+8 MiB) a 1024-row product took 11–14 ms with groups of 32 and 6.4–10 with this cap; in
+the SmolLM2 step (k = 576 and 1536) the two were within the VM's noise."""
+
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
@@ -190,12 +198,13 @@ def _rows_block(a_at, a_stride, panels, c_at, c_stride, depth):
 def rows_times_panels(pairs, panels, c):
     """c (rows, 32 · count) float32, unit column stride = pairs (rows, depth) uint32,
     contiguous rows @ panels (count, depth, 32) uint32, each contiguous, side by side;
-    depth a multiple of STEP_PAIRS, tiles started (:func:`start`). GROUP panels at a
-    time; a last partial block of rows goes through zero-padded spares."""
+    depth a multiple of STEP_PAIRS, tiles started (:func:`start`). A group of panels at a
+    time (GROUP, GROUP_BYTES); a last partial block of rows goes through zero-padded spares."""
     rows, depth = pairs.shape
     whole = rows - rows % BLOCK_ROWS
-    for p in range(0, panels.shape[0], GROUP):
-        group = panels[p:p + GROUP]
+    size = max(4, min(GROUP, GROUP_BYTES // (128 * depth)))
+    for p in range(0, panels.shape[0], size):
+        group = panels[p:p + size]
         for r in range(0, whole, BLOCK_ROWS):
             _rows_block(pairs.ctypes.data + r * pairs.strides[0], pairs.strides[0], group,
                         c.ctypes.data + r * c.strides[0] + 128 * p, c.strides[0], depth)
