@@ -111,7 +111,8 @@ def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
         assert amx.fits(k // 2)
         together = bf16.matmul_bf16(bf16.rounded_rows(a), b)
         for r in range(rows):
-            np.testing.assert_array_equal(together[r:r + 1], bf16.matmul_bf16(bf16.rounded_rows(a[r:r + 1]), b))
+            alone = bf16.matmul_bf16(bf16.rounded_rows(a[r:r + 1]), b)
+            np.testing.assert_array_equal(together[r:r + 1], alone)
     assert (np.abs(together - reference.matmul_bf16(a, b)) <= _bound(a, b) / 4).all()
 
 
@@ -207,6 +208,29 @@ def _check_products_from_codes(quant_type, out_features, blocks, blocksize, n, d
     grad = bf16.times_weight(bf16.rounded_rows(g), weight, first_row, rows,
                              np.empty((n, in_features), np.float32))
     np.testing.assert_array_equal(grad, bf16.matmul_bf16(bf16.rounded_rows(g), part))
+
+
+@FROM_CODES
+@pytest.mark.parametrize("path", TILES)
+def test_products_from_codes_do_not_depend_on_the_thread_count(path):
+    import numba
+
+    weight, _ = _weight("nf4", 96, 128, 64, seed=3)
+    x = np.random.default_rng(3).standard_normal((100, 128)).astype(np.float32)     # 3 blocks and a part
+    g = np.random.default_rng(4).standard_normal((100, 96)).astype(np.float32)
+    before, results = numba.get_num_threads(), []
+    try:
+        for threads in (1, before):
+            numba.set_num_threads(threads)
+            with _on(path):
+                y = bf16.times_weight_t(bf16.rounded_rows(x), weight, 0, 96, np.empty((100, 96), np.float32))
+                grad = bf16.times_weight(bf16.rounded_rows(g), weight, 0, 96,
+                                         np.empty((100, 128), np.float32))
+                results.append((y, grad))
+    finally:
+        numba.set_num_threads(before)
+    for one, many in zip(*results):
+        np.testing.assert_array_equal(one, many)
 
 
 @FROM_CODES

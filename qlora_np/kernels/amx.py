@@ -143,8 +143,9 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
         with cgutils.for_range(builder, steps) as loop:
             a_top = plus(a_at, builder.mul(loop.index, ir.Constant(_I64, 4 * STEP_PAIRS)))
             b_top = plus(panel_at, builder.mul(loop.index, ir.Constant(_I64, STEP_PAIRS * 128)))
+            panel_stride = ir.Constant(_I64, 128)
             for tile, at, stride in ((4, a_top, a_stride), (5, plus(a_top, sixteen_rows_of_a), a_stride),
-                                     (6, b_top, ir.Constant(_I64, 128)), (7, plus(b_top, 64), ir.Constant(_I64, 128))):
+                                     (6, b_top, panel_stride), (7, plus(b_top, 64), panel_stride)):
                 _emit(builder, f"tileloadd ($0,$1,1), %tmm{tile}", "r,r,", [at, stride])
             for sums, a_tile, b_tile in ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7)):
                 _emit(builder, f"tdpbf16ps %tmm{b_tile}, %tmm{a_tile}, %tmm{sums}")

@@ -81,7 +81,8 @@ def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
                      np.ascontiguousarray(grad_out, np.float32).reshape(G, rows, d),
                      mask, key_ends(mask), np.ascontiguousarray(lse, np.float32).reshape(G, rows),
                      np.float32(scale), KV, group,
-                     grad_q.reshape(G, rows, d), grad_k.reshape(G, T, d), grad_v.reshape(G, T, d), amx.fits(d // 2))
+                     grad_q.reshape(G, rows, d), grad_k.reshape(G, T, d), grad_v.reshape(G, T, d),
+                     amx.fits(d // 2))
     return grad_q, grad_k, grad_v
 
 
