@@ -35,6 +35,9 @@ POSITIONS = 32
 """Query positions per block: a block's scores are POSITIONS·g rows of at most T keys."""
 
 
+TRANSPOSE_SIDE = 16
+"""Keys and row pairs in one square of :func:`_put_column_pairs` (16 uint32: a cache line)."""
+
 FASTER_UP_TO = 1024
 """Sequence length up to which these kernels beat the chunked attention with bfloat16
 products here. Past it a group's Pᵀ and dSᵀ pairs (T × T·g/2 each) leave the cache:
@@ -263,12 +266,21 @@ def _backward_block(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, mas
 @njit(cache=True)
 def _put_column_pairs(values, r0, pairs_t):
     """pairs_t[s, r0/2 + i] = the bfloat16 pair (values[2i, s], values[2i + 1, s]): values
-    (rows, keys) float32 as rows r0 … of a transposed product's a (r0 even)."""
+    (rows, keys) float32 as rows r0 … of a transposed product's a (r0 even). The pairs are
+    made row by row first (a loop LLVM vectorises), then copied in squares of TRANSPOSE_SIDE
+    keys × pairs, whose reads and writes each stay within a few cache lines: the backward
+    took 3.2–3.3 ms a SmolLM2 layer so, against 3.7–3.9 making each pair where it goes."""
     rows, keys = values.shape
     bits = values.view(np.uint32)
+    pairs = np.empty((rows // 2, keys), np.uint32)
     for i in range(rows // 2):
         for s in range(keys):
-            pairs_t[s, r0 // 2 + i] = _pair_bits(bits[2 * i, s], bits[2 * i + 1, s])
+            pairs[i, s] = _pair_bits(bits[2 * i, s], bits[2 * i + 1, s])
+    for s0 in range(0, keys, TRANSPOSE_SIDE):
+        for i0 in range(0, rows // 2, TRANSPOSE_SIDE):
+            for s in range(s0, min(keys, s0 + TRANSPOSE_SIDE)):
+                for i in range(i0, min(rows // 2, i0 + TRANSPOSE_SIDE)):
+                    pairs_t[s, r0 // 2 + i] = pairs[i, s]
     if rows % 2:
         for s in range(keys):
             pairs_t[s, r0 // 2 + rows // 2] = _pair_bits(bits[rows - 1, s], np.uint32(0))
