@@ -48,6 +48,26 @@ def test_exp32_edges():
     assert _exp32_all(x[:1].repeat(64))[63] == 1                # the vectorised loop agrees
 
 
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=80), data=st.data())
+def test_largest_allowed_is_numpys_max_over_the_allowed_values(values, data):
+    values = np.array(values, np.float32)
+    allowed = np.array(data.draw(st.lists(st.booleans(), min_size=values.size, max_size=values.size)))
+    end = data.draw(st.integers(0, values.size))
+    seen = values[:end][allowed[:end]]
+    expected = seen.max() if seen.size else -np.inf
+    assert training_cpu.largest_allowed(values, allowed, end) == expected
+    assert training_cpu.largest_allowed(values, None, values.size) == values.max()
+
+
+def test_largest_allowed_orders_signed_zeros_and_infinities_and_keeps_a_nan():
+    values = np.array([-0.0, -np.inf, -3.5, 0.0, -1e-45], np.float32)
+    assert np.signbit(training_cpu.largest_allowed(values, None, 3))          # −0 is the largest of the first 3
+    assert not np.signbit(training_cpu.largest_allowed(values, None, 5))      # +0 beats −0
+    assert training_cpu.largest_allowed(values, np.zeros(5, bool), 5) == -np.inf
+    assert np.isnan(training_cpu.largest_allowed(np.array([1.0, np.nan], np.float32), None, 2))
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 40), width=st.integers(1, 300), seed=st.integers(0, 99))
 def test_rms_norm_forward_and_backward_match_the_reference(rows, width, seed):

@@ -39,8 +39,9 @@ _LARGEST = np.float32(88.72284)                     # e^x above this overflows
 
 
 @intrinsic
-def _float32_with_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits`` (a bitcast)."""
+def float32_with_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits`` (a bitcast;
+    also :mod:`.training_cpu`'s way back from its ordered keys)."""
     def codegen(context, builder, signature, args):
         low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
         return builder.bitcast(low, ir.FloatType())
@@ -57,8 +58,8 @@ def exp32(x):
     e_r = (p * r * r + r) + np.float32(1)
     a = np.int32(n) >> np.int32(1)                                        # 3. 2^n = 2^a · 2^b
     b = np.int32(n) - a
-    two_to_a = _float32_with_bits((a + np.int32(127)) << np.int32(23))
-    two_to_b = _float32_with_bits((b + np.int32(127)) << np.int32(23))
+    two_to_a = float32_with_bits((a + np.int32(127)) << np.int32(23))
+    two_to_b = float32_with_bits((b + np.int32(127)) << np.int32(23))
     result = (e_r * two_to_a) * two_to_b
     if x < _SMALLEST:
         result = np.float32(0)

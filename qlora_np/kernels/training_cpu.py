@@ -29,7 +29,7 @@ inputs always give the same bytes, so training stays reproducible.
 import numpy as np
 from numba import njit, prange
 
-from .exp32 import exp32
+from .exp32 import exp32, float32_with_bits
 from .llama_cpu import rms_norm_row, rotate_pairs, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
@@ -185,13 +185,38 @@ def _softmax_backward_rows(grad, scores, mask, ends, lse, scale, group, rows_per
         probs_and_grad_row(scores[row], grad[row], mask[b, t], ends[b, t], lse[row], scale)
 
 
+@njit(cache=True, inline="always")
+def _ordered_key(bits):
+    """float32 bits (int32) → an int32 in the floats' order (negatives' magnitudes flipped)."""
+    return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+_NO_KEY = np.int32(-2 ** 31)                  # below every key but a negative NaN's neighbours
+
+
+@njit(cache=True)
+def largest_allowed(values, allowed, end):
+    """The largest of values[:end] (float32) where ``allowed`` (None: everywhere), −inf if
+    none. Taken over the values' bits as integers in the same order: LLVM vectorises an
+    integer max, where a float compare-and-select stays one serial chain (that chain was
+    half of a softmax row's time, and most of the cross-entropy's over the vocabulary).
+    A positive NaN comes out as the largest; a negative one is passed over."""
+    bits = values.view(np.int32)
+    top = _NO_KEY
+    for s in range(end):
+        key = _ordered_key(bits[s])
+        if allowed is not None:
+            key = key if allowed[s] else _NO_KEY
+        top = max(top, key)
+    return np.float32(-np.inf) if top == _NO_KEY else float32_with_bits(_ordered_key(top))
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def softmax_row(scores, allowed, end, scale):
     """scores[:] = softmax(scale · scores) over the keys ``allowed`` before ``end``, 0 elsewhere;
-    returns log Σ exp(scale · scores) over the allowed keys."""
-    largest = np.float32(-np.inf)
-    for s in range(end):
-        largest = max(largest, scores[s] * scale if allowed[s] else np.float32(-np.inf))
+    returns log Σ exp(scale · scores) over the allowed keys. (scale > 0, so the largest
+    scaled score is the largest score, scaled: rounding keeps the order.)"""
+    largest = largest_allowed(scores, allowed, end) * scale
     total = np.float32(0)
     for s in range(end):
         weight = exp32(scores[s] * scale - largest) if allowed[s] else np.float32(0)
@@ -272,9 +297,7 @@ def _cross_entropy_rows(logits, labels, scale, losses):
 @njit(cache=True, fastmath=True, error_model="numpy")
 def _cross_entropy_row(logits, label, scale):
     """One row: its loss log Σ exp(l) − l[label] (float64), and the row turned into its gradient."""
-    largest = np.float32(-np.inf)
-    for s in range(logits.size):
-        largest = max(largest, logits[s])
+    largest = largest_allowed(logits, None, logits.size)
     picked = logits[label] - largest
     total = np.float32(0)
     for s in range(logits.size):
