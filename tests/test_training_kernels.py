@@ -147,9 +147,14 @@ def test_swiglu_and_its_backward_match_the_reference(rows, width, seed):
     rng = np.random.default_rng(seed)
     gate, up, grad_hidden = (rng.standard_normal((3, 2, rows, width)) * 5).astype(np.float32)
     np.testing.assert_allclose(training_cpu.swiglu(gate, up), reference.swiglu(gate, up), **TOLERANCE)
-    for got, want in zip(training_cpu.swiglu_backward(grad_hidden, gate, up),
-                         reference.swiglu_backward(grad_hidden, gate, up)):
-        np.testing.assert_allclose(got, want, **TOLERANCE)
+    (grad_gate, grad_up) = training_cpu.swiglu_backward(grad_hidden, gate, up)
+    want_gate, want_up = reference.swiglu_backward(grad_hidden, gate, up)
+    np.testing.assert_allclose(grad_up, want_up, **TOLERANCE)
+    # d silu/d gate = σ·(1 + gate·(1 − σ)) cancels near gate ≈ −1.28, where float32 keeps only
+    # the error of its terms (~|grad·up|·(1 + |gate|) · a few ulp), not a relative one (hypothesis
+    # found 6e-5 relative there: rows=28, width=51, seed=36)
+    terms = np.abs(grad_hidden * up) * (1 + np.abs(gate))
+    assert np.all(np.abs(grad_gate - want_gate) <= 3e-5 * np.abs(want_gate) + 3e-7 * terms + 3e-6)
 
 
 def test_swiglu_saturates_like_the_reference_far_out():
