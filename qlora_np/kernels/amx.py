@@ -134,6 +134,7 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
             return builder.add(at, offset if isinstance(offset, ir.Value) else ir.Constant(_I64, offset))
 
         sixteen_rows_of_a = builder.mul(a_stride, ir.Constant(_I64, 16))
+        panel_stride = ir.Constant(_I64, 128)
         c_lower = plus(c_at, builder.mul(c_stride, ir.Constant(_I64, 16)))
         c_tiles = (c_at, plus(c_at, 64), c_lower, plus(c_lower, 64))            # tiles 0–3: the sums
         with builder.if_else(builder.icmp_signed("!=", accumulate, ir.Constant(_I64, 0))) as (go_on, start):
@@ -146,7 +147,6 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
         with cgutils.for_range(builder, steps) as loop:
             a_top = plus(a_at, builder.mul(loop.index, ir.Constant(_I64, 4 * STEP_PAIRS)))
             b_top = plus(panel_at, builder.mul(loop.index, ir.Constant(_I64, STEP_PAIRS * 128)))
-            panel_stride = ir.Constant(_I64, 128)
             for tile, at, stride in ((4, a_top, a_stride), (5, plus(a_top, sixteen_rows_of_a), a_stride),
                                      (6, b_top, panel_stride), (7, plus(b_top, 64), panel_stride)):
                 _emit(builder, f"tileloadd ($0,$1,1), %tmm{tile}", "r,r,", [at, stride])
@@ -207,15 +207,15 @@ def rows_times_panels(pairs, panels, c):
     rows, depth = pairs.shape
     whole = rows - rows % BLOCK_ROWS
     size = max(4, min(GROUP, GROUP_BYTES // (128 * depth)))
+    spare_a = np.zeros((BLOCK_ROWS if whole < rows else 0, depth), np.uint32)    # the last rows, padded
+    spare_a[: rows - whole] = pairs[whole:]
+    spare_c = np.empty((spare_a.shape[0], 32 * size), np.float32)
     for p in range(0, panels.shape[0], size):
         group = panels[p:p + size]
         for r in range(0, whole, BLOCK_ROWS):
             _rows_block(pairs.ctypes.data + r * pairs.strides[0], pairs.strides[0], group,
                         c.ctypes.data + r * c.strides[0] + 128 * p, c.strides[0], depth)
         if whole < rows:
-            spare_a = np.zeros((BLOCK_ROWS, depth), np.uint32)
-            spare_c = np.empty((BLOCK_ROWS, 32 * group.shape[0]), np.float32)
-            spare_a[: rows - whole] = pairs[whole:]
             _rows_block(spare_a.ctypes.data, spare_a.strides[0], group, spare_c.ctypes.data,
                         spare_c.strides[0], depth)
-            c[whole:, 32 * p:32 * (p + group.shape[0])] = spare_c[: rows - whole]
+            c[whole:, 32 * p:32 * (p + group.shape[0])] = spare_c[: rows - whole, :32 * group.shape[0]]

@@ -191,7 +191,7 @@ def _ordered_key(bits):
     return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
 
 
-_NO_KEY = np.int32(-2 ** 31)                  # below every key but a negative NaN's neighbours
+_NO_KEY = np.int32(-2 ** 31)            # the smallest int32: below −inf's key; only negative NaNs reach it
 
 
 @njit(cache=True)
