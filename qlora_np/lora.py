@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.linalg import get_blas_funcs
 
 from .dtypes import float_dtype_name
 from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .kernels import training_cpu
-from .ops import dequantize, matmul, matmul_t, quantize
+from .ops import (add_low_rank_product, compute_dtype_name, dequantize, matmul, matmul_low_rank, matmul_t,
+                  matmul_t_low_rank, quantize)
 from .tensor import DEVICES, QuantizedTensor, cuda_kernels, is_device_array
 
 MODES = ("qlora", "lora", "quant", "dense")
@@ -265,16 +265,21 @@ class LoRALinear:
         dtype = self._compute_dtype(x)
         x2 = x.reshape(-1, self.in_features).astype(dtype, copy=False)    # (rows, in)
 
-        y = self._base_product(x2).astype(dtype, copy=False)               # (rows, out)
-        if self.bias is not None:
-            y += self.bias.astype(dtype, copy=False)
         keep = dropped = hidden = None
         if self.has_adapters and not self.merged:
             keep = self._dropout_keep(x2.shape) if self.training else None
             dropped = x2 if keep is None else self._apply_dropout(x2, keep)   # (rows, in)
             hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)      # (rows, r)
-            lora_b = self.lora_b.T.astype(dtype, copy=False)                # (r, out)
-            _add_low_rank_product(y, self.scale, hidden, lora_b)            # (rows, out)
+        lora_b = None if hidden is None else self.lora_b.T.astype(dtype, copy=False)   # (r, out)
+        ride_along = hidden is not None and self._adapters_ride_along(dtype)
+        if ride_along:                                                      # (rows, out) with the adapters'
+            y = matmul_low_rank(x2, self.base, self.scale * hidden, lora_b, self.compute_dtype)
+        else:
+            y = self._base_product(x2).astype(dtype, copy=False)           # (rows, out)
+        if self.bias is not None:
+            y += self.bias.astype(dtype, copy=False)
+        if hidden is not None and not ride_along:
+            add_low_rank_product(y, self.scale, hidden, lora_b)             # (rows, out)
         if cache:                          # a forward without caching leaves an earlier cache alone
             self._cache = _ForwardCache(lead, dtype, dropped if keep_input else None, keep, hidden)
         return y.reshape(lead + (self.out_features,))
@@ -305,18 +310,22 @@ class LoRALinear:
         self._cache = None
         g = grad_out.reshape(-1, self.out_features).astype(dtype, copy=False)   # (rows, out)
 
-        grad_x = self._base_product_t(g).astype(dtype, copy=False)         # (rows, in): g @ W
         if self.train_bias:
             self._params["bias"].accumulate(g.sum(axis=0))
-        if hidden is not None:
-            lora_a = self.lora_a.astype(dtype, copy=False)                  # (r, in)
-            lora_b = self.lora_b.astype(dtype, copy=False)                  # (out, r)
-            grad_b_t = self.scale * (hidden.T @ g)                          # (r, out): BLAS's faster way
-            self._params["lora_b"].accumulate(grad_b_t.T)                   # (out, r)
-            grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
-            self._params["lora_a"].accumulate(grad_hidden.T @ dropped)      # (r, in)
+        if hidden is None:
+            return self._base_product_t(g).astype(dtype, copy=False).reshape(lead + (self.in_features,))
+        lora_a = self.lora_a.astype(dtype, copy=False)                      # (r, in)
+        lora_b = self.lora_b.astype(dtype, copy=False)                      # (out, r)
+        grad_b_t = self.scale * (hidden.T @ g)                              # (r, out): BLAS's faster way
+        self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
+        grad_hidden = self.scale * (g @ lora_b)                             # (rows, r)
+        self._params["lora_a"].accumulate(grad_hidden.T @ dropped)          # (r, in)
+        if keep is None and self._adapters_ride_along(dtype):
+            grad_x = matmul_t_low_rank(g, self.base, grad_hidden, lora_a, self.compute_dtype)   # (rows, in)
+        else:
+            grad_x = self._base_product_t(g).astype(dtype, copy=False)     # (rows, in): g @ W
             if keep is None:
-                _add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)     # (rows, in)
+                add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
         return grad_x.reshape(lead + (self.in_features,))
@@ -375,6 +384,12 @@ class LoRALinear:
         if tuple(x.shape) != lead + (self.in_features,):
             raise ShapeError(f"x must have the forward's shape {lead + (self.in_features,)}, got {x.shape}")
         return x.reshape(-1, self.in_features)
+
+    def _adapters_ride_along(self, dtype):
+        """Whether the adapters' products go with W's in one bfloat16 product
+        (:func:`qlora_np.ops.matmul_low_rank`): a 4-bit W on the CPU, float32, bfloat16 compute."""
+        return (isinstance(self.base, QuantizedTensor) and self.device == "cpu" and dtype == np.float32
+                and compute_dtype_name(self.compute_dtype) == "bfloat16")
 
     def _compute_dtype(self, x):
         adapters = self.lora_a.dtype if self.has_adapters else np.float32
@@ -538,16 +553,6 @@ def init_adapters(rng, r, in_features, out_features, init="kaiming", dtype=np.fl
     else:
         lora_a = rng.normal(0.0, 1.0 / r, (r, in_features)).astype(dtype)
     return lora_a, np.zeros((out_features, r), dtype)
-
-
-def _add_low_rank_product(y, alpha, a, b):
-    """y += alpha · (a @ b) in place for a thin a (m, r) and b (r, n), y (m, n) C-contiguous:
-    one BLAS gemm with beta = 1 (on y.T, which is Fortran-ordered), where NumPy would make
-    an (m, n) temporary, add it in a second pass, and run its own thin product 3–7× slower."""
-    gemm = get_blas_funcs("gemm", (y,))
-    result = gemm(alpha, b, a.T, beta=1.0, c=y.T, overwrite_c=True, trans_a=True)      # (n, m)
-    if not np.shares_memory(result, y):                  # gemm had to copy (it does not for these)
-        y[...] = result.T
 
 
 def _checked(array, name, shape):

@@ -12,12 +12,14 @@ kernels of :mod:`qlora_np.kernels.cuda`, and its results are device arrays.
 """
 
 import numpy as np
+from scipy.linalg import get_blas_funcs
 
 from . import reference
 from .codebooks import get_format
 from .dtypes import as_float32_flat, cast_from_float32, float_dtype_name, resolve_dtype
 from .errors import BlocksizeError, DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .kernels import bf16, products
+from .kernels.amx import empty_aligned
 from .kernels.cpu import zero_shifts
 from .kernels.simd import decode_table
 from .tensor import (BNB_BLOCKSIZES, DEVICES, QuantizedTensor, cuda_kernels, is_device_array,
@@ -242,13 +244,10 @@ def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float3
         return y.reshape(lead + (out_features,))
     if uses_fused(rows, qt, backend):
         return fused_matmul(x2d, qt, int8_activations).reshape(lead + (out_features,))
-    y = np.empty((x2d.shape[0], out_features), np.float32)            # (rows, out)
-    x_rounded = bf16.rounded_rows(x2d) if bfloat16 else None
     if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
-        weight = _bfloat16_weight(qt)
-        for row_start, count in _weight_row_ranges(qt):
-            bf16.times_weight_t(x_rounded, weight, row_start, count, y[:, row_start:row_start + count])
-        return y.reshape(lead + (out_features,))
+        return _bfloat16_times_weight_t(bf16.rounded_rows(x2d), qt).reshape(lead + (out_features,))
+    y = empty_aligned((x2d.shape[0], out_features), np.float32)      # (rows, out): tiles' rows on lines
+    x_rounded = bf16.rounded_rows(x2d) if bfloat16 else None
     for row_start, tile in _weight_row_tiles(qt, backend, x2d.shape[0]):
         columns = slice(row_start, row_start + tile.shape[0])
         if bfloat16:
@@ -282,17 +281,10 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
         result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
-    result = np.empty((g2d.shape[0], in_features), np.float32)       # (rows, in)
-    partial = np.empty_like(result)                                    # one product's worth, reused
     if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
-        weight = _bfloat16_weight(qt)
-        for row_start, count in _weight_row_ranges(qt):
-            product = result if row_start == 0 else partial
-            bf16.times_weight(bf16.rounded_rows(g2d[:, row_start:row_start + count]), weight, row_start,
-                              count, product)
-            if row_start:
-                result += partial
-        return result.reshape(lead + (in_features,))
+        return _bfloat16_times_weight(g2d, qt).reshape(lead + (in_features,))
+    result = empty_aligned((g2d.shape[0], in_features), np.float32)  # (rows, in)
+    partial = empty_aligned(result.shape, np.float32)                 # one product's worth, reused
     for row_start, tile in _weight_row_tiles(qt, backend, g2d.shape[0]):
         g_part = g2d[:, row_start:row_start + tile.shape[0]]
         product = result if row_start == 0 else partial               # the first tile's goes straight in
@@ -303,6 +295,92 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
         if row_start:
             result += partial
     return result.reshape(lead + (in_features,))
+
+
+def matmul_low_rank(x, qt, h, e, compute_dtype="float32"):
+    """``x @ W.T + h @ e`` on the CPU: x (rows, in), h (rows, r), e (r, out) → (rows, out)
+    float32. A LoRA layer's forward, with h = scale · x @ A.T and e = B.T.
+
+    Where :func:`matmul` multiplies in bfloat16 with W's panels decoded from its codes,
+    h's pairs follow x's and e's rows follow W's, so the term adds r/in to that product
+    instead of two float32 passes over the (rows, out) result; h and e are then rounded
+    to bfloat16 too, as torch's autocast rounds a LoRA adapter's operands. Elsewhere,
+    :func:`matmul`, then one float32 BLAS call adds h @ e.
+    """
+    x2d, h, e = _low_rank_operands(x, qt, h, e, qt.shape[1], qt.shape[0], "x")
+    if _folds_low_rank(x2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS):
+        return _bfloat16_times_weight_t(bf16.rounded_rows(x2d, low_rank=h), qt, e)
+    y = matmul(x2d, qt, compute_dtype=compute_dtype)
+    add_low_rank_product(y, 1.0, h, e)
+    return y
+
+
+def matmul_t_low_rank(grad, qt, h, e, compute_dtype="float32"):
+    """``grad @ W + h @ e`` on the CPU: grad (rows, out), h (rows, r), e (r, in) → (rows, in)
+    float32. A LoRA layer's gradient to x, with h = scale · grad @ B and e = A; in one
+    product as :func:`matmul_low_rank` says."""
+    g2d, h, e = _low_rank_operands(grad, qt, h, e, qt.shape[0], qt.shape[1], "grad")
+    if _folds_low_rank(g2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS_T):
+        return _bfloat16_times_weight(g2d, qt, h, e)
+    result = matmul_t(g2d, qt, compute_dtype=compute_dtype)
+    add_low_rank_product(result, 1.0, h, e)
+    return result
+
+
+def add_low_rank_product(y, alpha, a, b):
+    """y += alpha · (a @ b) in place for a thin a (m, r) and b (r, n), y (m, n) C-contiguous:
+    one BLAS gemm with beta = 1 (on y.T, which is Fortran-ordered), where NumPy would make
+    an (m, n) temporary, add it in a second pass, and run its own thin product 3–7× slower."""
+    gemm = get_blas_funcs("gemm", (y,))
+    result = gemm(alpha, b, a.T, beta=1.0, c=y.T, overwrite_c=True, trans_a=True)      # (n, m)
+    if not np.shares_memory(result, y):                  # gemm had to copy (it does not for these)
+        y[...] = result.T
+
+
+def _low_rank_operands(a, qt, h, e, inner, outer, name):
+    """a (rows, inner), h (rows, r), e (r, outer) as C-contiguous float32 for a low-rank product on the CPU."""
+    _weight_shape(qt)
+    if qt.device != "cpu":
+        raise DeviceError(f"the low-rank products run on the CPU; the weight is on {qt.device}")
+    a, h, e = (np.ascontiguousarray(v, np.float32) for v in (a, h, e))
+    if a.ndim != 2 or a.shape[1] != inner or h.ndim != 2 or h.shape[0] != a.shape[0] or e.ndim != 2 \
+            or e.shape != (h.shape[1], outer):
+        raise ShapeError(f"{name} (rows, {inner}), h (rows, r) and e (r, {outer}) do not fit: "
+                         f"{a.shape}, {h.shape}, {e.shape}")
+    return a, h, e
+
+
+def _folds_low_rank(rows, qt, compute_dtype, fused_max_rows):
+    """Whether a product with ``rows`` rows multiplies in bfloat16 with panels from W's
+    codes, where a low-rank term rides along (:func:`matmul_low_rank`)."""
+    return (compute_dtype_name(compute_dtype) == "bfloat16" and not uses_panels(rows, qt)
+            and not uses_fused(rows, qt, max_rows=fused_max_rows) and _decodes_in_bfloat16(qt, "numba"))
+
+
+def _bfloat16_times_weight_t(x_pairs, qt, e=None):
+    """x @ W.T (+ h @ e, h's pairs after x's) in bfloat16, W's panels decoded from its codes
+    a range of its rows at a time."""
+    y = empty_aligned((x_pairs.shape[0], qt.shape[0]), np.float32)  # (rows, out): tiles' rows on lines
+    weight = _bfloat16_weight(qt)
+    for row_start, count in _weight_row_ranges(qt):
+        bf16.times_weight_t(x_pairs, weight, row_start, count, y[:, row_start:row_start + count], e)
+    return y
+
+
+def _bfloat16_times_weight(g2d, qt, h=None, e=None):
+    """g @ W (+ h @ e) in bfloat16, W's panels decoded from its codes a range of its rows at
+    a time: each range's products summed, h's pairs riding with the first range's."""
+    result = empty_aligned((g2d.shape[0], qt.shape[1]), np.float32)  # (rows, in)
+    partial = empty_aligned(result.shape, np.float32)                 # one range's worth, reused
+    weight = _bfloat16_weight(qt)
+    for row_start, count in _weight_row_ranges(qt):
+        first = row_start == 0
+        pairs = bf16.rounded_rows(g2d[:, row_start:row_start + count], low_rank=h if first else None)
+        bf16.times_weight(pairs, weight, row_start, count, result if first else partial,
+                          e if first else None)
+        if not first:
+            result += partial
+    return result
 
 
 def compute_dtype_name(compute_dtype):

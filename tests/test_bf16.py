@@ -175,7 +175,7 @@ def test_panels_from_codes_are_the_panels_of_the_decoded_weight(quant_type, out_
     part = decoded[first_row:first_row + rows]                               # (rows, in)
     for_x = np.empty((-(-rows // bf16.PANEL), in_features // 2, bf16.PANEL), np.uint32)
     bf16.pack_weight_rows(weight.packed, weight.scales, weight.shifts, blocksize, weight.table,
-                          first_row, first_row + rows, for_x)
+                          in_features, first_row, first_row + rows, for_x)
     np.testing.assert_array_equal(for_x, _packed(part.T))
     for_g = np.empty((-(-in_features // bf16.PANEL), (rows + 1) // 2, bf16.PANEL), np.uint32)
     bf16.pack_weight_columns(weight.packed, weight.scales, weight.shifts, blocksize, weight.table,
@@ -208,6 +208,58 @@ def _check_products_from_codes(quant_type, out_features, blocks, blocksize, n, d
     grad = bf16.times_weight(bf16.rounded_rows(g), weight, first_row, rows,
                              np.empty((n, in_features), np.float32))
     np.testing.assert_array_equal(grad, bf16.matmul_bf16(bf16.rounded_rows(g), part))
+
+
+@FROM_CODES
+@settings(max_examples=20, deadline=None)
+@given(out_features=st.integers(1, 100), blocks=st.integers(1, 4), blocksize=st.sampled_from([16, 32, 64]),
+       n=st.integers(1, 40), rank=st.integers(1, 40), data=st.data())
+@pytest.mark.parametrize("path", TILES)
+def test_a_low_rank_term_rides_in_the_product_as_more_k(path, out_features, blocks, blocksize, n, rank, data):
+    """x @ W.T + h @ e with h's pairs after x's and e's rows after W's: the same bytes as the
+    product of [x | h | 0] with [W.T; e; 0], and so within bfloat16 of the float32 sums."""
+    in_features = blocks * blocksize
+    weight, decoded = _weight("nf4", out_features, in_features, blocksize, seed=rank)
+    first_row = data.draw(st.integers(0, out_features - 1))
+    rows = data.draw(st.integers(1, out_features - first_row))
+    part = decoded[first_row:first_row + rows]                               # (rows, in)
+    rng = np.random.default_rng(n)
+    x, g = rng.standard_normal((n, in_features), np.float32), rng.standard_normal((n, rows), np.float32)
+    h = rng.standard_normal((n, rank), np.float32)
+    e_out, e_in = rng.standard_normal((rank, out_features), np.float32), rng.standard_normal((rank, in_features),
+                                                                                          np.float32)
+    padding = 2 * bf16.low_rank_pairs(rank) - rank
+    with _on(path):
+        y = bf16.times_weight_t(bf16.rounded_rows(x, low_rank=h), weight, first_row, rows,
+                                np.empty((n, rows), np.float32), low_rank=e_out)
+        grad = bf16.times_weight(bf16.rounded_rows(g, low_rank=h), weight, first_row, rows,
+                                 np.empty((n, in_features), np.float32), low_rank=e_in)
+        e_part = e_out[:, first_row:first_row + rows]
+        expected_y = bf16.matmul_bf16(bf16.rounded_rows(np.hstack([x, h, np.zeros((n, padding), np.float32)])),
+                                      np.vstack([part.T, e_part, np.zeros((padding, rows), np.float32)]))
+        g_even = np.hstack([g, np.zeros((n, rows % 2), np.float32)])     # h's pairs start on a whole pair
+        expected_grad = bf16.matmul_bf16(
+            bf16.rounded_rows(np.hstack([g_even, h, np.zeros((n, padding), np.float32)])),
+            np.vstack([part, np.zeros((rows % 2, in_features), np.float32), e_in,
+                       np.zeros((padding, in_features), np.float32)]))
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(grad, expected_grad)
+    exact_y, exact_grad = x @ part.T + h @ e_part, g @ part + h @ e_in
+    sizes_y = np.abs(x) @ np.abs(part.T) + np.abs(h) @ np.abs(e_part)
+    sizes_grad = np.abs(g) @ np.abs(part) + np.abs(h) @ np.abs(e_in)
+    assert np.all(np.abs(y - exact_y) <= 2 ** -7 * sizes_y + 1e-6)          # two roundings of 2⁻⁹ each, and sums
+    assert np.all(np.abs(grad - exact_grad) <= 2 ** -7 * sizes_grad + 1e-6)
+
+
+@FROM_CODES
+def test_a_low_rank_term_must_fit_the_pairs():
+    weight, _ = _weight("nf4", 40, 64, 64, seed=1)
+    x, h = np.ones((3, 64), np.float32), np.ones((3, 8), np.float32)
+    with pytest.raises(ShapeError):                                          # pairs without h's columns
+        bf16.times_weight_t(bf16.rounded_rows(x), weight, 0, 40, np.empty((3, 40), np.float32),
+                            low_rank=np.ones((8, 40), np.float32))
+    with pytest.raises(ShapeError):                                          # h with another row count
+        bf16.rounded_rows(x, low_rank=h[:2])
 
 
 @FROM_CODES
@@ -246,6 +298,45 @@ def test_weights_larger_than_a_tile_go_in_row_ranges(monkeypatch):
                                   bf16.matmul_bf16(bf16.rounded_rows(x), weight.T))
     grad = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
     assert (np.abs(grad - reference.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
+
+
+@pytest.mark.parametrize("ranges", [False, True])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [5, PANEL_MAX_ROWS + 5])
+def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows):
+    """ops.matmul_low_rank / matmul_t_low_rank = matmul / matmul_t + h @ e: exactly that
+    where the term does not ride along (float32, few rows), within bfloat16 where it does,
+    also when W goes in row ranges (h rides with the first range of g @ W)."""
+    if ranges:
+        monkeypatch.setattr(qlora_np.ops, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
+    rng = np.random.default_rng(rows)
+    qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
+    weight = qlora_np.dequantize(qt)
+    x, g = rng.standard_normal((rows, 128), np.float32), rng.standard_normal((rows, 200), np.float32)
+    h, e_out, e_in = (rng.standard_normal(shape, np.float32) for shape in [(rows, 8), (8, 200), (8, 128)])
+    y = qlora_np.ops.matmul_low_rank(x, qt, h, e_out, compute_dtype)
+    grad = qlora_np.ops.matmul_t_low_rank(g, qt, h, e_in, compute_dtype)
+    folds = qlora_np.ops._folds_low_rank(rows, qt, compute_dtype, qlora_np.ops.FUSED_MAX_ROWS)
+    if not folds:                                     # float32 BLAS adds the term after the product
+        np.testing.assert_allclose(y, qlora_np.matmul(x, qt, compute_dtype=compute_dtype) + h @ e_out,
+                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(grad, qlora_np.matmul_t(g, qt, compute_dtype=compute_dtype) + h @ e_in,
+                                   rtol=1e-5, atol=1e-4)
+        return
+    for got, a, b, c, d in [(y, x, weight.T, h, e_out), (grad, g, weight, h, e_in)]:
+        sizes = np.abs(a) @ np.abs(b) + np.abs(c) @ np.abs(d)
+        assert np.all(np.abs(got - (a @ b + c @ d)) <= 2 ** -7 * sizes + 1e-5)
+    without_h = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
+    assert not np.allclose(grad, without_h, atol=1e-2)                       # the term is there
+
+
+def test_low_rank_products_check_their_operands():
+    qt = qlora_np.quantize(np.ones((40, 64), np.float32), "nf4", 64)
+    x, h = np.ones((300, 64), np.float32), np.ones((300, 8), np.float32)
+    with pytest.raises(ShapeError):
+        qlora_np.ops.matmul_low_rank(x, qt, h, np.ones((8, 41), np.float32), "bfloat16")
+    with pytest.raises(ShapeError):
+        qlora_np.ops.matmul_t_low_rank(np.ones((300, 40), np.float32), qt, h[:7], np.ones((8, 64), np.float32))
 
 
 def test_small_batches_stay_exact_float32():

@@ -23,6 +23,7 @@ Set ``QLORA_NP_AMX=0`` in the environment, or :data:`USE_AMX` False, to keep the
 """
 
 import ctypes
+import math
 import os
 import platform
 import sys
@@ -32,7 +33,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 BLOCK_ROWS = 32
 """Rows of a one block multiplies with a panel (two A tiles of 16 rows)."""
@@ -52,6 +53,9 @@ are read once per group. Alone, groups of 8 and chunks of 6 steps ran the traini
 1.86 s over three steps with groups of 8, 1.81 with 16 and 1.75 with 32 (two rounds each).
 The sums are the same bit for bit: a tile rounds once per instruction, so where they
 pause between chunks changes nothing."""
+
+CACHE_LINE = 64
+"""Bytes a cache line holds, and a tile row: operands start on a line (:func:`empty_aligned`)."""
 
 GROUP_BYTES = 1 << 20
 """...and at most as many as fit in this many bytes (half of a 2 MiB L2), at least 4: the
@@ -158,6 +162,48 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
     return types.void(*([types.intp] * 7)), codegen
 
 
+def empty_aligned(shape, dtype):
+    """``np.empty(shape, dtype)`` starting on a cache line. NumPy and Numba start arrays on
+    16 or 32 bytes, so every 64-byte tile row would straddle two lines: on the training
+    shapes the tiles then ran 650–770 GFLOP/s a core, against 1,650–1,830 aligned.
+    (Callable from Python and, through its overload, from Numba kernels.)"""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    spare = np.empty(count * dtype.itemsize + CACHE_LINE, np.uint8)
+    skip = -spare.ctypes.data % CACHE_LINE
+    return spare[skip:skip + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+@overload(empty_aligned)
+def _empty_aligned_in_numba(shape, dtype):
+    def empty_aligned_in_numba(shape, dtype):
+        count = 1
+        for size in shape:
+            count *= size
+        itemsize = np.empty(0, dtype).itemsize
+        spare = np.empty(count + CACHE_LINE // itemsize, dtype)
+        skip = (-spare.ctypes.data) % CACHE_LINE // itemsize
+        return spare[skip:skip + count].reshape(shape)
+    return empty_aligned_in_numba
+
+
+def zeros_aligned(shape, dtype):
+    """``np.zeros(shape, dtype)`` starting on a cache line (:func:`empty_aligned`)."""
+    array = empty_aligned(shape, dtype)
+    array[...] = 0
+    return array
+
+
+@overload(zeros_aligned)
+def _zeros_aligned_in_numba(shape, dtype):
+    def zeros_aligned_in_numba(shape, dtype):
+        array = empty_aligned(shape, dtype)
+        array.reshape(-1)[:] = 0
+        return array
+    return zeros_aligned_in_numba
+
+
 # ---------------------------------------------------------------------------
 # Rows of a times panels
 # ---------------------------------------------------------------------------
@@ -207,9 +253,10 @@ def rows_times_panels(pairs, panels, c):
     rows, depth = pairs.shape
     whole = rows - rows % BLOCK_ROWS
     size = max(4, min(GROUP, GROUP_BYTES // (128 * depth)))
-    spare_a = np.zeros((BLOCK_ROWS if whole < rows else 0, depth), np.uint32)    # the last rows, padded
+    spare_a = empty_aligned((BLOCK_ROWS if whole < rows else 0, depth), np.uint32)    # the last rows,
     spare_a[: rows - whole] = pairs[whole:]
-    spare_c = np.empty((spare_a.shape[0], 32 * size), np.float32)
+    spare_a[rows - whole:] = 0                                                          # padded
+    spare_c = empty_aligned((spare_a.shape[0], 32 * size), np.float32)
     for p in range(0, panels.shape[0], size):
         group = panels[p:p + size]
         for r in range(0, whole, BLOCK_ROWS):

@@ -62,7 +62,7 @@ def attention_bf16(q, k, v, mask, scale):
     q_pairs = _pairs(q)                                                      # (G, T·g, d/2) uint32
     kt_panels = _transposed_panels(_pairs(k), T)                             # (G, T/32, d/2, 32)
     v_panels = _row_panels(v)                                                # (G, d/32, T/2, 32)
-    out = np.empty(q.shape, np.float32)
+    out = amx.empty_aligned(q.shape, np.float32)
     lse = np.empty(q.shape[:3], np.float32)
     _forward_blocks(q_pairs, kt_panels, v_panels, mask, key_ends(mask), np.float32(scale), KV, group,
                     out.reshape(B * KV, rows, d), lse.reshape(B * KV, rows), amx.fits(d // 2))
@@ -76,8 +76,8 @@ def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
     if lse.shape != q.shape[:3] or grad_out.shape != q.shape:
         raise ShapeError(f"lse {lse.shape} and grad_out {grad_out.shape} must match q {q.shape}")
     G = B * KV
-    grad_q = np.empty(q.shape, np.float32)
-    grad_k, grad_v = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)
+    grad_q = amx.empty_aligned(q.shape, np.float32)
+    grad_k, grad_v = amx.empty_aligned(k.shape, np.float32), amx.empty_aligned(v.shape, np.float32)
     _backward_groups(_pairs(q), _transposed_panels(_pairs(k), T), _row_panels(k),
                      _transposed_panels(_pairs(v), T), _pairs(grad_out),
                      np.ascontiguousarray(q, np.float32).reshape(G, rows, d),
@@ -115,7 +115,7 @@ def _transposed_panels(pairs, T):
     """pairs (G, T, d/2) → the panels of their transposes (G, ceil(T/PANEL), d/2, PANEL):
     ``[g, p, j, c]`` = pairs[g, PANEL·p + c, j], zero past T (for S = Q Kᵀ and dP = dO Vᵀ)."""
     G, _, half = pairs.shape
-    panels = np.zeros((G, -(-T // PANEL), half, PANEL), np.uint32)
+    panels = amx.zeros_aligned((G, -(-T // PANEL), half, PANEL), np.uint32)
     for g in prange(G):
         for key in range(T):
             for j in range(half):
@@ -128,7 +128,7 @@ def _row_panels(x):
     panels of each group's x as the b of a product (for O = P V and dQ = dS K), zero past T."""
     B, KV, T, d = x.shape
     values = np.ascontiguousarray(x, np.float32).reshape(B * KV, T, d)
-    panels = np.zeros((B * KV, d // PANEL, -(-T // PANEL) * PANEL // 2, PANEL), np.uint32)
+    panels = amx.zeros_aligned((B * KV, d // PANEL, -(-T // PANEL) * PANEL // 2, PANEL), np.uint32)
     _pack_row_panels(values, panels)
     return panels
 
@@ -186,7 +186,7 @@ def _block_times_panels(pairs, r0, rows, panels, count, use_amx):
     """pairs[r0 : r0 + rows] (…, d/2) @ the first ``count`` panels (… , d/2, PANEL) →
     (rows, count·PANEL) float32: a block's S = Q Kᵀ or dP = dO Vᵀ, keys up to a panel's end."""
     half = pairs.shape[1]
-    product = np.empty((rows, count * PANEL), np.float32)
+    product = amx.empty_aligned((rows, count * PANEL), np.float32)
     if use_amx:
         amx.rows_times_panels(pairs[r0:r0 + rows], panels[:count], product)
         return product
@@ -201,7 +201,7 @@ def _rounded_times_panels(values, panels, out, r0, use_amx):
     """out[r0 : r0 + rows] = values (rows, keys) rounded to bfloat16 @ the b whose panels
     (d/PANEL, ≥ keys/2, PANEL) are given: a block's O = P V or dQ = dS K."""
     rows, keys = values.shape
-    pairs = np.empty((rows, keys // 2), np.uint32)                          # (rows, keys/2)
+    pairs = amx.empty_aligned((rows, keys // 2), np.uint32)                 # (rows, keys/2)
     for i in range(rows):
         round_row_pairs(values[i], pairs[i])
     d = out.shape[1]
@@ -229,8 +229,8 @@ def _backward_groups(q_pairs, kt_panels, k_panels, vt_panels, grad_out_pairs, q,
         b = g // kv_heads if mask.shape[0] > 1 else 0
         if use_amx:
             amx.start(amx.tile_config())
-        probs_t = np.zeros((keys, depth), np.uint32)                         # Pᵀ's pairs, (keys, T·g/2)
-        grad_scores_t = np.zeros_like(probs_t)                               # dSᵀ's pairs
+        probs_t = amx.zeros_aligned((keys, depth), np.uint32)                # Pᵀ's pairs, (keys, T·g/2)
+        grad_scores_t = amx.zeros_aligned((keys, depth), np.uint32)          # dSᵀ's pairs
         for first in range(0, T, POSITIONS):
             _backward_block(q_pairs[g], kt_panels[g], k_panels[g], vt_panels[g], grad_out_pairs[g], mask[b],
                             ends[b], lse[g], scale, group, first, min(T, first + POSITIONS), grad_q[g],
@@ -294,7 +294,7 @@ def _lower_product(pairs_t, b, group, out, use_amx):
     only zeros; for AMX, at the pair before it that leaves whole steps of k)."""
     T, d = out.shape
     depth = pairs_t.shape[1]
-    panels = np.zeros((d // PANEL, depth, PANEL), np.uint32)
+    panels = amx.zeros_aligned((d // PANEL, depth, PANEL), np.uint32)
     for p in range(d // PANEL):
         pack_panel(b, p, panels[p, :(b.shape[0] + 1) // 2])
     if use_amx:

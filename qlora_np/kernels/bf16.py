@@ -132,12 +132,12 @@ def _pair_bits(low, high):
 
 
 @njit(parallel=True, cache=True)
-def pack_weight_rows(packed, absmax, shift, blocksize, table, first_row, end_row, panels):
-    """The panels of b = W[first_row : end_row].T, for x @ W.T: panels (count, in/2, PANEL)
+def pack_weight_rows(packed, absmax, shift, blocksize, table, in_features, first_row, end_row, panels):
+    """The panels of b = W[first_row : end_row].T, for x @ W.T: panels (count, ≥ in/2, PANEL)
     uint32, ``panels[p, j, c]`` = the bfloat16 pair (W[r, 2j], W[r, 2j + 1]) of row
-    r = first_row + PANEL·p + c, zero from end_row on. A panel's rows are decoded first,
-    then its pairs are written in order."""
-    count, depth = panels.shape[:2]
+    r = first_row + PANEL·p + c, zero from end_row on (pair-rows past in/2 are left as they
+    are). A panel's rows are decoded first, then its pairs are written in order."""
+    count, depth = panels.shape[0], in_features // 2
     for p in prange(count):
         values = np.zeros((PANEL, 2 * depth), np.float32)                  # (PANEL, in) rows of W
         bits = values.view(np.uint32)
@@ -154,8 +154,9 @@ def pack_weight_columns(packed, absmax, shift, blocksize, table, in_features, fi
     """The panels of b = W[first_row : first_row + rows], for g @ W: panels
     (ceil(in/PANEL), ceil(rows/2), PANEL) uint32, ``panels[p, j, c]`` = the bfloat16 pair
     (W[first_row + 2j, PANEL·p + c], W[first_row + 2j + 1, PANEL·p + c]); zero past W's
-    edges. Each two decoded rows fill one pair-row of every panel."""
-    count, depth = panels.shape[:2]
+    edges (pair-rows past rows/2 are left as they are). Each two decoded rows fill one
+    pair-row of every panel."""
+    count, depth = panels.shape[0], -(-rows // 2)
     for t in prange(threads):
         low, high = np.empty(in_features, np.float32), np.zeros(in_features, np.float32)
         low_bits, high_bits = low.view(np.uint32), high.view(np.uint32)
@@ -251,7 +252,7 @@ def _panel_products(pairs, b, c, c_stride, threads):
     rows, depth = pairs.shape
     count = -(-b.shape[1] // PANEL)
     for t in prange(threads):
-        panel = np.empty((depth, PANEL), np.uint32)
+        panel = amx.empty_aligned((depth, PANEL), np.uint32)
         for p in range(t * count // threads, (t + 1) * count // threads):
             pack_panel(b, p, panel)
             _rows_times_panel(pairs.ctypes.data, rows, depth, panel.ctypes.data,
@@ -277,7 +278,7 @@ def _amx_panel_products(pairs, b, c, c_stride, threads):
     rows, depth = pairs.shape
     count = -(-b.shape[1] // PANEL)
     for t in prange(threads):
-        panels, config = np.empty((PACKED_AT_ONCE, depth, PANEL), np.uint32), amx.tile_config()
+        panels, config = amx.empty_aligned((PACKED_AT_ONCE, depth, PANEL), np.uint32), amx.tile_config()
         amx.start(config)
         end = (t + 1) * count // threads
         for first in range(t * count // threads, end, PACKED_AT_ONCE):
@@ -305,14 +306,27 @@ def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
 # The product
 # ---------------------------------------------------------------------------
 
-def rounded_rows(a, simd=None):
+def rounded_rows(a, simd=None, low_rank=None):
     """What :func:`matmul_bf16` takes as a: (rows, k) float32 → its bfloat16 pairs (AVX-512
-    BF16) or its bfloat16 values as float32 (portable). Round once, multiply many times."""
+    BF16) or its bfloat16 values as float32 (portable). Round once, multiply many times.
+
+    ``low_rank`` h (rows, r), pairs only: h's pairs follow a's, zero up to
+    :func:`low_rank_pairs` columns, for :func:`times_weight_t` and :func:`times_weight`
+    to add h @ e in the same product."""
     a = np.ascontiguousarray(a, np.float32)
     if HAS_AVX512_BF16 if simd is None else simd:
-        pairs = np.empty((a.shape[0], (a.shape[1] + 1) // 2), np.uint32)
+        own = (a.shape[1] + 1) // 2
+        extra = 0 if low_rank is None else low_rank_pairs(low_rank.shape[1])
+        pairs = amx.empty_aligned((a.shape[0], own + extra), np.uint32)
         round_pairs(a, pairs)
+        if low_rank is not None:
+            if low_rank.shape[0] != a.shape[0]:
+                raise ShapeError(f"low_rank {low_rank.shape} must have the {a.shape[0]} rows of a")
+            round_pairs(np.ascontiguousarray(low_rank, np.float32), pairs[:, own:])
+            pairs[:, own + (low_rank.shape[1] + 1) // 2:] = 0
         return pairs
+    if low_rank is not None:
+        raise ShapeError("a low-rank term rides only in bfloat16 pairs (AVX-512 BF16)")
     rounded = np.empty_like(a)
     round_to_bfloat16(a, rounded)
     return rounded
@@ -327,7 +341,7 @@ def matmul_bf16(a_rounded, b, out=None):
     if a_rounded.shape[1] != (k if a_rounded.dtype == np.float32 else (k + 1) // 2):
         raise ShapeError(f"rounded a of shape {a_rounded.shape} does not match b of shape {b.shape}")
     if out is None:
-        out = np.empty((rows, n), np.float32)
+        out = amx.empty_aligned((rows, n), np.float32)
     if a_rounded.dtype == np.float32:                               # portable: BLAS on rounded values
         b_rounded = np.empty(b.shape, np.float32)
         round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
@@ -345,7 +359,7 @@ def _products_into(out, n, products):
     if n % PANEL == 0 and out.strides[1] == 4 and out.strides[0] % 4 == 0:
         products(out, out.strides[0] // 4, threads)
         return
-    padded = np.empty((out.shape[0], -(-n // PANEL) * PANEL), np.float32)    # room for the last panel
+    padded = amx.empty_aligned((out.shape[0], -(-n // PANEL) * PANEL), np.float32)   # room for the last panel
     products(padded, padded.shape[1], threads)
     out[...] = padded[:, :n]
 
@@ -373,28 +387,60 @@ def decodes_4bit(shape, blocksize):
             and shape[1] % blocksize == 0)
 
 
-def times_weight_t(a_pairs, weight, first_row, rows, out):
+def times_weight_t(a_pairs, weight, first_row, rows, out, low_rank=None):
     """out (n, rows) = a @ W[first_row : first_row + rows].T in bfloat16, a as its pairs
-    (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W."""
+    (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W.
+    With ``low_rank`` e (r, out), plus h @ e[:, first_row : first_row + rows] for the h
+    whose pairs follow a's (``rounded_rows(a, low_rank=h)``)."""
     out_features, in_features = weight.shape
-    panels = np.empty((-(-rows // PANEL), in_features // 2, PANEL), np.uint32)
+    panels = amx.empty_aligned((-(-rows // PANEL), _depth(a_pairs, in_features // 2, low_rank), PANEL),
+                               np.uint32)
     pack_weight_rows(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
-                     first_row, min(out_features, first_row + rows), panels)
+                     in_features, first_row, min(out_features, first_row + rows), panels)
+    if low_rank is not None:
+        pack_low_rank(low_rank[:, first_row:first_row + rows], in_features // 2, panels)
     _products_into(out, rows, lambda c, c_stride, threads:
                    _packed_products(a_pairs, panels, c, c_stride, threads))
     return out
 
 
-def times_weight(a_pairs, weight, first_row, rows, out):
+def times_weight(a_pairs, weight, first_row, rows, out, low_rank=None):
     """out (n, in) = a @ W[first_row : first_row + rows] in bfloat16, a (n, rows) as its
-    pairs (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W."""
-    in_features = weight.shape[1]
-    panels = np.empty((-(-in_features // PANEL), -(-rows // 2), PANEL), np.uint32)
+    pairs (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W.
+    With ``low_rank`` e (r, in), plus h @ e for the h whose pairs follow a's."""
+    in_features, own = weight.shape[1], -(-rows // 2)
+    panels = amx.empty_aligned((-(-in_features // PANEL), _depth(a_pairs, own, low_rank), PANEL), np.uint32)
     pack_weight_columns(weight.packed, weight.scales, weight.shifts, weight.blocksize, weight.table,
-                        in_features, first_row, rows, panels, min(numba.get_num_threads(), panels.shape[1]))
+                        in_features, first_row, rows, panels, min(numba.get_num_threads(), own))
+    if low_rank is not None:
+        pack_low_rank(low_rank, own, panels)
     _products_into(out, in_features, lambda c, c_stride, threads:
                    _packed_products(a_pairs, panels, c, c_stride, threads))
     return out
+
+
+def low_rank_pairs(rank):
+    """Pair columns a low-rank term of rank ``rank`` takes after a's own: whole AMX tile
+    steps, so that a's depth still fits the tiles where it did."""
+    return -(-rank // (2 * amx.STEP_PAIRS)) * amx.STEP_PAIRS
+
+
+def _depth(a_pairs, own, low_rank):
+    """The pairs of k in a product of ``a_pairs`` with W's ``own`` and the low-rank term's; or a ShapeError."""
+    depth = own + (0 if low_rank is None else low_rank_pairs(low_rank.shape[0]))
+    if a_pairs.shape[1] != depth:
+        raise ShapeError(f"a has {a_pairs.shape[1]} pairs of k where W (and a low-rank term) take {depth}")
+    return depth
+
+
+@njit(parallel=True, cache=True)
+def pack_low_rank(e, first_pair, panels):
+    """Pair-rows first_pair … of the panels (count, depth, PANEL) = the panels of e (r, n)
+    float32, any strides, zero past r: the rows of b that multiply a low-rank term's pairs."""
+    filled = (e.shape[0] + 1) // 2
+    for p in prange(panels.shape[0]):
+        pack_panel(e, p, panels[p, first_pair:first_pair + filled])
+        panels[p, first_pair + filled:] = 0
 
 
 def _packed_products(pairs, panels, c, c_stride, threads):
@@ -416,7 +462,7 @@ def _batched_panel_products(pairs, b, c, c_stride):
     count = -(-b.shape[2] // PANEL)
     for task in prange(groups * count):
         g, p = task // count, task % count
-        panel = np.empty((depth, PANEL), np.uint32)
+        panel = amx.empty_aligned((depth, PANEL), np.uint32)
         pack_panel(b[g], p, panel)
         _rows_times_panel(pairs[g].ctypes.data, rows, depth, panel.ctypes.data,
                           c[g].ctypes.data + 4 * p * PANEL, c_stride)
@@ -429,7 +475,7 @@ def _amx_batched_panel_products(pairs, b, c, c_stride):
     count = -(-b.shape[2] // PANEL)
     for task in prange(groups * count):
         g, p = task // count, task % count
-        panel = np.empty((1, depth, PANEL), np.uint32)
+        panel = amx.empty_aligned((1, depth, PANEL), np.uint32)
         pack_panel(b[g], p, panel[0])
         amx.start(amx.tile_config())
         amx.rows_times_panels(pairs[g], panel, c[g, :, p * PANEL:(p + 1) * PANEL])
@@ -444,7 +490,7 @@ def batched_matmul_bf16(a, b, out=None):
         raise ShapeError(f"cannot multiply batches of shapes {a.shape} and {b.shape}")
     (m, k), n = a.shape[-2:], b.shape[-1]
     if out is None:
-        out = np.empty(a.shape[:-1] + (n,), np.float32)
+        out = amx.empty_aligned(a.shape[:-1] + (n,), np.float32)
     if not HAS_AVX512_BF16:
         rounded_a, rounded_b = np.empty(a.shape, np.float32), np.empty(b.shape, np.float32)
         round_to_bfloat16(np.ascontiguousarray(a, np.float32).reshape(-1, k), rounded_a.reshape(-1, k))
@@ -460,7 +506,7 @@ def batched_matmul_bf16(a, b, out=None):
     except AttributeError:
         fits = False
     if not fits:
-        c = np.empty((groups, m, -(-n // PANEL) * PANEL), np.float32)
+        c = amx.empty_aligned((groups, m, -(-n // PANEL) * PANEL), np.float32)
     products = _amx_batched_panel_products if amx.fits(pairs.shape[2]) else _batched_panel_products
     products(pairs, b3, c, c.strides[1] // 4)
     if not fits:
