@@ -266,20 +266,22 @@ class LoRALinear:
         x2 = x.reshape(-1, self.in_features).astype(dtype, copy=False)    # (rows, in)
 
         keep = dropped = hidden = None
-        if self.has_adapters and not self.merged:
+        adapters = self.has_adapters and not self.merged
+        if adapters:
             keep = self._dropout_keep(x2.shape) if self.training else None
             dropped = x2 if keep is None else self._apply_dropout(x2, keep)   # (rows, in)
-            hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)      # (rows, r)
-        lora_b = None if hidden is None else self.lora_b.T.astype(dtype, copy=False)   # (r, out)
-        ride_along = hidden is not None and self._adapters_ride_along(dtype)
-        if ride_along:                                                      # (rows, out) with the adapters'
-            y = matmul_low_rank(x2, self.base, self.scale * hidden, lora_b, self.compute_dtype)
+        ride_along = adapters and self._adapters_ride_along(dtype)
+        if ride_along:                                                      # (rows, out), (rows, r)
+            given = None if keep is None else dropped @ self.lora_a.T      # x @ A.T from the dropped-out x
+            y, hidden = matmul_low_rank(x2, self.base, self.lora_a, self.lora_b.T, self.scale,
+                                        self.compute_dtype, h=given)
         else:
             y = self._base_product(x2).astype(dtype, copy=False)           # (rows, out)
         if self.bias is not None:
             y += self.bias.astype(dtype, copy=False)
-        if hidden is not None and not ride_along:
-            add_low_rank_product(y, self.scale, hidden, lora_b)             # (rows, out)
+        if adapters and not ride_along:
+            hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)      # (rows, r)
+            add_low_rank_product(y, self.scale, hidden, self.lora_b.T.astype(dtype, copy=False))
         if cache:                          # a forward without caching leaves an earlier cache alone
             self._cache = _ForwardCache(lead, dtype, dropped if keep_input else None, keep, hidden)
         return y.reshape(lead + (self.out_features,))
@@ -318,16 +320,17 @@ class LoRALinear:
         lora_b = self.lora_b.astype(dtype, copy=False)                      # (out, r)
         grad_b_t = self.scale * (hidden.T @ g)                              # (r, out): BLAS's faster way
         self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
-        grad_hidden = self.scale * (g @ lora_b)                             # (rows, r)
-        self._params["lora_a"].accumulate(grad_hidden.T @ dropped)          # (r, in)
-        if keep is None and self._adapters_ride_along(dtype):
-            grad_x = matmul_t_low_rank(g, self.base, grad_hidden, lora_a, self.compute_dtype)   # (rows, in)
+        if keep is None and self._adapters_ride_along(dtype):               # (rows, in), (rows, r)
+            grad_x, g_b = matmul_t_low_rank(g, self.base, lora_b.T, lora_a, self.scale, self.compute_dtype)
+            grad_hidden = self.scale * g_b
         else:
+            grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
             grad_x = self._base_product_t(g).astype(dtype, copy=False)     # (rows, in): g @ W
             if keep is None:
                 add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
+        self._params["lora_a"].accumulate(grad_hidden.T @ dropped)          # (r, in)
         return grad_x.reshape(lead + (self.in_features,))
 
     def _forward_on_gpu(self, x, cache, keep_input):

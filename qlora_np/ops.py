@@ -297,34 +297,46 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
     return result.reshape(lead + (in_features,))
 
 
-def matmul_low_rank(x, qt, h, e, compute_dtype="float32"):
-    """``x @ W.T + h @ e`` on the CPU: x (rows, in), h (rows, r), e (r, out) → (rows, out)
-    float32. A LoRA layer's forward, with h = scale · x @ A.T and e = B.T.
+def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
+    """``(x @ W.T + scale · h @ e, h)`` with h = x @ a.T, on the CPU: x (rows, in), a (r, in),
+    e (r, out) → (rows, out) and (rows, r) float32. A LoRA layer's forward (a = A, e = B.T);
+    a given ``h`` (rows, r) is used instead of x @ a.T (one made from a dropped-out x).
 
     Where :func:`matmul` multiplies in bfloat16 with W's panels decoded from its codes,
-    h's pairs follow x's and e's rows follow W's, so the term adds r/in to that product
-    instead of two float32 passes over the (rows, out) result; h and e are then rounded
-    to bfloat16 too, as torch's autocast rounds a LoRA adapter's operands. Elsewhere,
-    :func:`matmul`, then one float32 BLAS call adds h @ e.
+    every product reads x's pairs: h is their product with a's, and scale · h's pairs
+    follow x's into the product with W's panels, whose rows e's pairs follow. The adapter
+    then adds ~r/in to that product instead of three float32 passes over x and y; h, a and
+    e are rounded to bfloat16 like x and W, as torch's autocast computes LoRA adapters.
+    Elsewhere: :func:`matmul`, then float32 BLAS products.
     """
-    x2d, h, e = _low_rank_operands(x, qt, h, e, qt.shape[1], qt.shape[0], "x")
+    x2d, a, e = _low_rank_operands(x, qt, a, e, qt.shape[1], qt.shape[0], "x")
+    if h is not None:
+        h = np.ascontiguousarray(h, np.float32)
+        if h.shape != (x2d.shape[0], a.shape[0]):
+            raise ShapeError(f"h must have shape {(x2d.shape[0], a.shape[0])}, got {h.shape}")
     if _folds_low_rank(x2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS):
-        return _bfloat16_times_weight_t(bf16.rounded_rows(x2d, low_rank=h), qt, e)
+        pairs = bf16.rounded_rows(x2d, rank=a.shape[0])
+        if h is None:
+            h = bf16.matmul_bf16(pairs[:, :(qt.shape[1] + 1) // 2], a.T)
+        bf16.put_low_rank(pairs, scale * h)
+        return _bfloat16_times_weight_t(pairs, qt, e), h
+    h = x2d @ a.T if h is None else h
     y = matmul(x2d, qt, compute_dtype=compute_dtype)
-    add_low_rank_product(y, 1.0, h, e)
-    return y
+    add_low_rank_product(y, scale, h, e)
+    return y, h
 
 
-def matmul_t_low_rank(grad, qt, h, e, compute_dtype="float32"):
-    """``grad @ W + h @ e`` on the CPU: grad (rows, out), h (rows, r), e (r, in) → (rows, in)
-    float32. A LoRA layer's gradient to x, with h = scale · grad @ B and e = A; in one
-    product as :func:`matmul_low_rank` says."""
-    g2d, h, e = _low_rank_operands(grad, qt, h, e, qt.shape[0], qt.shape[1], "grad")
+def matmul_t_low_rank(grad, qt, a, e, scale=1.0, compute_dtype="float32"):
+    """``(grad @ W + scale · h @ e, h)`` with h = grad @ a.T, on the CPU: grad (rows, out),
+    a (r, out), e (r, in) → (rows, in) and (rows, r) float32. A LoRA layer's gradient to x
+    (a = B.T, e = A), in the products :func:`matmul_low_rank` describes."""
+    g2d, a, e = _low_rank_operands(grad, qt, a, e, qt.shape[0], qt.shape[1], "grad")
     if _folds_low_rank(g2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS_T):
-        return _bfloat16_times_weight(g2d, qt, h, e)
+        return _bfloat16_times_weight(g2d, qt, a, e, scale)
+    h = g2d @ a.T
     result = matmul_t(g2d, qt, compute_dtype=compute_dtype)
-    add_low_rank_product(result, 1.0, h, e)
-    return result
+    add_low_rank_product(result, scale, h, e)
+    return result, h
 
 
 def add_low_rank_product(y, alpha, a, b):
@@ -337,17 +349,16 @@ def add_low_rank_product(y, alpha, a, b):
         y[...] = result.T
 
 
-def _low_rank_operands(a, qt, h, e, inner, outer, name):
-    """a (rows, inner), h (rows, r), e (r, outer) as C-contiguous float32 for a low-rank product on the CPU."""
+def _low_rank_operands(x, qt, a, e, inner, outer, name):
+    """x (rows, inner), a (r, inner), e (r, outer) as C-contiguous float32 for a low-rank product on the CPU."""
     _weight_shape(qt)
     if qt.device != "cpu":
         raise DeviceError(f"the low-rank products run on the CPU; the weight is on {qt.device}")
-    a, h, e = (np.ascontiguousarray(v, np.float32) for v in (a, h, e))
-    if a.ndim != 2 or a.shape[1] != inner or h.ndim != 2 or h.shape[0] != a.shape[0] or e.ndim != 2 \
-            or e.shape != (h.shape[1], outer):
-        raise ShapeError(f"{name} (rows, {inner}), h (rows, r) and e (r, {outer}) do not fit: "
-                         f"{a.shape}, {h.shape}, {e.shape}")
-    return a, h, e
+    x, a, e = (np.ascontiguousarray(v, np.float32) for v in (x, a, e))
+    if x.ndim != 2 or x.shape[1] != inner or a.shape[1:] != (inner,) or e.shape != (a.shape[0], outer):
+        raise ShapeError(f"{name} (rows, {inner}), a (r, {inner}) and e (r, {outer}) do not fit: "
+                         f"{x.shape}, {a.shape}, {e.shape}")
+    return x, a, e
 
 
 def _folds_low_rank(rows, qt, compute_dtype, fused_max_rows):
@@ -367,20 +378,24 @@ def _bfloat16_times_weight_t(x_pairs, qt, e=None):
     return y
 
 
-def _bfloat16_times_weight(g2d, qt, h=None, e=None):
-    """g @ W (+ h @ e) in bfloat16, W's panels decoded from its codes a range of its rows at
-    a time: each range's products summed, h's pairs riding with the first range's."""
+def _bfloat16_times_weight(g2d, qt, a=None, e=None, scale=1.0):
+    """g @ W in bfloat16, W's panels decoded from its codes a range of its rows at a time and
+    each range's products summed; with a and e, also (the sum plus scale · h @ e, h = g @
+    a.T), h's pairs riding with the first range's (h from g's pairs where there is one)."""
     result = empty_aligned((g2d.shape[0], qt.shape[1]), np.float32)  # (rows, in)
     partial = empty_aligned(result.shape, np.float32)                 # one range's worth, reused
-    weight = _bfloat16_weight(qt)
-    for row_start, count in _weight_row_ranges(qt):
-        first = row_start == 0
-        pairs = bf16.rounded_rows(g2d[:, row_start:row_start + count], low_rank=h if first else None)
-        bf16.times_weight(pairs, weight, row_start, count, result if first else partial,
-                          e if first else None)
-        if not first:
+    weight, ranges = _bfloat16_weight(qt), list(_weight_row_ranges(qt))
+    h = None
+    for row_start, count in ranges:
+        rank = 0 if a is None or row_start else a.shape[0]
+        pairs = bf16.rounded_rows(g2d[:, row_start:row_start + count], rank=rank)
+        if rank:
+            h = bf16.matmul_bf16(pairs[:, :(count + 1) // 2], a.T) if len(ranges) == 1 else g2d @ a.T
+            bf16.put_low_rank(pairs, scale * h)
+        bf16.times_weight(pairs, weight, row_start, count, partial if row_start else result, e if rank else None)
+        if row_start:
             result += partial
-    return result
+    return result if a is None else (result, h)
 
 
 def compute_dtype_name(compute_dtype):

@@ -230,10 +230,12 @@ def test_a_low_rank_term_rides_in_the_product_as_more_k(path, out_features, bloc
                                                                                           np.float32)
     padding = 2 * bf16.low_rank_pairs(rank) - rank
     with _on(path):
-        y = bf16.times_weight_t(bf16.rounded_rows(x, low_rank=h), weight, first_row, rows,
-                                np.empty((n, rows), np.float32), low_rank=e_out)
-        grad = bf16.times_weight(bf16.rounded_rows(g, low_rank=h), weight, first_row, rows,
-                                 np.empty((n, in_features), np.float32), low_rank=e_in)
+        x_pairs, g_pairs = bf16.rounded_rows(x, rank=rank), bf16.rounded_rows(g, rank=rank)
+        bf16.put_low_rank(x_pairs, h)
+        bf16.put_low_rank(g_pairs, h)
+        y = bf16.times_weight_t(x_pairs, weight, first_row, rows, np.empty((n, rows), np.float32), low_rank=e_out)
+        grad = bf16.times_weight(g_pairs, weight, first_row, rows, np.empty((n, in_features), np.float32),
+                                 low_rank=e_in)
         e_part = e_out[:, first_row:first_row + rows]
         expected_y = bf16.matmul_bf16(bf16.rounded_rows(np.hstack([x, h, np.zeros((n, padding), np.float32)])),
                                       np.vstack([part.T, e_part, np.zeros((padding, rows), np.float32)]))
@@ -259,7 +261,7 @@ def test_a_low_rank_term_must_fit_the_pairs():
         bf16.times_weight_t(bf16.rounded_rows(x), weight, 0, 40, np.empty((3, 40), np.float32),
                             low_rank=np.ones((8, 40), np.float32))
     with pytest.raises(ShapeError):                                          # h with another row count
-        bf16.rounded_rows(x, low_rank=h[:2])
+        bf16.put_low_rank(bf16.rounded_rows(x, rank=8), h[:2])
 
 
 @FROM_CODES
@@ -304,39 +306,49 @@ def test_weights_larger_than_a_tile_go_in_row_ranges(monkeypatch):
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [5, PANEL_MAX_ROWS + 5])
 def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows):
-    """ops.matmul_low_rank / matmul_t_low_rank = matmul / matmul_t + h @ e: exactly that
-    where the term does not ride along (float32, few rows), within bfloat16 where it does,
-    also when W goes in row ranges (h rides with the first range of g @ W)."""
+    """ops.matmul_low_rank / matmul_t_low_rank = (matmul / matmul_t + scale · h @ e, h) with
+    h = x @ a.T: float32 where the term does not ride along (float32, few rows), within
+    bfloat16 where it does, also when W goes in row ranges (h rides with the first range
+    of g @ W)."""
     if ranges:
         monkeypatch.setattr(qlora_np.ops, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
     rng = np.random.default_rng(rows)
     qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
     weight = qlora_np.dequantize(qt)
     x, g = rng.standard_normal((rows, 128), np.float32), rng.standard_normal((rows, 200), np.float32)
-    h, e_out, e_in = (rng.standard_normal(shape, np.float32) for shape in [(rows, 8), (8, 200), (8, 128)])
-    y = qlora_np.ops.matmul_low_rank(x, qt, h, e_out, compute_dtype)
-    grad = qlora_np.ops.matmul_t_low_rank(g, qt, h, e_in, compute_dtype)
+    a_in, a_out = rng.standard_normal((8, 128), np.float32), rng.standard_normal((8, 200), np.float32)
+    y, h_x = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
+    grad, h_g = qlora_np.ops.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
+    given = rng.standard_normal((rows, 8), np.float32)
+    y_given, h_given = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
+    np.testing.assert_array_equal(h_given, given)
     folds = qlora_np.ops._folds_low_rank(rows, qt, compute_dtype, qlora_np.ops.FUSED_MAX_ROWS)
-    if not folds:                                     # float32 BLAS adds the term after the product
-        np.testing.assert_allclose(y, qlora_np.matmul(x, qt, compute_dtype=compute_dtype) + h @ e_out,
-                                   rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(grad, qlora_np.matmul_t(g, qt, compute_dtype=compute_dtype) + h @ e_in,
-                                   rtol=1e-5, atol=1e-4)
-        return
-    for got, a, b, c, d in [(y, x, weight.T, h, e_out), (grad, g, weight, h, e_in)]:
-        sizes = np.abs(a) @ np.abs(b) + np.abs(c) @ np.abs(d)
-        assert np.all(np.abs(got - (a @ b + c @ d)) <= 2 ** -7 * sizes + 1e-5)
-    without_h = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
-    assert not np.allclose(grad, without_h, atol=1e-2)                       # the term is there
+    cases = [(h_x, x @ a_in.T, np.abs(x) @ np.abs(a_in.T)), (h_g, g @ a_out.T, np.abs(g) @ np.abs(a_out.T)),
+             (y, x @ weight.T + 0.5 * (x @ a_in.T) @ a_out,                  # |x| |W| + 0.5 |x| |A| |e|
+              np.abs(x) @ np.abs(weight.T) + 0.5 * (np.abs(x) @ np.abs(a_in.T)) @ np.abs(a_out)),
+             (grad, g @ weight + 0.5 * (g @ a_out.T) @ a_in,
+              np.abs(g) @ np.abs(weight) + 0.5 * (np.abs(g) @ np.abs(a_out.T)) @ np.abs(a_in)),
+             (y_given, x @ weight.T + 0.5 * given @ a_out,
+              np.abs(x) @ np.abs(weight.T) + 0.5 * np.abs(given) @ np.abs(a_out))]
+    for got, exact, sizes in cases:
+        if folds:                                     # bfloat16 operands: 2⁻⁹ each, a few of them
+            assert np.all(np.abs(got - exact) <= 2 ** -7 * sizes + 1e-5)
+        else:                                         # float32, BLAS adding the term after the product
+            np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-3)
+    if folds:
+        without = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
+        assert not np.allclose(grad, without, atol=1e-2)                     # the term is there
 
 
 def test_low_rank_products_check_their_operands():
     qt = qlora_np.quantize(np.ones((40, 64), np.float32), "nf4", 64)
-    x, h = np.ones((300, 64), np.float32), np.ones((300, 8), np.float32)
+    x, a_in, a_out = np.ones((300, 64), np.float32), np.ones((8, 64), np.float32), np.ones((8, 40), np.float32)
     with pytest.raises(ShapeError):
-        qlora_np.ops.matmul_low_rank(x, qt, h, np.ones((8, 41), np.float32), "bfloat16")
+        qlora_np.ops.matmul_low_rank(x, qt, a_in, np.ones((8, 41), np.float32), compute_dtype="bfloat16")
     with pytest.raises(ShapeError):
-        qlora_np.ops.matmul_t_low_rank(np.ones((300, 40), np.float32), qt, h[:7], np.ones((8, 64), np.float32))
+        qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, h=np.ones((300, 7), np.float32))
+    with pytest.raises(ShapeError):
+        qlora_np.ops.matmul_t_low_rank(np.ones((300, 40), np.float32), qt, a_out[:7], a_in)
 
 
 def test_small_batches_stay_exact_float32():
@@ -374,11 +386,10 @@ def test_lora_layer_trains_in_bfloat16():
         layer.compute_dtype = compute_dtype
         y = layer.forward(x)
         grad_x = layer.backward(g)
-        results[compute_dtype] = y, grad_x, layer.grad_lora_a.copy()
+        results[compute_dtype] = y, grad_x, layer.grad_lora_a.copy(), layer.grad_lora_b.copy()
         layer.zero_grad()
-    for exact, rounded in zip(results["float32"][:2], results["bfloat16"][:2]):
+    for exact, rounded in zip(results["float32"], results["bfloat16"]):       # the adapters' products too
         assert 0 < np.abs(rounded - exact).max() <= 0.02 * np.abs(exact).max()
-    np.testing.assert_array_equal(results["float32"][2], results["bfloat16"][2])   # A's gradient skips W
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -191,7 +191,7 @@ def _block_times_panels(pairs, r0, rows, panels, count, use_amx):
         amx.rows_times_panels(pairs[r0:r0 + rows], panels[:count], product)
         return product
     for p in range(count):
-        _rows_times_panel(pairs.ctypes.data + 4 * r0 * half, rows, half, panels[p].ctypes.data,
+        _rows_times_panel(pairs.ctypes.data + 4 * r0 * half, half, rows, half, panels[p].ctypes.data,
                           product.ctypes.data + 4 * p * PANEL, count * PANEL)
     return product
 
@@ -209,7 +209,7 @@ def _rounded_times_panels(values, panels, out, r0, use_amx):
         amx.rows_times_panels(pairs, panels[:, :keys // 2], out[r0:r0 + rows])
         return
     for p in range(panels.shape[0]):
-        _rows_times_panel(pairs.ctypes.data, rows, keys // 2, panels[p].ctypes.data,
+        _rows_times_panel(pairs.ctypes.data, keys // 2, rows, keys // 2, panels[p].ctypes.data,
                           out.ctypes.data + 4 * (r0 * d + p * PANEL), d)
 
 

@@ -233,14 +233,15 @@ _tile_row1 = _make_tile(1)
 
 
 @njit(cache=True, inline="always")
-def _rows_times_panel(a_at, rows, depth, panel_at, c_at, c_stride):
-    """c[:, panel's columns] = a_pairs (rows, depth) @ one packed panel, TILE_ROWS rows at a time."""
+def _rows_times_panel(a_at, a_stride, rows, depth, panel_at, c_at, c_stride):
+    """c[:, panel's columns] = a_pairs (rows, depth; row stride a_stride pairs) @ one packed
+    panel, TILE_ROWS rows at a time."""
     r = 0
     while r + TILE_ROWS <= rows:
-        _tile_rows6(a_at + 4 * r * depth, depth, panel_at, depth, c_at + 4 * r * c_stride, c_stride)
+        _tile_rows6(a_at + 4 * r * a_stride, a_stride, panel_at, depth, c_at + 4 * r * c_stride, c_stride)
         r += TILE_ROWS
     for last in range(r, rows):
-        _tile_row1(a_at + 4 * last * depth, depth, panel_at, depth, c_at + 4 * last * c_stride, c_stride)
+        _tile_row1(a_at + 4 * last * a_stride, a_stride, panel_at, depth, c_at + 4 * last * c_stride, c_stride)
 
 
 @njit(parallel=True, cache=True)
@@ -255,7 +256,7 @@ def _panel_products(pairs, b, c, c_stride, threads):
         panel = amx.empty_aligned((depth, PANEL), np.uint32)
         for p in range(t * count // threads, (t + 1) * count // threads):
             pack_panel(b, p, panel)
-            _rows_times_panel(pairs.ctypes.data, rows, depth, panel.ctypes.data,
+            _rows_times_panel(pairs.ctypes.data, pairs.strides[0] // 4, rows, depth, panel.ctypes.data,
                               c.ctypes.data + 4 * p * PANEL, c_stride)
 
 
@@ -266,7 +267,7 @@ def _packed_panel_products(pairs, panels, c, c_stride, threads):
     count = panels.shape[0]
     for t in prange(threads):
         for p in range(t * count // threads, (t + 1) * count // threads):
-            _rows_times_panel(pairs.ctypes.data, rows, depth, panels[p].ctypes.data,
+            _rows_times_panel(pairs.ctypes.data, pairs.strides[0] // 4, rows, depth, panels[p].ctypes.data,
                               c.ctypes.data + 4 * p * PANEL, c_stride)
 
 
@@ -290,6 +291,23 @@ def _amx_panel_products(pairs, b, c, c_stride, threads):
 
 
 @njit(parallel=True, cache=True)
+def _amx_thin_products(pairs, b, c, c_stride, threads):
+    """:func:`_amx_panel_products` for a b of one panel (n ≤ PANEL: a LoRA adapter's x @ A.T):
+    the rows are shared out instead, each thread packing the panel for itself. Alone on
+    1024 × 1536 that took 0.26 ms on one thread, reading rows from beyond its L2."""
+    rows, depth = pairs.shape
+    blocks = -(-rows // amx.BLOCK_ROWS)
+    for t in prange(threads):
+        first = t * blocks // threads * amx.BLOCK_ROWS
+        end = min(rows, (t + 1) * blocks // threads * amx.BLOCK_ROWS)
+        panel = amx.empty_aligned((1, depth, PANEL), np.uint32)
+        pack_panel(b, 0, panel[0])
+        amx.start(amx.tile_config())
+        amx.rows_times_panels(pairs[first:end], panel, c[first:end, :PANEL])
+        amx.stop()
+
+
+@njit(parallel=True, cache=True)
 def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
     """:func:`_packed_panel_products` with AMX tiles; c's row stride is its own. (Sharing
     out a's rows instead of the panels, so that each core reads the rows it rounded, was
@@ -306,26 +324,21 @@ def _amx_packed_panel_products(pairs, panels, c, c_stride, threads):
 # The product
 # ---------------------------------------------------------------------------
 
-def rounded_rows(a, simd=None, low_rank=None):
+def rounded_rows(a, simd=None, rank=0):
     """What :func:`matmul_bf16` takes as a: (rows, k) float32 → its bfloat16 pairs (AVX-512
     BF16) or its bfloat16 values as float32 (portable). Round once, multiply many times.
 
-    ``low_rank`` h (rows, r), pairs only: h's pairs follow a's, zero up to
-    :func:`low_rank_pairs` columns, for :func:`times_weight_t` and :func:`times_weight`
-    to add h @ e in the same product."""
-    a = np.ascontiguousarray(a, np.float32)
+    ``rank`` > 0 (pairs only) leaves room after a's pairs for a low-rank term h (rows, rank),
+    which :func:`put_low_rank` fills, so that :func:`times_weight_t` and :func:`times_weight`
+    add h @ e in the same product."""
+    a = np.asarray(a, np.float32)
+    if a.strides[-1] != 4:                                   # rows may be apart (W's ranges of g's columns)
+        a = np.ascontiguousarray(a)
     if HAS_AVX512_BF16 if simd is None else simd:
-        own = (a.shape[1] + 1) // 2
-        extra = 0 if low_rank is None else low_rank_pairs(low_rank.shape[1])
-        pairs = amx.empty_aligned((a.shape[0], own + extra), np.uint32)
+        pairs = amx.empty_aligned((a.shape[0], (a.shape[1] + 1) // 2 + low_rank_pairs(rank)), np.uint32)
         round_pairs(a, pairs)
-        if low_rank is not None:
-            if low_rank.shape[0] != a.shape[0]:
-                raise ShapeError(f"low_rank {low_rank.shape} must have the {a.shape[0]} rows of a")
-            round_pairs(np.ascontiguousarray(low_rank, np.float32), pairs[:, own:])
-            pairs[:, own + (low_rank.shape[1] + 1) // 2:] = 0
         return pairs
-    if low_rank is not None:
+    if rank:
         raise ShapeError("a low-rank term rides only in bfloat16 pairs (AVX-512 BF16)")
     rounded = np.empty_like(a)
     round_to_bfloat16(a, rounded)
@@ -347,15 +360,20 @@ def matmul_bf16(a_rounded, b, out=None):
         round_to_bfloat16(np.ascontiguousarray(b, np.float32), b_rounded)
         np.matmul(a_rounded, b_rounded, out=out)
         return out
-    products = _amx_panel_products if amx.fits(a_rounded.shape[1]) else _panel_products
-    _products_into(out, n, lambda c, c_stride, threads: products(a_rounded, b, c, c_stride, threads))
+    products, threads = _panel_products, None
+    if amx.fits(a_rounded.shape[1]):
+        products = _amx_panel_products
+        if n <= PANEL:
+            products, threads = _amx_thin_products, numba.get_num_threads()
+    _products_into(out, n, lambda c, c_stride, threads: products(a_rounded, b, c, c_stride, threads), threads)
     return out
 
 
-def _products_into(out, n, products):
+def _products_into(out, n, products, threads=None):
     """Run ``products(c, c_stride, threads)`` (a panel driver writing n columns) into out
-    (rows, n), through a padded buffer when out has no room for a last partial panel."""
-    threads = min(numba.get_num_threads(), -(-n // PANEL))
+    (rows, n), through a padded buffer when out has no room for a last partial panel;
+    ``threads`` by default one a panel, at most Numba's."""
+    threads = threads or min(numba.get_num_threads(), -(-n // PANEL))
     if n % PANEL == 0 and out.strides[1] == 4 and out.strides[0] % 4 == 0:
         products(out, out.strides[0] // 4, threads)
         return
@@ -391,7 +409,7 @@ def times_weight_t(a_pairs, weight, first_row, rows, out, low_rank=None):
     """out (n, rows) = a @ W[first_row : first_row + rows].T in bfloat16, a as its pairs
     (:func:`rounded_rows`): the same values as :func:`matmul_bf16` on the decoded W.
     With ``low_rank`` e (r, out), plus h @ e[:, first_row : first_row + rows] for the h
-    whose pairs follow a's (``rounded_rows(a, low_rank=h)``)."""
+    whose pairs follow a's (:func:`put_low_rank`)."""
     out_features, in_features = weight.shape
     panels = amx.empty_aligned((-(-rows // PANEL), _depth(a_pairs, in_features // 2, low_rank), PANEL),
                                np.uint32)
@@ -417,6 +435,15 @@ def times_weight(a_pairs, weight, first_row, rows, out, low_rank=None):
     _products_into(out, in_features, lambda c, c_stride, threads:
                    _packed_products(a_pairs, panels, c, c_stride, threads))
     return out
+
+
+def put_low_rank(pairs, h):
+    """Round h (rows, r) into the room :func:`rounded_rows` left after a's pairs (zero past h's)."""
+    own = pairs.shape[1] - low_rank_pairs(h.shape[1])
+    if h.shape[0] != pairs.shape[0] or own < 0:
+        raise ShapeError(f"a low-rank term {h.shape} does not fit pairs {pairs.shape}")
+    round_pairs(np.ascontiguousarray(h, np.float32), pairs[:, own:])
+    pairs[:, own + (h.shape[1] + 1) // 2:] = 0
 
 
 def low_rank_pairs(rank):
@@ -464,7 +491,7 @@ def _batched_panel_products(pairs, b, c, c_stride):
         g, p = task // count, task % count
         panel = amx.empty_aligned((depth, PANEL), np.uint32)
         pack_panel(b[g], p, panel)
-        _rows_times_panel(pairs[g].ctypes.data, rows, depth, panel.ctypes.data,
+        _rows_times_panel(pairs[g].ctypes.data, depth, rows, depth, panel.ctypes.data,
                           c[g].ctypes.data + 4 * p * PANEL, c_stride)
 
 
