@@ -23,6 +23,7 @@ import numpy as np
 from .dtypes import float_dtype_name
 from .errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from .kernels import training_cpu
+from .kernels.low_rank import thin_t_product
 from .ops import (add_low_rank_product, compute_dtype_name, dequantize, matmul, matmul_low_rank, matmul_t,
                   matmul_t_low_rank, quantize)
 from .tensor import DEVICES, QuantizedTensor, cuda_kernels, is_device_array
@@ -318,7 +319,7 @@ class LoRALinear:
             return self._base_product_t(g).astype(dtype, copy=False).reshape(lead + (self.in_features,))
         lora_a = self.lora_a.astype(dtype, copy=False)                      # (r, in)
         lora_b = self.lora_b.astype(dtype, copy=False)                      # (out, r)
-        grad_b_t = self.scale * (hidden.T @ g)                              # (r, out): BLAS's faster way
+        grad_b_t = self.scale * thin_t_product(hidden, g)                   # (r, out): one pass over g
         self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
         if keep is None and self._adapters_ride_along(dtype):               # (rows, in), (rows, r)
             grad_x, g_b = matmul_t_low_rank(g, self.base, lora_b.T, lora_a, self.scale, self.compute_dtype)
@@ -330,7 +331,7 @@ class LoRALinear:
                 add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
-        self._params["lora_a"].accumulate(grad_hidden.T @ dropped)          # (r, in)
+        self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped))   # (r, in)
         return grad_x.reshape(lead + (self.in_features,))
 
     def _forward_on_gpu(self, x, cache, keep_input):

@@ -360,6 +360,16 @@ def attention_bf16_backward(q, k, v, mask, lse, grad_out, scale):
 
 
 # ---------------------------------------------------------------------------
+# A LoRA adapter's weight gradients: the plain version of kernels.low_rank
+# ---------------------------------------------------------------------------
+
+def thin_t_product(h, g):
+    """h (rows, r)ᵀ @ g (rows, n) → (r, n), summed exactly (float64) and rounded once to float32:
+    Σ over rows of h[row]ᵀ ⊗ g[row], e.g. LoRA's B.T gradient from h = x A.T and g = dL/dy."""
+    return (np.asarray(h, np.float64).T @ np.asarray(g, np.float64)).astype(np.float32)   # (r, n)
+
+
+# ---------------------------------------------------------------------------
 # Int8 activations: the approximation llama.cpp makes when decoding (opt-in here)
 # ---------------------------------------------------------------------------
 
