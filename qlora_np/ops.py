@@ -318,7 +318,7 @@ def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
         pairs = bf16.rounded_rows(x2d, rank=a.shape[0])
         if h is None:
             h = bf16.matmul_bf16(pairs[:, :(qt.shape[1] + 1) // 2], a.T)
-        bf16.put_low_rank(pairs, scale * h)
+        bf16.put_low_rank(pairs, h, scale)
         return _bfloat16_times_weight_t(pairs, qt, e), h
     h = x2d @ a.T if h is None else h
     y = matmul(x2d, qt, compute_dtype=compute_dtype)
@@ -382,16 +382,16 @@ def _bfloat16_times_weight(g2d, qt, a=None, e=None, scale=1.0):
     """g @ W in bfloat16, W's panels decoded from its codes a range of its rows at a time and
     each range's products summed; with a and e, also (the sum plus scale · h @ e, h = g @
     a.T), h's pairs riding with the first range's (h from g's pairs where there is one)."""
-    result = empty_aligned((g2d.shape[0], qt.shape[1]), np.float32)  # (rows, in)
-    partial = empty_aligned(result.shape, np.float32)                 # one range's worth, reused
     weight, ranges = _bfloat16_weight(qt), list(_weight_row_ranges(qt))
+    result = empty_aligned((g2d.shape[0], qt.shape[1]), np.float32)  # (rows, in)
+    partial = empty_aligned(result.shape, np.float32) if len(ranges) > 1 else None   # a range's, reused
     h = None
     for row_start, count in ranges:
         rank = 0 if a is None or row_start else a.shape[0]
         pairs = bf16.rounded_rows(g2d[:, row_start:row_start + count], rank=rank)
         if rank:
             h = bf16.matmul_bf16(pairs[:, :(count + 1) // 2], a.T) if len(ranges) == 1 else g2d @ a.T
-            bf16.put_low_rank(pairs, scale * h)
+            bf16.put_low_rank(pairs, h, scale)
         bf16.times_weight(pairs, weight, row_start, count, partial if row_start else result, e if rank else None)
         if row_start:
             result += partial
