@@ -13,12 +13,14 @@ import os
 # imported before NumPy; a value set by the user wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
 # The same the other way round: after each parallel kernel, Numba's OpenMP threads
-# (GNU libgomp) spin 300,000 rounds by default and hold a core through the NumPy
-# calls that follow. A short spin keeps back-to-back kernels (decoding) fast and frees
-# the cores for NumPy soon after (training steps on 2 cores: ~1.4x faster; decoding as
-# fast as with the default, where OMP_WAIT_POLICY=PASSIVE halves it). Takes effect when
-# qlora_np is imported before the first parallel Numba kernel runs.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# (GNU libgomp) spin before they sleep, and a spinning thread holds a core through the
+# NumPy (BLAS) calls that follow, while a sleeping one takes ~0.1 ms to wake on this VM
+# for the next kernel (a bfloat16 step launches ~1,500). 30,000 rounds balance the two:
+# against 3,000, float32 steps the same (3.05 s), bfloat16 steps 1.37 → 1.23 s, decoding
+# 155–158 → 165–175 tok/s; 60,000 already slowed float32 steps to 3.4 s, and libgomp's
+# own default (300,000 rounds) to 5 s. Takes effect when qlora_np is imported before the
+# first parallel Numba kernel runs.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from .allocator import keep_freed_memory  # noqa: E402
 
