@@ -448,12 +448,11 @@ def put_low_rank(pairs, h, scale=1.0):
     _put_scaled_pairs(np.ascontiguousarray(h, np.float32), np.float32(scale), pairs[:, own:])
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _put_scaled_pairs(h, scale, room):
-    """room (rows, ≥ r/2) uint32 = the pairs of scale · h (rows, r), zero past them: serial,
-    as a few values a row are not worth the threads' start (18 µs a call in the step)."""
-    row_values = np.empty(h.shape[1], np.float32)
-    for r in range(h.shape[0]):
+    """room (rows, ≥ r/2) uint32 = the pairs of scale · h (rows, r), zero past them."""
+    for r in prange(h.shape[0]):
+        row_values = np.empty(h.shape[1], np.float32)
         for i in range(h.shape[1]):
             row_values[i] = scale * h[r, i]
         round_row_pairs(row_values, room[r])
@@ -474,12 +473,13 @@ def _depth(a_pairs, own, low_rank):
     return depth
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def pack_low_rank(e, first_pair, panels):
     """Pair-rows first_pair … of the panels (count, depth, PANEL) = the panels of e (r, n)
-    float32, any strides, zero past r: the rows of b that multiply a low-rank term's pairs."""
+    float32, any strides, zero past r: the rows of b that multiply a low-rank term's pairs.
+    Serial: a few rows are not worth waking the threads."""
     filled = (e.shape[0] + 1) // 2
-    for p in prange(panels.shape[0]):
+    for p in range(panels.shape[0]):
         pack_panel(e, p, panels[p, first_pair:first_pair + filled])
         panels[p, first_pair + filled:] = 0
 
