@@ -219,7 +219,7 @@ def _block_forward(cfg, block, x, rope, mask, attention):
     m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
     step.update(gate=gate, up=up)
-    hidden = passes.swiglu(gate, up)                              # not kept: backward makes it again
+    hidden = passes.swiglu(gate, up)        # not kept (its pairs may be): backward makes it again if needed
     return x + _train(lin["ffn_down"], hidden, keep_input=False), step
 
 
@@ -237,7 +237,9 @@ def _backward(model, saved, grad_final, rope, mask, attention):
                 layer.dropout_rng.bit_generator.state = step["rng_states"][name]
             _, step = _block_forward(cfg, block, step["x"], rope, mask, attention)
         # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
-        grad_hidden = lin["ffn_down"].backward(grad, x=passes.swiglu(step["gate"], step["up"]))
+        down = lin["ffn_down"]
+        hidden = passes.swiglu(step["gate"], step["up"]) if down.needs_input_again() else None
+        grad_hidden = down.backward(grad, x=hidden)
         grad_gate, grad_up = passes.swiglu_backward(grad_hidden, step["gate"], step["up"])
         grad_m = lin["ffn_gate"].backward(grad_gate)
         grad_m += lin["ffn_up"].backward(grad_up)

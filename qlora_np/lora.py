@@ -74,7 +74,9 @@ class _ForwardCache(NamedTuple):
     lead: tuple              # x's leading dimensions (..., )
     dtype: np.dtype          # compute dtype of the forward
     dropped: np.ndarray      # (rows, in) dropout(x), A's gradient is grad_hidden.T @ dropped;
-                             # None after forward(keep_input=False): backward takes x again
+                             # or x's bfloat16 pairs (rows, ≥ in/2) uint32 where the products
+                             # rounded them (no dropout); None after forward(keep_input=False)
+                             # otherwise: backward takes x again
     keep: np.ndarray         # (rows, in) bool dropout mask, None without dropout
     hidden: np.ndarray       # (rows, r) dropped @ A.T: B's gradient is g.T @ hidden
 
@@ -250,10 +252,11 @@ class LoRALinear:
         Computes in float64 if x or the adapters are float64, else in float32 (the
         4-bit products themselves are float32 either way). When ``cache`` is true
         (default: in training mode only) keeps what :meth:`backward` needs: the
-        dropped-out x, the dropout mask and x @ A.T — nothing for a layer without
-        active adapters, whose backward only needs W. ``keep_input=False`` leaves
-        the dropped-out x out, for an x that is cheaper to compute again than to
-        keep: :meth:`backward` then takes x again.
+        dropped-out x (or, where bfloat16 products without dropout rounded x, its
+        pairs: half the bytes), the dropout mask and x @ A.T — nothing for a layer
+        without active adapters, whose backward only needs W. ``keep_input=False``
+        leaves a float32 x out, for an x that is cheaper to compute again than to
+        keep: :meth:`backward` then takes x again (see :meth:`needs_input_again`).
         """
         cache = self.training if cache is None else cache
         if self.device == "cuda":
@@ -274,8 +277,10 @@ class LoRALinear:
         ride_along = adapters and self._adapters_ride_along(dtype)
         if ride_along:                                                      # (rows, out), (rows, r)
             given = None if keep is None else dropped @ self.lora_a.T      # x @ A.T from the dropped-out x
-            y, hidden = matmul_low_rank(x2, self.base, self.lora_a, self.lora_b.T, self.scale,
-                                        self.compute_dtype, h=given)
+            y, hidden, x_pairs = matmul_low_rank(x2, self.base, self.lora_a, self.lora_b.T, self.scale,
+                                                 self.compute_dtype, h=given)
+            if keep is None and x_pairs is not None:                        # half of x's bytes to keep
+                dropped, keep_input = x_pairs, True
         else:
             y = self._base_product(x2).astype(dtype, copy=False)           # (rows, out)
         if self.bias is not None:
@@ -331,8 +336,13 @@ class LoRALinear:
                 add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
-        self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped))   # (r, in)
+        self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped, self.in_features))   # (r, in)
         return grad_x.reshape(lead + (self.in_features,))
+
+    def needs_input_again(self):
+        """Whether :meth:`backward` needs the forward's x passed again: after a forward with
+        ``keep_input=False`` that kept neither x nor its bfloat16 pairs."""
+        return self._cache is not None and self._cache.hidden is not None and self._cache.dropped is None
 
     def _forward_on_gpu(self, x, cache, keep_input):
         """:meth:`forward` with the layer on the GPU: the same steps, float32, on device arrays."""

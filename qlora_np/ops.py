@@ -11,6 +11,8 @@ Work runs where the data lives: a tensor on "cuda" (``QuantizedTensor.to("cuda")
 kernels of :mod:`qlora_np.kernels.cuda`, and its results are device arrays.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.linalg import get_blas_funcs
 
@@ -297,10 +299,18 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
     return result.reshape(lead + (in_features,))
 
 
+class LowRankForward(NamedTuple):
+    """What :func:`matmul_low_rank` gives back."""
+    y: np.ndarray           # (rows, out) float32: x @ W.T + scale · h @ e
+    h: np.ndarray           # (rows, r) float32: x @ a.T (or the h given)
+    x_pairs: np.ndarray     # (rows, ≥ in/2) uint32: x's bfloat16 pairs where the product rounded x, else None
+
+
 def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
-    """``(x @ W.T + scale · h @ e, h)`` with h = x @ a.T, on the CPU: x (rows, in), a (r, in),
-    e (r, out) → (rows, out) and (rows, r) float32. A LoRA layer's forward (a = A, e = B.T);
-    a given ``h`` (rows, r) is used instead of x @ a.T (one made from a dropped-out x).
+    """``x @ W.T + scale · h @ e`` with h = x @ a.T, on the CPU: x (rows, in), a (r, in),
+    e (r, out) → :class:`LowRankForward` (y, h and x's pairs). A LoRA layer's forward
+    (a = A, e = B.T); a given ``h`` (rows, r) is used instead of x @ a.T (one made from a
+    dropped-out x).
 
     Where :func:`matmul` multiplies in bfloat16 with W's panels decoded from its codes,
     every product reads x's pairs: h is their product with a's, and scale · h's pairs
@@ -319,11 +329,11 @@ def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
         if h is None:
             h = bf16.matmul_bf16(pairs[:, :(qt.shape[1] + 1) // 2], a.T)
         bf16.put_low_rank(pairs, h, scale)
-        return _bfloat16_times_weight_t(pairs, qt, e), h
+        return LowRankForward(_bfloat16_times_weight_t(pairs, qt, e), h, pairs)
     h = x2d @ a.T if h is None else h
     y = matmul(x2d, qt, compute_dtype=compute_dtype)
     add_low_rank_product(y, scale, h, e)
-    return y, h
+    return LowRankForward(y, h, None)
 
 
 def matmul_t_low_rank(grad, qt, a, e, scale=1.0, compute_dtype="float32"):

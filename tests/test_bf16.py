@@ -317,10 +317,10 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
     weight = qlora_np.dequantize(qt)
     x, g = rng.standard_normal((rows, 128), np.float32), rng.standard_normal((rows, 200), np.float32)
     a_in, a_out = rng.standard_normal((8, 128), np.float32), rng.standard_normal((8, 200), np.float32)
-    y, h_x = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
+    y, h_x, x_pairs = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
     grad, h_g = qlora_np.ops.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
     given = rng.standard_normal((rows, 8), np.float32)
-    y_given, h_given = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
+    y_given, h_given, _ = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
     np.testing.assert_array_equal(h_given, given)
     folds = qlora_np.ops._folds_low_rank(rows, qt, compute_dtype, qlora_np.ops.FUSED_MAX_ROWS)
     cases = [(h_x, x @ a_in.T, np.abs(x) @ np.abs(a_in.T)), (h_g, g @ a_out.T, np.abs(g) @ np.abs(a_out.T)),
@@ -335,7 +335,9 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
             assert np.all(np.abs(got - exact) <= 2 ** -7 * sizes + 1e-5)
         else:                                         # float32, BLAS adding the term after the product
             np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-3)
+    assert (x_pairs is not None) == folds                                      # x's pairs, h's after them
     if folds:
+        np.testing.assert_array_equal(x_pairs[:, :64], bf16.rounded_rows(x))
         without = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
         assert not np.allclose(grad, without, atol=1e-2)                     # the term is there
 
@@ -390,6 +392,27 @@ def test_lora_layer_trains_in_bfloat16():
         layer.zero_grad()
     for exact, rounded in zip(results["float32"], results["bfloat16"]):       # the adapters' products too
         assert 0 < np.abs(rounded - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_lora_layer_keeps_what_its_backward_needs(compute_dtype):
+    """keep_input=False: a float32 layer needs x again; a bfloat16 one whose adapters rode
+    in the product keeps x's pairs (half the bytes) and needs nothing."""
+    from qlora_np.lora import LoRALinear
+    rng = np.random.default_rng(6)
+    layer = LoRALinear.from_weight(rng.standard_normal((64, 128), np.float32), r=4, seed=0)
+    layer.compute_dtype = compute_dtype
+    layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape).astype(np.float32)
+    x = rng.standard_normal((PANEL_MAX_ROWS + 10, 128), np.float32)
+    layer.forward(x, keep_input=False)
+    rides = compute_dtype == "bfloat16" and bf16.decodes_4bit((64, 128), 64)
+    assert layer.needs_input_again() is not rides
+    layer.backward(np.ones((PANEL_MAX_ROWS + 10, 64), np.float32), x=None if rides else x)
+    grad_a = layer.grad_lora_a.copy()
+    layer.zero_grad()
+    layer.forward(x)
+    layer.backward(np.ones((PANEL_MAX_ROWS + 10, 64), np.float32))
+    np.testing.assert_array_equal(layer.grad_lora_a, grad_a)                    # the same either way
 
 
 @pytest.mark.parametrize("path", PATHS)

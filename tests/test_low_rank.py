@@ -57,3 +57,25 @@ def test_thin_t_product_takes_strided_operands(rows):
 def test_thin_t_product_refuses_operands_that_do_not_share_rows():
     with pytest.raises(ShapeError):
         low_rank.thin_t_product(np.ones((4, 2), np.float32), np.ones((5, 3), np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 200), rank=st.integers(1, 12), n=st.integers(1, 100).map(lambda n: 2 * n),
+       extra=st.sampled_from([0, 8]), seed=st.integers(0, 2 ** 16), avx512=st.booleans())
+def test_thin_t_product_reads_bfloat16_pairs(rows, rank, n, extra, seed, avx512):
+    """g as the pairs a product rounded (h's pairs may follow): the sums of its bfloat16 values."""
+    from qlora_np.kernels import bf16
+    rng = np.random.default_rng(seed)
+    h, x = rng.standard_normal((rows, rank), np.float32), rng.standard_normal((rows, n), np.float32)
+    pairs = bf16.rounded_rows(x, simd=True, rank=extra)                # (rows, n/2 [+ h's room])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(low_rank, "HAS_AVX512", avx512 and low_rank.HAS_AVX512)
+        got = low_rank.thin_t_product(h, pairs, n)
+    rounded = reference.round_to_bfloat16(x)
+    assert got.shape == (rank, n)
+    assert np.all(np.abs(got - reference.thin_t_product(h, rounded)) <= _bound(h, rounded))
+
+
+def test_thin_t_product_checks_the_pairs_columns():
+    with pytest.raises(ShapeError):
+        low_rank.thin_t_product(np.ones((4, 2), np.float32), np.ones((4, 3), np.uint32), 7)
