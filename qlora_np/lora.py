@@ -324,11 +324,12 @@ class LoRALinear:
             return self._base_product_t(g).astype(dtype, copy=False).reshape(lead + (self.in_features,))
         lora_a = self.lora_a.astype(dtype, copy=False)                      # (r, in)
         lora_b = self.lora_b.astype(dtype, copy=False)                      # (out, r)
-        grad_b_t = self.scale * thin_t_product(hidden, g)                   # (r, out): one pass over g
-        self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
+        g_for_b = g                                                         # (rows, out) or its pairs
         if keep is None and self._adapters_ride_along(dtype):               # (rows, in), (rows, r)
-            grad_x, g_b = matmul_t_low_rank(g, self.base, lora_b.T, lora_a, self.scale, self.compute_dtype)
+            grad_x, g_b, g_pairs = matmul_t_low_rank(g, self.base, lora_b.T, lora_a, self.scale,
+                                                     self.compute_dtype)
             grad_hidden = self.scale * g_b
+            g_for_b = g if g_pairs is None else g_pairs
         else:
             grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
             grad_x = self._base_product_t(g).astype(dtype, copy=False)     # (rows, in): g @ W
@@ -336,6 +337,8 @@ class LoRALinear:
                 add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
+        grad_b_t = self.scale * thin_t_product(hidden, g_for_b, self.out_features)   # (r, out): one pass
+        self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
         self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped, self.in_features))   # (r, in)
         return grad_x.reshape(lead + (self.in_features,))
 

@@ -336,17 +336,25 @@ def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
     return LowRankForward(y, h, None)
 
 
+class LowRankBackward(NamedTuple):
+    """What :func:`matmul_t_low_rank` gives back."""
+    grad: np.ndarray        # (rows, in) float32: grad @ W + scale · h @ e
+    h: np.ndarray           # (rows, r) float32: grad @ a.T
+    grad_pairs: np.ndarray  # (rows, ≥ out/2) uint32: grad's bfloat16 pairs where the product rounded all of it, else None
+
+
 def matmul_t_low_rank(grad, qt, a, e, scale=1.0, compute_dtype="float32"):
-    """``(grad @ W + scale · h @ e, h)`` with h = grad @ a.T, on the CPU: grad (rows, out),
-    a (r, out), e (r, in) → (rows, in) and (rows, r) float32. A LoRA layer's gradient to x
-    (a = B.T, e = A), in the products :func:`matmul_low_rank` describes."""
+    """``grad @ W + scale · h @ e`` with h = grad @ a.T, on the CPU: grad (rows, out),
+    a (r, out), e (r, in) → :class:`LowRankBackward` (the result, h and grad's pairs). A
+    LoRA layer's gradient to x (a = B.T, e = A), in the products :func:`matmul_low_rank`
+    describes."""
     g2d, a, e = _low_rank_operands(grad, qt, a, e, qt.shape[0], qt.shape[1], "grad")
     if _folds_low_rank(g2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS_T):
-        return _bfloat16_times_weight(g2d, qt, a, e, scale)
+        return LowRankBackward(*_bfloat16_times_weight(g2d, qt, a, e, scale))
     h = g2d @ a.T
     result = matmul_t(g2d, qt, compute_dtype=compute_dtype)
     add_low_rank_product(result, scale, h, e)
-    return result, h
+    return LowRankBackward(result, h, None)
 
 
 def add_low_rank_product(y, alpha, a, b):
@@ -390,8 +398,9 @@ def _bfloat16_times_weight_t(x_pairs, qt, e=None):
 
 def _bfloat16_times_weight(g2d, qt, a=None, e=None, scale=1.0):
     """g @ W in bfloat16, W's panels decoded from its codes a range of its rows at a time and
-    each range's products summed; with a and e, also (the sum plus scale · h @ e, h = g @
-    a.T), h's pairs riding with the first range's (h from g's pairs where there is one)."""
+    each range's products summed; with a and e, (the sum plus scale · h @ e, h = g @ a.T,
+    g's pairs or None), h's pairs riding with the first range's (h from g's pairs where
+    there is one range)."""
     weight, ranges = _bfloat16_weight(qt), list(_weight_row_ranges(qt))
     result = empty_aligned((g2d.shape[0], qt.shape[1]), np.float32)  # (rows, in)
     partial = empty_aligned(result.shape, np.float32) if len(ranges) > 1 else None   # a range's, reused
@@ -405,7 +414,7 @@ def _bfloat16_times_weight(g2d, qt, a=None, e=None, scale=1.0):
         bf16.times_weight(pairs, weight, row_start, count, partial if row_start else result, e if rank else None)
         if row_start:
             result += partial
-    return result if a is None else (result, h)
+    return result if a is None else (result, h, pairs if len(ranges) == 1 else None)
 
 
 def compute_dtype_name(compute_dtype):

@@ -318,7 +318,7 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
     x, g = rng.standard_normal((rows, 128), np.float32), rng.standard_normal((rows, 200), np.float32)
     a_in, a_out = rng.standard_normal((8, 128), np.float32), rng.standard_normal((8, 200), np.float32)
     y, h_x, x_pairs = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
-    grad, h_g = qlora_np.ops.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
+    grad, h_g, g_pairs = qlora_np.ops.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
     given = rng.standard_normal((rows, 8), np.float32)
     y_given, h_given, _ = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
     np.testing.assert_array_equal(h_given, given)
@@ -336,6 +336,9 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
         else:                                         # float32, BLAS adding the term after the product
             np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-3)
     assert (x_pairs is not None) == folds                                      # x's pairs, h's after them
+    assert (g_pairs is not None) == (folds and not ranges)                    # g's, where all in one range
+    if g_pairs is not None:
+        np.testing.assert_array_equal(g_pairs[:, :100], bf16.rounded_rows(g))
     if folds:
         np.testing.assert_array_equal(x_pairs[:, :64], bf16.rounded_rows(x))
         without = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
