@@ -76,6 +76,7 @@ def test_thin_t_product_reads_bfloat16_pairs(rows, rank, n, extra, seed, avx512)
     assert np.all(np.abs(got - reference.thin_t_product(h, rounded)) <= _bound(h, rounded))
 
 
-def test_thin_t_product_checks_the_pairs_columns():
+@pytest.mark.parametrize("columns", [7, 0, None])                       # more than the pairs hold, or none
+def test_thin_t_product_checks_the_pairs_columns(columns):
     with pytest.raises(ShapeError):
-        low_rank.thin_t_product(np.ones((4, 2), np.float32), np.ones((4, 3), np.uint32), 7)
+        low_rank.thin_t_product(np.ones((4, 2), np.float32), np.ones((4, 3), np.uint32), columns)

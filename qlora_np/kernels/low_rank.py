@@ -1,4 +1,5 @@
-"""The float32 products of a LoRA layer's adapter gradients: ``h.T @ g`` for a thin h.
+"""The products of a LoRA layer's adapter gradients: ``h.T @ g`` for a thin h, with g in
+float32 or as the bfloat16 pairs a product rounded (summed in float32 either way).
 
 Backward, a LoRA layer needs B's gradient scale · hᵀ g (h = x Aᵀ, g the gradient to y)
 and A's gradient (scale · g B)ᵀ x: each sums over all rows of an (rows, r) h times a
@@ -159,8 +160,8 @@ def thin_t_product(h, g, columns=None):
     With AVX-512 a Numba pass over g (see the module); for a small float32 g, or without
     AVX-512 (whose 32 registers the tile needs), NumPy's BLAS (on the pairs' values); for
     a float64 h or g, NumPy's BLAS in float64."""
-    pairs = g.dtype == np.uint32
-    n = columns if pairs else g.shape[1] if g.ndim == 2 else None
+    pairs = _holds_pairs(g)
+    n = (columns or 0) if pairs else g.shape[-1]
     if h.ndim != 2 or g.ndim != 2 or h.shape[0] != g.shape[0] or (pairs and not 0 < n <= 2 * g.shape[1]):
         raise ShapeError(f"h (rows, r) and g (rows, n) or its pairs (rows, ≥ n/2) must share their rows, "
                          f"got {h.shape} and {g.shape} (n = {n})")
