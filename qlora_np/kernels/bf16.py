@@ -445,18 +445,8 @@ def put_low_rank(pairs, h, scale=1.0):
     own = pairs.shape[1] - low_rank_pairs(h.shape[1])
     if h.shape[0] != pairs.shape[0] or own < 0:
         raise ShapeError(f"a low-rank term {h.shape} does not fit pairs {pairs.shape}")
-    _put_scaled_pairs(np.ascontiguousarray(h, np.float32), np.float32(scale), pairs[:, own:])
-
-
-@njit(parallel=True, cache=True)
-def _put_scaled_pairs(h, scale, room):
-    """room (rows, ≥ r/2) uint32 = the pairs of scale · h (rows, r), zero past them."""
-    for r in prange(h.shape[0]):
-        row_values = np.empty(h.shape[1], np.float32)
-        for i in range(h.shape[1]):
-            row_values[i] = scale * h[r, i]
-        round_row_pairs(row_values, room[r])
-        room[r, (h.shape[1] + 1) // 2:] = 0
+    round_pairs(np.float32(scale) * np.asarray(h, np.float32), pairs[:, own:])
+    pairs[:, own + (h.shape[1] + 1) // 2:] = 0
 
 
 def low_rank_pairs(rank):

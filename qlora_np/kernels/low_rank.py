@@ -21,6 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..dtypes import bfloat16_from_bits
 from ..errors import ShapeError
 from .exp32 import float32_with_bits
 from .simd import HAS_AVX512
@@ -115,10 +116,7 @@ def _holds_pairs_in_numba(g):
 
 def _value(g, row, column):
     """g[row, column] of a float32 g, or the column-th bfloat16 value of a row of pairs."""
-    if _holds_pairs(g):
-        pair = int(g[row, column // 2])
-        return np.uint32(pair << 16 if column % 2 == 0 else pair & 0xFFFF0000).view(np.float32)
-    return g[row, column]
+    return _pair_values(g[row:row + 1], column + 1)[0, column] if _holds_pairs(g) else g[row, column]
 
 
 @overload(_value)
@@ -180,8 +178,7 @@ def thin_t_product(h, g, columns=None):
 
 
 def _pair_values(pairs, n):
-    """The first n bfloat16 values of each row of pairs (rows, ≥ n/2) uint32, as float32."""
-    values = np.empty((pairs.shape[0], 2 * pairs.shape[1]), np.uint32)
-    values[:, 0::2] = pairs << 16
-    values[:, 1::2] = pairs & 0xFFFF0000
-    return values[:, :n].view(np.float32)
+    """The first n bfloat16 values of each row of pairs (rows, ≥ n/2) uint32, as float32
+    (a pair's low half is the even value: the row's bfloat16 bits in order)."""
+    bits = np.ascontiguousarray(pairs).view(np.uint16)                       # (rows, 2 · pairs)
+    return bfloat16_from_bits(bits[:, :n]).astype(np.float32)
