@@ -46,7 +46,7 @@ def main():
     from numba import cuda
     if not cuda.is_available():
         sys.exit("bench_cuda.py: no CUDA GPU here (numba.cuda.is_available() is False)")
-    from qlora_np.kernels import cuda as gpu
+    from qlora_np.kernels.cuda import kernels as gpu
 
     side, repeat = args.side, args.repeat
     weight = np.random.default_rng(0).standard_normal((side, side)).astype(np.float32)

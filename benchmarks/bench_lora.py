@@ -7,7 +7,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS 
 import numpy as np  # noqa: E402
 
 from qlora_np import LoRALinear  # noqa: E402
-from qlora_np.optim import AdamW  # noqa: E402
+from qlora_np.nn.optim import AdamW  # noqa: E402
 
 
 class TrainStep:

@@ -23,7 +23,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qlora_np.demo import shipped_smollm2_path  # noqa: E402
-from qlora_np.llama import KVCache, LlamaModel  # noqa: E402
+from qlora_np.models.llama.model import KVCache, LlamaModel  # noqa: E402
 
 PROMPT = ("<|im_start|>user\nWrite a short story about a robot who learns to paint, in three "
           "sentences.<|im_end|>\n<|im_start|>assistant\n")

@@ -37,9 +37,9 @@ import sys  # noqa: E402
 OURS = r"""
 import json, resource, sys, time
 import numba, numpy as np
-from qlora_np.llama import LlamaModel
-from qlora_np.llama_lora import inject_lora, loss_and_backward
-from qlora_np.optim import AdamW
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.lora import inject_lora, loss_and_backward
+from qlora_np.nn.optim import AdamW
 path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
 numba.set_num_threads(threads)
 model = LlamaModel.from_gguf(path, quant_type="nf4")
@@ -189,8 +189,8 @@ def summary(name, result, tokens, flops):
 
 def main():
     from qlora_np.demo import shipped_smollm2_path
-    from qlora_np.gguf_io import open_gguf
-    from qlora_np.llama import LlamaConfig
+    from qlora_np.io.gguf import open_gguf
+    from qlora_np.models.llama.config import LlamaConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)

@@ -21,7 +21,7 @@ import ctypes.util  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qlora_np import LoRALinear  # noqa: E402
-from qlora_np.optim import AdamW  # noqa: E402
+from qlora_np.nn.optim import AdamW  # noqa: E402
 from timing import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 from scipy.stats import norm
 
 import qlora_np
-from qlora_np.codebooks import dynamic_map
-from qlora_np.reference import torch_mean_float32
+from qlora_np.quant.codebooks import dynamic_map
+from qlora_np.quant.reference import torch_mean_float32
 
 np.set_printoptions(precision=4, suppress=True, linewidth=100)
 rng = np.random.default_rng(0)
@@ -24,7 +24,7 @@ rng = np.random.default_rng(0)
 # normal distribution has equal probability mass. To represent 0 exactly it uses 8
 # positive levels and 7 negative ones. The outermost quantile is not 1 - 1/32 nor
 # 1 - 1/30 but their mean (QLoRA, appendix E), and the probabilities are spaced the
-# way float32 torch.linspace spaces them (qlora_np.codebooks.torch_linspace_float32
+# way float32 torch.linspace spaces them (qlora_np.quant.codebooks.torch_linspace_float32
 # reproduces that rounding for the bit-exact table; plain linspace is enough here).
 offset = 0.5 * ((1 - 1 / 32) + (1 - 1 / 30))                     # 0.9677083…
 positive = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])             # (8,) largest first
@@ -101,7 +101,7 @@ assert same > 0.99
 # ---------------------------------------------------------------------------
 # 4. Dequantize the whole matrix, by hand and with the library
 # ---------------------------------------------------------------------------
-library_scales = qlora_np.ops.scales(qt)                           # (2048,) float32
+library_scales = qlora_np.quant.backends.scales(qt)                           # (2048,) float32
 codes = np.stack([qt.packed >> 4, qt.packed & 0x0F], axis=1).reshape(-1)          # (131072,)
 by_hand = (nf4[codes].reshape(-1, 64) * library_scales[:, None]).reshape(weight.shape)
 assert np.array_equal(by_hand, qlora_np.dequantize(qt))

@@ -10,8 +10,9 @@ Run:  python examples/02_lora_layer.py
 
 import numpy as np
 
-from qlora_np import LoRALinear, memory
-from qlora_np.optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule
+from qlora_np import LoRALinear
+from qlora_np.train import memory
+from qlora_np.nn.optim import AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule
 
 rng = np.random.default_rng(0)
 CLASSES, IN, HIDDEN = 10, 256, 512
@@ -115,7 +116,7 @@ fp16_base = 2 * linear_values
 print(f"\nfrozen base: {parts['base_weight'] + parts['quant_constants']:,} bytes in NF4+dq vs "
       f"{fp16_base:,} in fp16 ({fp16_base / (parts['base_weight'] + parts['quant_constants']):.2f}× smaller)")
 
-# the same four set-ups as for the LLaMA models below, from the formulas of qlora_np.memory:
+# the same four set-ups as for the LLaMA models below, from the formulas of qlora_np.train.memory:
 # the linear weights are what QLoRA quantizes, the biases stay 16-bit
 bias_values = sum(layer.bias.size for layer in layers)
 adapter_values = sum(layer.trainable_parameters() for layer in layers)

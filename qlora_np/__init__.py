@@ -1,58 +1,66 @@
 """qlora_np — QLoRA without a deep-learning framework.
 
-Packed 4-bit weights (NF4 / FP4 / INT4, bit-exact with bitsandbytes) in NumPy
-arrays, Numba kernels to quantize and decode them, and a plain-NumPy reference of
-every step to read.
+Packed 4-bit weights (NF4 / FP4 / INT4, bit-exact with bitsandbytes) in NumPy arrays,
+Numba kernels to quantize, decode and multiply them, a manual-gradient LoRA layer with
+AdamW, and a plain-NumPy reference of every step to read.
+
+The layers, bottom to top (each imports only from those below it; ARCHITECTURE.md beside
+this file walks through them): ``errors``/``dtypes``/``runtime`` → ``quant.codebooks`` →
+``kernels`` → ``quant`` → ``linalg`` → ``nn`` → ``io`` (file formats) → ``models`` →
+``io`` (model files) → ``train`` → ``cli``/``demo``.
+
+Importing the package loads nothing but this file: each public name below is imported
+the first time it is used, and nothing in the process (environment, allocator, CPU
+state) changes until the user asks: :func:`qlora_np.runtime.configure` tunes threads and
+the allocator, as the ``qlora-np`` command does.
 """
 
-import os
-
-# OpenBLAS threads spin for a long while after each call and then hold the cores the
-# Numba kernels run on next; training alternates the two hundreds of times a step
-# (measured: 1.8x faster steps on 2 cores). Takes effect only when qlora_np is
-# imported before NumPy; a value set by the user wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
-# The same the other way round: after each parallel kernel, Numba's OpenMP threads
-# (GNU libgomp) spin before they sleep, and a spinning thread holds a core through the
-# NumPy (BLAS) calls that follow, while a sleeping one takes ~0.1 ms to wake on this VM
-# for the next kernel (a bfloat16 step launches ~1,500). 30,000 rounds balance the two:
-# against 3,000, float32 steps the same (3.05 s), bfloat16 steps 1.37 → 1.23 s, decoding
-# 155–158 → 165–175 tok/s; 60,000 already slowed float32 steps to 3.4 s, and libgomp's
-# own default (300,000 rounds) to 5 s. Takes effect when qlora_np is imported before the
-# first parallel Numba kernel runs.
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")
-
-from .allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()          # a training step's activations are reused, not faulted in anew each step
-
-from .codebooks import FORMATS, derive_nf4_codebook, dynamic_map
-from .dtypes import bfloat16_from_bits
-from .errors import (BlocksizeError, CheckpointError, DataError, DataWarning, DeviceError, DTypeError,
-                     InvalidValueError, QLoraError, ShapeError, StateDictError, UnknownFormatError)
-from .ops import dequantize, matmul, matmul_t, quantize
-from .tensor import BNB_BLOCKSIZES, QuantizedTensor
-from .lora import LoRALinear, MergeReport, Parameter
-from .llama import LlamaModel
-from .llama_lora import inject_lora, loss_and_backward, print_trainable_parameters
-from .data import load_examples, split_examples
-from .train import TrainConfig, Trainer
-from .gguf_export import load_gguf_adapter, save_gguf_adapter, save_merged_gguf
-from .peft_io import load_peft, save_peft
-from .bnb_io import load_bnb_model, save_bnb_model, save_merged_hf
-from .convert import quantize_checkpoint
-from . import memory, optim
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "quantize", "dequantize", "matmul", "matmul_t", "QuantizedTensor", "FORMATS", "BNB_BLOCKSIZES",
-    "LoRALinear", "Parameter", "MergeReport", "optim", "memory",
-    "LlamaModel", "inject_lora", "loss_and_backward", "print_trainable_parameters",
-    "load_examples", "split_examples", "TrainConfig", "Trainer",
-    "save_gguf_adapter", "load_gguf_adapter", "save_merged_gguf", "save_peft", "load_peft",
-    "save_bnb_model", "load_bnb_model", "save_merged_hf", "quantize_checkpoint",
-    "derive_nf4_codebook", "dynamic_map", "bfloat16_from_bits",
-    "QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
-    "UnknownFormatError", "StateDictError", "CheckpointError", "DataError", "DataWarning", "DeviceError",
-]
+_PUBLIC = {
+    "qlora_np.quant.codec": ("quantize", "dequantize"),
+    "qlora_np.quant.tensor": ("QuantizedTensor", "BNB_BLOCKSIZES"),
+    "qlora_np.quant.codebooks": ("FORMATS", "derive_nf4_codebook", "dynamic_map"),
+    "qlora_np.dtypes": ("bfloat16_from_bits",),
+    "qlora_np.linalg": ("matmul", "matmul_t"),
+    "qlora_np.nn.lora": ("LoRALinear", "Parameter", "MergeReport"),
+    "qlora_np.models.llama.model": ("LlamaModel",),
+    "qlora_np.models.llama.lora": ("inject_lora", "loss_and_backward", "print_trainable_parameters"),
+    "qlora_np.train.data": ("load_examples", "split_examples"),
+    "qlora_np.train.trainer": ("TrainConfig", "Trainer"),
+    "qlora_np.io.gguf_export": ("save_gguf_adapter", "load_gguf_adapter", "save_merged_gguf"),
+    "qlora_np.io.peft": ("save_peft", "load_peft"),
+    "qlora_np.io.bnb": ("save_bnb_model", "load_bnb_model", "save_merged_hf"),
+    "qlora_np.io.convert": ("quantize_checkpoint",),
+    "qlora_np.errors": ("QLoraError", "InvalidValueError", "ShapeError", "DTypeError", "BlocksizeError",
+                        "UnknownFormatError", "StateDictError", "CheckpointError", "DataError",
+                        "DataWarning", "DeviceError"),
+}
+"""Where each public name lives."""
+
+_MODULES = {"optim": "qlora_np.nn.optim", "memory": "qlora_np.train.memory",
+            "llama": "qlora_np.models.llama.model", "llama_lora": "qlora_np.models.llama.lora"}
+"""Modules reachable as attributes of the package (``qlora_np.optim.AdamW``), as before the
+layers had packages of their own (CHANGELOG.md lists every move)."""
+
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+__all__ = [*_HOME, "optim", "memory"]
+
+
+def __getattr__(name):
+    """Import a public name (or module alias) the first time it is asked for."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'qlora_np' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_HOME, *_MODULES})

@@ -1,3 +1,3 @@
-from .cli import main
+from qlora_np.cli import main
 import sys
 sys.exit(main())

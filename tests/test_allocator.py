@@ -1,4 +1,4 @@
-"""qlora_np.allocator: freed activations stay in the heap (glibc), the user's settings win."""
+"""qlora_np.runtime: freed activations stay in the heap (glibc), the user's settings win."""
 
 import ctypes
 import os
@@ -7,7 +7,7 @@ import resource
 import numpy as np
 import pytest
 
-from qlora_np import allocator
+from qlora_np import runtime as allocator
 
 GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 

@@ -1,5 +1,5 @@
 """The fused bfloat16 training attention (kernels.attention_bf16) against its NumPy reference
-(reference.attention_bf16), the reference against float64 attention, and a training step
+(reference_.attention_bf16), the reference against float64 attention, and a training step
 with the fused kernels against one with the chunked attention."""
 
 import contextlib
@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qlora_np import llama_lora, reference
+from qlora_np.models.llama import lora as llama_lora
+from qlora_np.quant import reference
+from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError
-from qlora_np.kernels import amx
+from qlora_np.kernels.x86 import amx
 from qlora_np.kernels import attention_bf16 as fused
-from qlora_np.llama import LlamaConfig, LlamaModel
-from qlora_np.llama_lora import _attention, _attention_backward, _attention_mask
+from qlora_np.models.llama.config import LlamaConfig
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.lora import _attention, _attention_backward, _attention_mask
 
 from .test_llama import tiny_weights
 
@@ -62,10 +65,10 @@ def test_fused_kernels_match_the_reference(use_amx, seed, B, KV, group, T, d, pa
     with _tiles(use_amx):
         out, lse = fused.attention_bf16(q, k, v, mask, scale)
         grads = fused.attention_bf16_backward(q, k, v, mask, lse, grad_out, scale)
-    expected_out, expected_lse = reference.attention_bf16(q, k, v, mask, scale)
+    expected_out, expected_lse = reference_.attention_bf16(q, k, v, mask, scale)
     _assert_close(out, expected_out, 2e-3)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
-    expected = reference.attention_bf16_backward(q, k, v, mask, expected_lse, grad_out, scale)
+    expected = reference_.attention_bf16_backward(q, k, v, mask, expected_lse, grad_out, scale)
     for grad, expected_grad in zip(grads, expected):   # dS = P ⊙ (dP − Σ P ⊙ dP) cancels, and its rounding
         _assert_close(grad, expected_grad, 4e-3)        # may go one bfloat16 step (2⁻⁸) the other way
 
@@ -87,15 +90,15 @@ def test_fused_kernels_give_the_same_bytes_every_time(use_amx):
 def test_reference_is_attention_up_to_bfloat16_rounding(packed):
     """Against the float64 chunked attention of a training step (llama_lora._attention)."""
     q, k, v, grad_out, mask, scale = _inputs(2, 2, 2, 3, 150, 64, packed)
-    out, lse = reference.attention_bf16(q, k, v, mask, scale)
-    grads = reference.attention_bf16_backward(q, k, v, mask, lse, grad_out, scale)
+    out, lse = reference_.attention_bf16(q, k, v, mask, scale)
+    grads = reference_.attention_bf16_backward(q, k, v, mask, lse, grad_out, scale)
     wide = [a.astype(np.float64) for a in (q, k, v, grad_out)]
     exact_out, exact_lse = _attention(*wide[:3], mask)
     exact_grads = _attention_backward(*wide[:3], mask, exact_lse, wide[3])
     for result, exact in zip((out,) + grads, (exact_out,) + exact_grads):
         difference = np.abs(result - exact).max()
         assert 0 < difference <= 0.02 * np.abs(exact).max()            # rounded, by bfloat16's steps only
-    probabilities = np.exp(reference.matmul_bf16(q, k.swapaxes(-1, -2)) * np.float32(scale) - lse[..., None])
+    probabilities = np.exp(reference_.matmul_bf16(q, k.swapaxes(-1, -2)) * np.float32(scale) - lse[..., None])
     allowed = np.repeat(mask, 3, axis=1)[:, None]
     np.testing.assert_allclose(np.where(allowed, probabilities, 0).sum(-1), 1, rtol=1e-5)
 

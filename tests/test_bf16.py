@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qlora_np
-from qlora_np import reference
+from qlora_np.quant import reference
+from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError, UnknownFormatError
-from qlora_np.kernels import amx, bf16
-from qlora_np.ops import PANEL_MAX_ROWS
+from qlora_np.kernels.x86 import amx
+from qlora_np.kernels import bf16
+from qlora_np.linalg.products import PANEL_MAX_ROWS
 
 AMX = pytest.param("amx", marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16"))
 AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not bf16.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
@@ -39,8 +41,8 @@ def _bound(a, b):
     (each of the k additions rounds once; vdpbf16ps also flushes subnormals, which
     these tests' values never are)."""
     k = a.shape[1]
-    return k * 2.0 ** -23 * (np.abs(reference.round_to_bfloat16(a)).astype(np.float64)
-                             @ np.abs(reference.round_to_bfloat16(b)).astype(np.float64)) + 1e-30
+    return k * 2.0 ** -23 * (np.abs(reference_.round_to_bfloat16(a)).astype(np.float64)
+                             @ np.abs(reference_.round_to_bfloat16(b)).astype(np.float64)) + 1e-30
 
 
 def test_rounding_is_to_nearest_even_and_keeps_specials():
@@ -48,7 +50,7 @@ def test_rounding_is_to_nearest_even_and_keeps_specials():
     values = np.array([1.0, 1 + one_ulp / 2, 1 + 1.5 * one_ulp, 1 + one_ulp / 2 + 2 ** -20, -2.5e-3,
                        np.inf, -np.inf, np.nan, 3.4e38, 0.0, -0.0], np.float32)
     expected = [1.0, 1.0, 1 + 2 * one_ulp, 1 + one_ulp]                # ties go to the even neighbour
-    rounded = reference.round_to_bfloat16(values)
+    rounded = reference_.round_to_bfloat16(values)
     np.testing.assert_array_equal(rounded[:4], expected)
     assert np.isnan(rounded[7]) and np.isinf(rounded[8]) and rounded[5] == np.inf and rounded[6] == -np.inf
     assert np.signbit(rounded[10]) and not np.signbit(rounded[9])
@@ -74,7 +76,7 @@ def test_product_matches_reference(path, rows, k, n, transposed, seed):
     with _on(path) as simd:
         result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
     assert result.shape == (rows, n) and result.dtype == np.float32
-    assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+    assert (np.abs(result - reference_.matmul_bf16(a, b)) <= _bound(a, b)).all()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -85,7 +87,7 @@ def test_product_writes_into_a_column_view(path, k):
     out = np.full((45, 100), 7.0, np.float32)
     with _on(path) as simd:
         bf16.matmul_bf16(bf16.rounded_rows(a, simd), b, out=out[:, 32:96])
-    assert (np.abs(out[:, 32:96] - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+    assert (np.abs(out[:, 32:96] - reference_.matmul_bf16(a, b)) <= _bound(a, b)).all()
     assert (out[:, :32] == 7).all() and (out[:, 96:] == 7).all()
 
 
@@ -95,7 +97,7 @@ def test_each_path_is_within_the_bound_on_a_training_shape(path):
     a, b = rng.standard_normal((300, 576), np.float32), rng.standard_normal((576, 200), np.float32)
     with _on(path) as simd:
         result = bf16.matmul_bf16(bf16.rounded_rows(a, simd), b)
-    assert (np.abs(result - reference.matmul_bf16(a, b)) <= _bound(a, b)).all()
+    assert (np.abs(result - reference_.matmul_bf16(a, b)) <= _bound(a, b)).all()
 
 
 @pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16")
@@ -113,11 +115,11 @@ def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
         for r in range(rows):
             alone = bf16.matmul_bf16(bf16.rounded_rows(a[r:r + 1]), b)
             np.testing.assert_array_equal(together[r:r + 1], alone)
-    assert (np.abs(together - reference.matmul_bf16(a, b)) <= _bound(a, b) / 4).all()
+    assert (np.abs(together - reference_.matmul_bf16(a, b)) <= _bound(a, b) / 4).all()
 
 
 def test_amx_is_turned_off_from_the_environment():
-    code = "from qlora_np.kernels import amx; print(amx.USE_AMX)"
+    code = "from qlora_np.kernels.x86 import amx; print(amx.USE_AMX)"
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QLORA_NP_AMX": "0"},
                          capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
@@ -139,9 +141,9 @@ def test_matmul_and_matmul_t_in_bfloat16(quant_type):
     x = rng.standard_normal((rows, in_features), np.float32)
     g = rng.standard_normal((rows, out_features), np.float32)
     y = qlora_np.matmul(x, qt, compute_dtype="bfloat16")
-    assert (np.abs(y - reference.matmul_bf16(x, weight.T)) <= _bound(x, weight.T)).all()
+    assert (np.abs(y - reference_.matmul_bf16(x, weight.T)) <= _bound(x, weight.T)).all()
     grad = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
-    assert (np.abs(grad - reference.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
+    assert (np.abs(grad - reference_.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
     exact = qlora_np.matmul(x, qt)
     assert 0 < np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()      # really rounded, and only that
 
@@ -154,7 +156,7 @@ def _weight(quant_type, out_features, in_features, blocksize, seed):
     rng = np.random.default_rng(seed)
     qt = qlora_np.quantize(rng.standard_normal((out_features, in_features), np.float32), quant_type,
                            blocksize, True)
-    return qlora_np.ops._bfloat16_weight(qt), qlora_np.dequantize(qt)
+    return qlora_np.linalg.products._bfloat16_weight(qt), qlora_np.dequantize(qt)
 
 
 def _packed(b):
@@ -289,17 +291,17 @@ def test_products_from_codes_do_not_depend_on_the_thread_count(path):
 
 @FROM_CODES
 def test_weights_larger_than_a_tile_go_in_row_ranges(monkeypatch):
-    monkeypatch.setattr(qlora_np.ops, "TILE_ELEMENTS", 64 * 128)             # ranges of 64 rows
+    monkeypatch.setattr(qlora_np.quant.codec, "TILE_ELEMENTS", 64 * 128)             # ranges of 64 rows
     rng = np.random.default_rng(6)
     qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
-    assert [count for _, count in qlora_np.ops._weight_row_ranges(qt)] == [64, 64, 64, 8]
+    assert [count for _, count in qlora_np.linalg.products._weight_row_ranges(qt)] == [64, 64, 64, 8]
     weight = qlora_np.dequantize(qt)
     x = rng.standard_normal((PANEL_MAX_ROWS + 5, 128), np.float32)
     g = rng.standard_normal((PANEL_MAX_ROWS + 5, 200), np.float32)
     np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"),
                                   bf16.matmul_bf16(bf16.rounded_rows(x), weight.T))
     grad = qlora_np.matmul_t(g, qt, compute_dtype="bfloat16")
-    assert (np.abs(grad - reference.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
+    assert (np.abs(grad - reference_.matmul_bf16(g, weight)) <= _bound(g, weight)).all()
 
 
 @pytest.mark.parametrize("ranges", [False, True])
@@ -311,18 +313,18 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
     bfloat16 where it does, also when W goes in row ranges (h rides with the first range
     of g @ W)."""
     if ranges:
-        monkeypatch.setattr(qlora_np.ops, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
+        monkeypatch.setattr(qlora_np.quant.codec, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
     rng = np.random.default_rng(rows)
     qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
     weight = qlora_np.dequantize(qt)
     x, g = rng.standard_normal((rows, 128), np.float32), rng.standard_normal((rows, 200), np.float32)
     a_in, a_out = rng.standard_normal((8, 128), np.float32), rng.standard_normal((8, 200), np.float32)
-    y, h_x, x_pairs = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
-    grad, h_g, g_pairs = qlora_np.ops.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
+    y, h_x, x_pairs = qlora_np.linalg.products.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype)
+    grad, h_g, g_pairs = qlora_np.linalg.products.matmul_t_low_rank(g, qt, a_out, a_in, 0.5, compute_dtype)
     given = rng.standard_normal((rows, 8), np.float32)
-    y_given, h_given, _ = qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
+    y_given, h_given, _ = qlora_np.linalg.products.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
     np.testing.assert_array_equal(h_given, given)
-    folds = qlora_np.ops._folds_low_rank(rows, qt, compute_dtype, qlora_np.ops.FUSED_MAX_ROWS)
+    folds = qlora_np.linalg.products._folds_low_rank(rows, qt, compute_dtype, qlora_np.linalg.products.FUSED_MAX_ROWS)
     cases = [(h_x, x @ a_in.T, np.abs(x) @ np.abs(a_in.T)), (h_g, g @ a_out.T, np.abs(g) @ np.abs(a_out.T)),
              (y, x @ weight.T + 0.5 * (x @ a_in.T) @ a_out,                  # |x| |W| + 0.5 |x| |A| |e|
               np.abs(x) @ np.abs(weight.T) + 0.5 * (np.abs(x) @ np.abs(a_in.T)) @ np.abs(a_out)),
@@ -349,11 +351,11 @@ def test_low_rank_products_check_their_operands():
     qt = qlora_np.quantize(np.ones((40, 64), np.float32), "nf4", 64)
     x, a_in, a_out = np.ones((300, 64), np.float32), np.ones((8, 64), np.float32), np.ones((8, 40), np.float32)
     with pytest.raises(ShapeError):
-        qlora_np.ops.matmul_low_rank(x, qt, a_in, np.ones((8, 41), np.float32), compute_dtype="bfloat16")
+        qlora_np.linalg.products.matmul_low_rank(x, qt, a_in, np.ones((8, 41), np.float32), compute_dtype="bfloat16")
     with pytest.raises(ShapeError):
-        qlora_np.ops.matmul_low_rank(x, qt, a_in, a_out, h=np.ones((300, 7), np.float32))
+        qlora_np.linalg.products.matmul_low_rank(x, qt, a_in, a_out, h=np.ones((300, 7), np.float32))
     with pytest.raises(ShapeError):
-        qlora_np.ops.matmul_t_low_rank(np.ones((300, 40), np.float32), qt, a_out[:7], a_in)
+        qlora_np.linalg.products.matmul_t_low_rank(np.ones((300, 40), np.float32), qt, a_out[:7], a_in)
 
 
 def test_small_batches_stay_exact_float32():
@@ -380,7 +382,7 @@ def test_unknown_compute_dtype_is_a_typed_error():
 
 
 def test_lora_layer_trains_in_bfloat16():
-    from qlora_np.lora import LoRALinear
+    from qlora_np.nn.lora import LoRALinear
     rng = np.random.default_rng(5)
     layer = LoRALinear.from_weight(rng.standard_normal((64, 128), np.float32), r=4, seed=0)
     layer.lora_b[...] = rng.standard_normal(layer.lora_b.shape).astype(np.float32)
@@ -401,7 +403,7 @@ def test_lora_layer_trains_in_bfloat16():
 def test_lora_layer_keeps_what_its_backward_needs(compute_dtype):
     """keep_input=False: a float32 layer needs x again; a bfloat16 one whose adapters rode
     in the product keeps x's pairs (half the bytes) and needs nothing."""
-    from qlora_np.lora import LoRALinear
+    from qlora_np.nn.lora import LoRALinear
     rng = np.random.default_rng(6)
     layer = LoRALinear.from_weight(rng.standard_normal((64, 128), np.float32), r=4, seed=0)
     layer.compute_dtype = compute_dtype
@@ -430,7 +432,7 @@ def test_batched_products_match_each_groups_product(path, monkeypatch):
     bf16.batched_matmul_bf16(a, b, out=out[:, :, 5:42])                          # a view of rows
     for i, j in np.ndindex(2, 3):
         group_a, group_b, result = a[i, j], b[i, j], out[i, j, 5:42]
-        assert (np.abs(result - reference.matmul_bf16(group_a, group_b)) <= _bound(group_a, group_b)).all()
+        assert (np.abs(result - reference_.matmul_bf16(group_a, group_b)) <= _bound(group_a, group_b)).all()
         if simd:                                     # the same tiles as one product: the same bytes
             np.testing.assert_array_equal(result, bf16.matmul_bf16(bf16.rounded_rows(group_a), group_b))
     assert (out[:, :, :5] == 7).all() and (out[:, :, 42:] == 7).all()
@@ -439,7 +441,7 @@ def test_batched_products_match_each_groups_product(path, monkeypatch):
 
 
 def test_training_attention_in_bfloat16_stays_close_to_float32():
-    from qlora_np import llama_lora
+    from qlora_np.models.llama import lora as llama_lora
 
     rng = np.random.default_rng(8)
     B, KV, g, T, d = 2, 2, 3, 160, 64                        # two query chunks, the second partial
@@ -456,7 +458,7 @@ def test_training_attention_in_bfloat16_stays_close_to_float32():
 
 
 def test_turning_the_permute_decode_off_takes_the_decoded_tile_path(monkeypatch):
-    from qlora_np.kernels import simd
+    from qlora_np.kernels.x86 import simd
 
     rng = np.random.default_rng(9)
     qt = qlora_np.quantize(rng.standard_normal((64, 128), np.float32), "nf4", 64)

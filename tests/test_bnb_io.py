@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qlora_np.bnb_io import linear_from_bnb, load_bnb_model, save_bnb_model
+from qlora_np.models.llama.hf import linear_from_bnb
+from qlora_np.io.bnb import load_bnb_model, save_bnb_model
 from qlora_np.errors import CheckpointError
-from qlora_np.llama import LlamaConfig, LlamaModel, unpermute_rope_rows
-from qlora_np.lora import LoRALinear
-from qlora_np.ops import dequantize
-from qlora_np.safetensors_io import read_safetensors, save_safetensors
-from qlora_np.tensor import QuantizedTensor
+from qlora_np.models.llama.config import LlamaConfig
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.names import unpermute_rope_rows
+from qlora_np.nn.lora import LoRALinear
+from qlora_np.quant.codec import dequantize
+from qlora_np.io.safetensors import read_safetensors, save_safetensors
+from qlora_np.quant.tensor import QuantizedTensor
 
 from .corruption import corrupted_copy
 from .test_llama import tiny_weights
@@ -200,7 +203,7 @@ def test_corrupted_checkpoints_raise_checkpoint_errors_or_load(tmp_path_factory,
 @pytest.mark.parametrize("quant_type, tied", [(None, True), ("nf4", False)])
 def test_merged_hugging_face_checkpoint_gives_the_adapted_models_outputs(tmp_path, quant_type, tied):
     """(A tied LM head is stored as the float embedding, so the 4-bit case unties it to compare.)"""
-    from qlora_np.bnb_io import save_merged_hf
+    from qlora_np.io.bnb import save_merged_hf
 
     from .test_gguf_export import tiny_adapted
 

@@ -7,9 +7,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import qlora_np
-from qlora_np import reference
+from qlora_np.quant import reference
 from qlora_np.errors import InvalidValueError
-from qlora_np.kernels import cpu
+from qlora_np.kernels import blockwise as cpu
 
 from .bnb_cases import BNB_CASES, BNB_DIR, load_case
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qlora_np import cli
-from qlora_np.checkpoint import latest_checkpoint
+from qlora_np.train.checkpoint import latest_checkpoint
 
 
 def run(argv, capsys):

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from qlora_np import codebooks
-from qlora_np.codebooks import FORMATS
+from qlora_np.quant import codebooks
+from qlora_np.quant.codebooks import FORMATS
 
 
 def test_nf4_derivation_matches_bnb_table_bit_exactly(tables):

@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np import quantize
-from qlora_np.bnb_io import load_bnb_model
+from qlora_np.io.bnb import load_bnb_model
 from qlora_np.cli import main
-from qlora_np.convert import describe, format_info, quantize_checkpoint
+from qlora_np.io.convert import describe, format_info, quantize_checkpoint
 from qlora_np.errors import CheckpointError, ShapeError, UnknownFormatError
-from qlora_np.gguf_quants import KVALUES, nf4_to_gguf, quantize_iq4_nl
-from qlora_np.llama import LlamaModel
-from qlora_np.ops import dequantize
-from qlora_np.safetensors_io import read_safetensors, save_safetensors
-from qlora_np.tensor import QuantizedTensor
+from qlora_np.io.gguf_quants import KVALUES, nf4_to_gguf, quantize_iq4_nl
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.quant.codec import dequantize
+from qlora_np.io.safetensors import read_safetensors, save_safetensors
+from qlora_np.quant.tensor import QuantizedTensor
 
 from .test_gguf_export import tiny_adapted, tiny_source
 from .test_peft_io import PEFT_DIR
@@ -100,7 +100,7 @@ def test_gguf_source_into_one_file_is_quantized_under_its_own_names(tmp_path):
 
 
 def test_llama_gguf_into_a_folder_becomes_a_hugging_face_bitsandbytes_checkpoint(tmp_path):
-    from qlora_np.llama import permute_rope_rows, unpermute_rope_rows
+    from qlora_np.models.llama.names import permute_rope_rows, unpermute_rope_rows
 
     from .test_llama import TINY, tiny_weights
 
@@ -214,8 +214,8 @@ def test_nf4_tensors_convert_to_gguf_4bit_with_an_error_report(tensor_type, boun
 # ---------------------------------------------------------------------------
 
 def test_commands_quantize_info_export_and_merge(tmp_path, capsys):
-    from qlora_np.gguf_export import save_gguf_adapter
-    from qlora_np.peft_io import save_peft
+    from qlora_np.io.gguf_export import save_gguf_adapter
+    from qlora_np.io.peft import save_peft
 
     assert main(["quantize", str(PEFT_DIR / "base"), str(tmp_path / "q")]) == 0
     assert "quantized 14 of" in capsys.readouterr().out

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import qlora_np
-from qlora_np import LoRALinear, ops
-from qlora_np.codebooks import dynamic_map, get_format
+from qlora_np import LoRALinear
+from qlora_np.quant import codec as ops, backends
+from qlora_np.quant.codebooks import dynamic_map, get_format
 from qlora_np.errors import DeviceError, DTypeError, InvalidValueError, QLoraError, UnknownFormatError
-from qlora_np.kernels import cpu
+from qlora_np.kernels import blockwise as cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -48,8 +49,8 @@ FIELDS = ("packed", "absmax", "zero_point", "nested_absmax", "nested_code", "cod
 
 @pytest.fixture(scope="module")
 def gk():
-    """:mod:`qlora_np.kernels.cuda`, imported only by the tests that run kernels."""
-    from qlora_np.kernels import cuda
+    """:mod:`qlora_np.kernels.cuda.kernels`, imported only by the tests that run kernels."""
+    from qlora_np.kernels.cuda import kernels as cuda
     return cuda
 
 
@@ -244,7 +245,7 @@ def test_gpu_errors_name_the_problem():
     with pytest.raises(DeviceError, match="on the GPU but the weight is on the CPU"):
         qlora_np.matmul(qlora_np.dequantize(on_gpu), on_cpu)
     with pytest.raises(UnknownFormatError, match="runs on the CPU"):
-        ops.get_backend("reference", "cuda")
+        backends.get_backend("reference", "cuda")
     layer = LoRALinear.from_weight(np.ones((2, 64), np.float32), r=2).to("cuda")
     with pytest.raises(DeviceError, match="merge runs on the CPU"):
         layer.merge()

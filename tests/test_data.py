@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qlora_np.data import (Example, epoch_batches, load_examples, pack_rows, read_records, split_examples,
-                           tokenize_record)
+from qlora_np.train.data import (Example, epoch_batches, load_examples, pack_rows, read_records,
+                                 split_examples, tokenize_record)
 from qlora_np.errors import DataError
-from qlora_np.llama_lora import IGNORE_INDEX
+from qlora_np.models.llama.lora import IGNORE_INDEX
 
 
 def write_jsonl(path, records):

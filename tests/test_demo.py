@@ -32,7 +32,7 @@ def test_demo_reports_a_missing_model_clearly(monkeypatch):
 def test_shipped_date_dataset_is_the_generator_output(tmp_path):
     import json
 
-    from qlora_np.datasets import shipped_date_dataset, write_date_dataset
+    from qlora_np.train.datasets import shipped_date_dataset, write_date_dataset
 
     written = write_date_dataset(tmp_path)
     for split, shipped in shipped_date_dataset().items():

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np.errors import CheckpointError, InvalidValueError, UnknownFormatError
-from qlora_np.gguf_export import (format_error_report, load_gguf_adapter, save_gguf_adapter,
-                                  save_merged_gguf)
-from qlora_np.llama import LlamaModel
-from qlora_np.llama_lora import inject_lora
+from qlora_np.io.gguf_export import (format_error_report, load_gguf_adapter, save_gguf_adapter,
+                                     save_merged_gguf)
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.lora import inject_lora
 
 from .llamacpp_runner import llama_cpp_python, run_llama_cpp
 from .test_llama import TINY, _write_gguf, tiny_weights
@@ -289,8 +289,8 @@ needs_llama_cpp = pytest.mark.skipif(llama_cpp_python() is None, reason="no Pyth
 
 def without_adapters(model):
     """The same model sharing the same base weights, with plain layers instead of adapted ones."""
-    from qlora_np.llama import LlamaBlock
-    from qlora_np.lora import LoRALinear
+    from qlora_np.models.llama.model import LlamaBlock
+    from qlora_np.nn.lora import LoRALinear
 
     blocks = [LlamaBlock(block.attn_norm, block.ffn_norm,
                          {name: LoRALinear(layer.base, layer.bias, mode="dense")

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import qlora_np
-from qlora_np import reference
-from qlora_np.codebooks import FORMATS, NESTED_BLOCKSIZE, dynamic_map
+from qlora_np.quant import reference
+from qlora_np.quant.codebooks import FORMATS, NESTED_BLOCKSIZE, dynamic_map
 from qlora_np.errors import InvalidValueError
-from qlora_np.kernels import cpu
-from qlora_np.kernels.simd import HAS_AVX2
-from qlora_np.ops import scales
+from qlora_np.kernels import blockwise as cpu
+from qlora_np.kernels.x86.simd import HAS_AVX2
+from qlora_np.quant.backends import scales
 
 F32 = np.float32
 U = 2.0 ** -24                        # float32 unit roundoff

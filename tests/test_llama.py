@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np.errors import InvalidValueError, ShapeError
-from qlora_np.llama import KVCache, LlamaConfig, LlamaModel, causal_attention, sample
+from qlora_np.models.llama.model import KVCache, LlamaModel, causal_attention, sample
+from qlora_np.models.llama.config import LlamaConfig
 
 from .gradcheck import numeric_gradient
 
@@ -87,7 +88,7 @@ def test_untied_output_and_bad_ids():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_training_refuses_ids_and_labels_outside_the_vocabulary(dtype):
-    from qlora_np.llama_lora import IGNORE_INDEX, loss_and_backward, summed_loss
+    from qlora_np.models.llama.lora import IGNORE_INDEX, loss_and_backward, summed_loss
     model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type=None)
     ids, labels = np.array([[1, 2, 3]]), np.array([[2, 3, IGNORE_INDEX]])
     assert np.isfinite(loss_and_backward(model, ids, labels, dtype=dtype))
@@ -136,7 +137,7 @@ def smollm2_path():
 def test_tokenizer_ids_equal_llama_cpp(smollm2_path):
     import gguf
 
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(smollm2_path))
     recorded = json.loads((LLAMACPP_DIR / "tokens.json").read_text())["tokens"]
     assert len(recorded) >= 10
@@ -151,7 +152,7 @@ def write_hf_tokenizer(folder, tokenizer):
     import gguf
 
     from qlora_np.demo import shipped_smollm2_path
-    from qlora_np.gguf_io import field_value
+    from qlora_np.io.gguf import field_value
 
     tokenizer._hf.save(str(folder / "tokenizer.json"))
     template = field_value(gguf.GGUFReader(shipped_smollm2_path()), "tokenizer.chat_template")
@@ -163,7 +164,7 @@ def write_hf_tokenizer(folder, tokenizer):
 
 def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_tokenizer):
     from qlora_np.errors import CheckpointError
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
 
     assert Tokenizer.from_hf_folder(tmp_path) is None                      # no tokenizer.json
     write_hf_tokenizer(tmp_path, smollm2_tokenizer)
@@ -189,7 +190,7 @@ def test_hugging_face_tokenizer_files_give_the_gguf_tokenizer(tmp_path, smollm2_
 
 
 def test_a_saved_tokenizer_reads_back_the_same(tmp_path, smollm2_tokenizer):
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
 
     smollm2_tokenizer.save_hf(tmp_path)
     again = Tokenizer.from_hf_folder(tmp_path)
@@ -214,7 +215,7 @@ json_settings = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 40
 def test_any_tokenizer_settings_load_or_raise_a_checkpoint_error(tmp_path_factory, smollm2_tokenizer,
                                                                   settings_json, generation_json):
     from qlora_np.errors import CheckpointError
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     smollm2_tokenizer._hf.save(str(folder / "tokenizer.json"))
@@ -237,7 +238,7 @@ def test_any_tokenizer_settings_load_or_raise_a_checkpoint_error(tmp_path_factor
     ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'}}", None),
 ])
 def test_chatml_templates_keep_their_own_default_system_turn(source, default_system):
-    from qlora_np.tokenizer import ChatTemplate
+    from qlora_np.models.tokenizer import ChatTemplate
 
     template = ChatTemplate.from_source(source)
     assert template.default_system == default_system
@@ -246,9 +247,9 @@ def test_chatml_templates_keep_their_own_default_system_turn(source, default_sys
 
 
 def test_other_chat_templates_are_refused_not_rendered_as_chatml(tmp_path, smollm2_tokenizer):
-    from qlora_np.data import tokenize_record
+    from qlora_np.train.data import tokenize_record
     from qlora_np.errors import UnknownFormatError
-    from qlora_np.tokenizer import Tokenizer
+    from qlora_np.models.tokenizer import Tokenizer
 
     write_hf_tokenizer(tmp_path, smollm2_tokenizer)
     settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -315,7 +316,7 @@ def _next_token_loss(logits, ids):
 # ---------------------------------------------------------------------------
 
 def _lora_model(weights, quant_type):
-    from qlora_np.llama_lora import inject_lora
+    from qlora_np.models.llama.lora import inject_lora
 
     model = LlamaModel.from_weights(TINY, weights, quant_type=quant_type)
     params = inject_lora(model, "all-linear", r=2, alpha=4, seed=1, dtype=np.float64)
@@ -326,7 +327,7 @@ def _lora_model(weights, quant_type):
 
 
 def _batch():
-    from qlora_np.llama_lora import IGNORE_INDEX
+    from qlora_np.models.llama.lora import IGNORE_INDEX
 
     rng = np.random.default_rng(3)
     ids = rng.integers(0, TINY.vocab_size, (2, 5))
@@ -336,7 +337,7 @@ def _batch():
 
 
 def _gradients(model, params, ids, labels):
-    from qlora_np.llama_lora import loss_and_backward
+    from qlora_np.models.llama.lora import loss_and_backward
 
     loss = loss_and_backward(model, ids, labels, dtype=np.float64)
     grads = {name: p.grad.copy() for name, p in params.items()}
@@ -346,7 +347,7 @@ def _gradients(model, params, ids, labels):
 
 
 def test_whole_model_lora_gradients_match_finite_differences():
-    from qlora_np.llama_lora import loss_and_backward, trainable_parameters
+    from qlora_np.models.llama.lora import loss_and_backward, trainable_parameters
 
     model, params = _lora_model(tiny_weights(tied=False), quant_type=None)
     ids, labels = _batch()
@@ -392,7 +393,7 @@ def test_nf4_model_gradients_equal_those_of_its_decoded_float_twin():
 
 def test_inject_lora_names_and_counts():
     from qlora_np.errors import UnknownFormatError
-    from qlora_np.llama_lora import inject_lora, print_trainable_parameters
+    from qlora_np.models.llama.lora import inject_lora, print_trainable_parameters
 
     model = LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4")
     before = model.forward(np.array([1, 2, 3]))
@@ -410,8 +411,8 @@ def test_inject_lora_names_and_counts():
 
 @pytest.mark.slow
 def test_lora_training_steps_lower_the_loss_of_the_real_model(smollm2_path):
-    from qlora_np.llama_lora import inject_lora, loss_and_backward
-    from qlora_np.optim import AdamW
+    from qlora_np.models.llama.lora import inject_lora, loss_and_backward
+    from qlora_np.nn.optim import AdamW
 
     model = LlamaModel.from_gguf(smollm2_path, quant_type="nf4")
     optimizer = AdamW(inject_lora(model, ["q_proj", "v_proj"], r=8, alpha=16), lr=2e-3)
@@ -452,7 +453,7 @@ def _write_gguf(path, weights, config=TINY):
 def _write_hf(folder, weights, config=TINY):
     from safetensors.numpy import save_file
 
-    from qlora_np.llama import HF_LINEAR_NAMES, unpermute_rope_rows
+    from qlora_np.models.llama.names import HF_LINEAR_NAMES, unpermute_rope_rows
 
     tensors = {"model.embed_tokens.weight": weights["token_embd.weight"],
                "model.norm.weight": weights["output_norm.weight"]}
@@ -477,7 +478,7 @@ def _write_hf(folder, weights, config=TINY):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_and_hugging_face_loading_of_the_same_model_agree(tmp_path, tied):
-    from qlora_np.llama import permute_rope_rows, unpermute_rope_rows
+    from qlora_np.models.llama.names import permute_rope_rows, unpermute_rope_rows
 
     weights = tiny_weights(tied=tied)
     _write_gguf(tmp_path / "tiny.gguf", weights)
@@ -497,19 +498,19 @@ def test_gguf_and_hugging_face_loading_of_the_same_model_agree(tmp_path, tied):
 
 
 def test_hugging_face_loading_reports_missing_files(tmp_path):
-    from qlora_np.safetensors_io import CheckpointError
+    from qlora_np.io.safetensors import CheckpointError
 
     with pytest.raises(CheckpointError, match="config.json"):
         LlamaModel.from_hf(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    from qlora_np.safetensors_io import read_safetensors
+    from qlora_np.io.safetensors import read_safetensors
     with pytest.raises(CheckpointError, match="does not fit"):
         read_safetensors(tmp_path / "model.safetensors")
 
 
 @pytest.mark.parametrize("dropout, compute_dtype", [(0.0, "float32"), (0.3, "float32"), (0.3, "bfloat16")])
 def test_gradient_checkpointing_gives_the_same_gradients(dropout, compute_dtype):
-    from qlora_np.llama_lora import inject_lora, loss_and_backward
+    from qlora_np.models.llama.lora import inject_lora, loss_and_backward
 
     results = []
     for checkpoint in (False, True):
@@ -528,7 +529,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout, compute_dtype)
 
 
 def test_missing_or_malformed_gguf_files_raise_checkpoint_errors(tmp_path):
-    from qlora_np.safetensors_io import CheckpointError
+    from qlora_np.io.safetensors import CheckpointError
 
     with pytest.raises(CheckpointError, match="no GGUF file"):
         LlamaModel.from_gguf(tmp_path / "absent.gguf")
@@ -576,7 +577,7 @@ def test_corrupted_gguf_files_raise_qlora_errors_or_load(tmp_path_factory, blob)
 def test_gguf_without_model_sizes_is_refused(tmp_path):
     import gguf
 
-    from qlora_np.safetensors_io import CheckpointError
+    from qlora_np.io.safetensors import CheckpointError
 
     writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
     writer.write_header_to_file()
@@ -604,7 +605,7 @@ def _full_attention_and_gradients(q, k, v, mask, grad_out):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_training_attention_and_its_backward_follow_the_formulas(packed):
-    from qlora_np.llama_lora import _attention, _attention_backward, _attention_mask
+    from qlora_np.models.llama.lora import _attention, _attention_backward, _attention_mask
 
     rng = np.random.default_rng(0)
     B, H, KV, T, d = 2, 4, 2, 150, 8

@@ -1,11 +1,11 @@
-"""The Numba inference kernels of qlora_np.kernels.llama_cpu against their NumPy references."""
+"""The Numba inference kernels of qlora_np.kernels.portable.llama against their NumPy references."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qlora_np.kernels import llama_cpu
-from qlora_np.llama import apply_rope, causal_attention, rms_norm, rope_tables, silu
+from qlora_np.kernels.portable import llama as llama_cpu
+from qlora_np.models.llama.model import apply_rope, causal_attention, rms_norm, rope_tables, silu
 
 # The kernels sum in any order (fastmath): float32 rounding of sums of up to a few
 # hundred terms of size ~1 is far below this.
@@ -22,7 +22,7 @@ def test_rms_norm_matches_the_reference(rows, hidden, seed):
 
 
 def _reference_attend(q, k, v, positions, keys_before, values_before, theta):
-    """RoPE, cache append and causal attention with the NumPy functions of qlora_np.llama."""
+    """RoPE, cache append and causal attention with the NumPy functions of qlora_np.models.llama.model."""
     cos, sin = rope_tables(positions, q.shape[2], theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys = np.concatenate([keys_before, k.transpose(1, 0, 2)], axis=1)         # (KV, S, hd)

@@ -157,8 +157,8 @@ def test_dropout_keeps_one_minus_p_of_the_values():
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), p=st.floats(0.0, 0.99),
        seed=st.integers(0, 2 ** 64 - 1))
 def test_dropout_kernels_are_their_references(rows, cols, p, seed):
-    from qlora_np.kernels import training_cpu
-    from qlora_np.lora import apply_dropout, dropout_keep
+    from qlora_np.kernels.portable import training as training_cpu
+    from qlora_np.nn.lora import apply_dropout, dropout_keep
 
     keep = training_cpu.dropout_keep(seed, (rows, cols), p)
     assert keep.dtype == bool and keep.shape == (rows, cols)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qlora_np import reference
+from qlora_np.quant import reference
+from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError
 from qlora_np.kernels import low_rank
 
@@ -28,7 +29,7 @@ def test_thin_t_product_matches_the_reference(rows, rank, n, seed):
         patch.setattr(low_rank, "SMALL", 0)                          # the tile even for a small g
         got = low_rank.thin_t_product(h, g)
     assert got.shape == (rank, n) and got.dtype == np.float32
-    assert np.all(np.abs(got - reference.thin_t_product(h, g)) <= _bound(h, g))
+    assert np.all(np.abs(got - reference_.thin_t_product(h, g)) <= _bound(h, g))
 
 
 @TILE
@@ -51,7 +52,7 @@ def test_thin_t_product_takes_strided_operands(rows):
     h = rng.standard_normal((rows, 24), np.float32)[:, ::3]            # (rows, 8), strided
     g = rng.standard_normal((rows, 400), np.float32)[:, ::2]           # (rows, 200), strided columns
     got = low_rank.thin_t_product(h, g)
-    assert np.all(np.abs(got - reference.thin_t_product(h, g)) <= _bound(h, g))
+    assert np.all(np.abs(got - reference_.thin_t_product(h, g)) <= _bound(h, g))
 
 
 def test_thin_t_product_refuses_operands_that_do_not_share_rows():
@@ -71,9 +72,9 @@ def test_thin_t_product_reads_bfloat16_pairs(rows, rank, n, extra, seed, avx512)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(low_rank, "HAS_AVX512", avx512 and low_rank.HAS_AVX512)
         got = low_rank.thin_t_product(h, pairs, n)
-    rounded = reference.round_to_bfloat16(x)
+    rounded = reference_.round_to_bfloat16(x)
     assert got.shape == (rank, n)
-    assert np.all(np.abs(got - reference.thin_t_product(h, rounded)) <= _bound(h, rounded))
+    assert np.all(np.abs(got - reference_.thin_t_product(h, rounded)) <= _bound(h, rounded))
 
 
 @pytest.mark.parametrize("columns", [7, 0, None])                       # more than the pairs hold, or none

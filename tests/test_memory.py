@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from qlora_np import LoRALinear, memory
-from qlora_np.memory import GIB, LLAMA_SHAPES, NF4_DQ_BITS
+from qlora_np import LoRALinear
+from qlora_np.train import memory
+from qlora_np.train.memory import GIB, LLAMA_SHAPES, NF4_DQ_BITS
 
 
 @pytest.mark.parametrize("name, billions", [("7B", 6.74), ("13B", 13.02), ("70B", 68.98)])

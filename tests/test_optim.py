@@ -7,8 +7,8 @@ import pytest
 
 from qlora_np import Parameter
 from qlora_np.errors import InvalidValueError, ShapeError, StateDictError
-from qlora_np.optim import (AdamW, LRScheduler, clip_grad_norm, constant_schedule,
-                            warmup_cosine_schedule, warmup_linear_schedule)
+from qlora_np.nn.optim import (AdamW, LRScheduler, clip_grad_norm, constant_schedule,
+                               warmup_cosine_schedule, warmup_linear_schedule)
 
 
 def test_adamw_matches_a_hand_computed_sequence():

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np.errors import CheckpointError, InvalidValueError
-from qlora_np.llama import LlamaModel
-from qlora_np.llama_lora import inject_lora
-from qlora_np.peft_io import load_peft, save_peft
-from qlora_np.safetensors_io import read_safetensors, save_safetensors
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.lora import inject_lora
+from qlora_np.io.peft import load_peft, save_peft
+from qlora_np.io.safetensors import read_safetensors, save_safetensors
 
 from .corruption import corrupted_copy
 from .test_gguf_export import randomize_b
@@ -102,7 +102,7 @@ def test_our_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
 
 
 def test_save_refuses_models_peft_cannot_describe(tmp_path):
-    from qlora_np.lora import LoRALinear
+    from qlora_np.nn.lora import LoRALinear
 
     with pytest.raises(InvalidValueError, match="no adapters"):
         save_peft(base_model(), tmp_path / "a")

@@ -6,11 +6,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import qlora_np
-from qlora_np import reference
+from qlora_np.quant import reference
+from qlora_np.linalg import reference as reference_
 from qlora_np.kernels import products
-from qlora_np.kernels import simd as simd_module
-from qlora_np.kernels.simd import HAS_AVX2, HAS_AVX512
-from qlora_np.ops import scales
+from qlora_np.kernels.x86 import simd as simd_module
+from qlora_np.kernels.x86.simd import HAS_AVX2, HAS_AVX512
+from qlora_np.quant.backends import scales
 
 QUANT_TYPES = ["nf4", "fp4", "int4", "int4_asym"]
 PERMUTE = pytest.param("permute", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512VL"))
@@ -80,10 +81,10 @@ def test_fused_products_match_the_reference_products(path, quant_type):
     x = rng.standard_normal((2, 256)).astype(np.float32)
     g = rng.standard_normal((2, 96)).astype(np.float32)
     args = (qt.packed, block_scales, shifts, qt.codebook)
-    np.testing.assert_allclose(products.gemv(x, *args, 96, 64, simd), reference.gemv(x, *args, 96, 64),
+    np.testing.assert_allclose(products.gemv(x, *args, 96, 64, simd), reference_.gemv(x, *args, 96, 64),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(products.gemv_t(g, *args, 256, 64, simd),
-                               reference.gemv_t(g, *args, 256, 64), rtol=1e-5, atol=1e-5)
+                               reference_.gemv_t(g, *args, 256, 64), rtol=1e-5, atol=1e-5)
 
 
 def test_all_paths_agree_on_a_large_weight():
@@ -134,7 +135,7 @@ def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
         monkeypatch.setattr(products, name, lambda *args, kernel=kernel, name=name, **kw:
                             calls.append(name) or kernel(*args, **kw))
     rng = np.random.default_rng(3)
-    for rows in (1, qlora_np.ops.FUSED_MAX_ROWS_T + 1, qlora_np.ops.PANEL_MAX_ROWS + 1):
+    for rows in (1, qlora_np.linalg.products.FUSED_MAX_ROWS_T + 1, qlora_np.linalg.products.PANEL_MAX_ROWS + 1):
         calls.clear()
         x = rng.standard_normal((rows, 256)).astype(np.float32)
         g = rng.standard_normal((rows, 64)).astype(np.float32)
@@ -142,7 +143,7 @@ def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
         np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
         if rows == 1:
             assert calls == ["gemv", "gemv_t"]
-        elif rows <= qlora_np.ops.PANEL_MAX_ROWS:
+        elif rows <= qlora_np.linalg.products.PANEL_MAX_ROWS:
             assert calls == (["gemm", "gemm_t"] if HAS_AVX2 else ["gemv"])    # no AVX2: fused x @ W.T, tiled g @ W
         else:
             assert calls == []                                               # tiles of W and BLAS
@@ -183,8 +184,8 @@ def test_panel_products_match_the_reference_and_ignore_the_thread_count(path, qu
     g = rng.standard_normal((37, 300)).astype(np.float32)
     args = (qt.packed, block_scales, shifts, qt.codebook)
     y, gx = products.gemm(x, *args, 300, 64), products.gemm_t(g, *args, 576, 64)
-    np.testing.assert_allclose(y, reference.gemm(x, *args, 300, 64), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(gx, reference.gemm_t(g, *args, 576, 64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(y, reference_.gemm(x, *args, 300, 64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gx, reference_.gemm_t(g, *args, 576, 64), rtol=1e-5, atol=1e-4)
     threads = numba.get_num_threads()
     try:                                    # each result element is summed by one thread, in one order
         numba.set_num_threads(1)
@@ -232,7 +233,7 @@ def test_quantize_activations_equals_the_reference_bit_for_bit(rows, groups, see
     if zeros:
         x[:, :32] = 0                                               # an all-zero group: scale 0
     xq, x_scales = products.quantize_activations(x)
-    expected_xq, expected_scales = reference.quantize_activations(x)
+    expected_xq, expected_scales = reference_.quantize_activations(x)
     np.testing.assert_array_equal(xq, expected_xq)
     np.testing.assert_array_equal(x_scales, expected_scales)
     assert np.abs(xq.astype(np.int64)).max() <= 127
@@ -247,7 +248,7 @@ def test_int8_activation_products_match_the_reference(path, quant_type, blocksiz
     x = np.random.default_rng(9).standard_normal((rows, 4 * blocksize)).astype(np.float32)
     y = products.gemv_many(x, [(qt.packed, block_scales, 37)], qt.codebook, blocksize, simd,
                            int8_activations=True)
-    expected = reference.gemv_int8(x, qt.packed, block_scales, qt.codebook, 37, blocksize)
+    expected = reference_.gemv_int8(x, qt.packed, block_scales, qt.codebook, 37, blocksize)
     # the integer dots are exact: only float32 rounding of ≤ in/32 scaled group sums differs
     bound = 4 * (4 * blocksize // 32 + 2) * 2.0 ** -24 * (np.abs(x) @ np.abs(dense).T) + 1e-30
     assert np.all(np.abs(y - expected) <= bound)
@@ -259,7 +260,7 @@ def test_int8_activations_in_matmul_and_where_they_do_not_apply():
     qt = qlora_np.quantize(np.random.default_rng(2).standard_normal((48, 96)).astype(np.float32), "nf4", 32)
     x = np.random.default_rng(3).standard_normal((2, 96)).astype(np.float32)
     approximate = qlora_np.matmul(x, qt, int8_activations=True)
-    np.testing.assert_allclose(approximate, reference.gemv_int8(x, qt.packed, qt.absmax, qt.codebook, 48, 32),
+    np.testing.assert_allclose(approximate, reference_.gemv_int8(x, qt.packed, qt.absmax, qt.codebook, 48, 32),
                                rtol=1e-5, atol=1e-5)
     assert not np.array_equal(approximate, qlora_np.matmul(x, qt))
     for exact_only in (qlora_np.quantize(qt_weight := np.ones((8, 96), np.float32), "int4_asym", 32),

@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 from safetensors.numpy import save, save_file
 
-from qlora_np.safetensors_io import CheckpointError, read_safetensors
+from qlora_np.io.safetensors import CheckpointError, read_safetensors
 
 
 def test_reads_what_the_safetensors_package_writes(tmp_path):
@@ -52,7 +52,7 @@ def test_corrupt_files_raise_checkpoint_error_or_load(tmp_path_factory, cut, pos
 
 def test_writer_round_trips_and_the_package_reads_it(tmp_path):
     from safetensors.numpy import load_file
-    from qlora_np.safetensors_io import save_safetensors
+    from qlora_np.io.safetensors import save_safetensors
 
     arrays = {"w": np.arange(6, dtype=">f4").reshape(2, 3), "bf": np.ones(3, ml_dtypes.bfloat16),
               "empty": np.zeros((0, 2), np.int64), "flag": np.array([True, False])}
@@ -66,7 +66,7 @@ def test_writer_round_trips_and_the_package_reads_it(tmp_path):
 
 
 def test_writer_failure_keeps_the_old_file(tmp_path):
-    from qlora_np.safetensors_io import save_safetensors
+    from qlora_np.io.safetensors import save_safetensors
 
     path = tmp_path / "out.safetensors"
     save_safetensors(path, {"w": np.ones(2, np.float32)})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qlora_np import LoRALinear, Parameter
-from qlora_np.optim import AdamW
+from qlora_np.nn.optim import AdamW
 
 TORCH_DIR = pathlib.Path(__file__).parent / "data" / "torch"
 

@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from qlora_np.checkpoint import ADAPTERS, STATE, latest_checkpoint, load_checkpoint
-from qlora_np.data import epoch_batches, tokenize_record
+from qlora_np.train.checkpoint import ADAPTERS, STATE, latest_checkpoint, load_checkpoint
+from qlora_np.train.data import epoch_batches, tokenize_record
 from qlora_np.errors import CheckpointError, InvalidValueError, UnknownFormatError
-from qlora_np.llama import LlamaConfig, LlamaModel
-from qlora_np.llama_lora import inject_lora, loss_and_backward, trainable_parameters
-from qlora_np.peft_io import load_peft, peft_names
-from qlora_np.train import TrainConfig, Trainer, plot_loss_curve
+from qlora_np.models.llama.config import LlamaConfig
+from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.lora import inject_lora, loss_and_backward, trainable_parameters
+from qlora_np.io.peft import load_peft, peft_names
+from qlora_np.train.trainer import TrainConfig, Trainer, plot_loss_curve
 
 from .test_llama import tiny_weights
 
@@ -262,7 +263,7 @@ def test_trained_adapters_change_generation_mode_free_of_dropout(smollm2_tokeniz
 
 
 def test_load_adapters_reproduces_the_trained_model(tmp_path, smollm2_tokenizer):
-    from qlora_np.train import load_adapters
+    from qlora_np.train.trainer import load_adapters
 
     examples = colour_examples(smollm2_tokenizer, count=6)
     trained = tiny_model(smollm2_tokenizer)
@@ -300,7 +301,7 @@ def as_version_1(folder, trainer, target):
     import hashlib
     import shutil
 
-    from qlora_np.safetensors_io import save_safetensors
+    from qlora_np.io.safetensors import save_safetensors
 
     shutil.copytree(folder, target)
     (target / "adapter_config.json").unlink()
@@ -318,7 +319,7 @@ def as_version_1(folder, trainer, target):
 
 
 def test_version_1_checkpoints_still_resume_exactly(tmp_path, smollm2_tokenizer):
-    from qlora_np.train import load_adapters
+    from qlora_np.train.trainer import load_adapters
 
     examples = colour_examples(smollm2_tokenizer)
     config = TrainConfig(**{**SETTINGS, "max_steps": 3, "checkpoint_every": 0}, target_modules="all-linear")
@@ -342,7 +343,7 @@ def test_version_1_checkpoints_still_resume_exactly(tmp_path, smollm2_tokenizer)
 
 
 def test_exact_match_compares_greedy_replies(smollm2_tokenizer):
-    from qlora_np.train import exact_match
+    from qlora_np.train.trainer import exact_match
 
     model = tiny_model(smollm2_tokenizer)
     records = [{"messages": [{"role": "user", "content": "Say anything"}, {"role": "assistant", "content": "x"}]}]

@@ -1,13 +1,13 @@
-"""The Numba kernels of qlora_np.kernels.training_cpu and exp32 against their NumPy references."""
+"""The Numba kernels of qlora_np.kernels.portable.training and exp32 against their NumPy references."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from numba import njit
 
-from qlora_np import llama_lora as reference
-from qlora_np.kernels import training_cpu
-from qlora_np.kernels.exp32 import exp32
+from qlora_np.models.llama import lora as reference
+from qlora_np.kernels.portable import training as training_cpu
+from qlora_np.kernels.portable.exp32 import exp32
 
 # The kernels sum in any order (fastmath) and use exp32 (≤ 1.4 ulp) where NumPy uses its
 # own exp (≤ 3 ulp from exp32): float32 rounding of sums of up to a few hundred terms

@@ -1,9 +1,9 @@
 """Training attention in bfloat16, fused: scores, softmax and products a block of queries at a time.
 
-The chunked attention (:func:`qlora_np.llama_lora._attention`) makes a chunk's scores
+The chunked attention (:func:`qlora_np.models.llama.lora._attention`) makes a chunk's scores
 as a whole (queries × keys) array and multiplies with separate batched products, each
 a pass over memory. Here one task takes POSITIONS query positions of one kv group
-(their g query heads, stacked as :func:`.training_cpu.rope_into_groups` orders them)
+(their g query heads, stacked as :func:`qlora_np.kernels.portable.training.rope_into_groups` orders them)
 and keeps its scores in a buffer that stays in the core's cache:
 
 * forward, per block: S = Q Kᵀ (keys up to the block's last allowed one), P = the
@@ -13,9 +13,9 @@ and keeps its scores in a buffer that stays in the core's cache:
   then dV = Pᵀ dO and dK = dSᵀ Q over all the group's rows, one product each.
 
 Every product multiplies bfloat16 roundings of its operands with float32 sums, in the
-``vdpbf16ps`` register tiles of :mod:`.bf16` (so these kernels need AVX-512 BF16:
-see :func:`fuses`); :func:`qlora_np.reference.attention_bf16` and
-:func:`~qlora_np.reference.attention_bf16_backward` are the same arithmetic in NumPy.
+``vdpbf16ps`` register tiles of :mod:`qlora_np.kernels.bf16` (so these kernels need AVX-512 BF16:
+see :func:`fuses`); :func:`qlora_np.linalg.reference.attention_bf16` and
+:func:`~qlora_np.linalg.reference.attention_bf16_backward` are the same arithmetic in NumPy.
 Results match them within float32 summation order; the same inputs always give the
 same bytes. Forward tasks are (group, block) pairs; backward tasks are whole groups,
 because a group's blocks all add into its dK and dV (so batch · kv heads should be at
@@ -25,11 +25,11 @@ least the thread count to keep every thread busy).
 import numpy as np
 from numba import njit, prange
 
-from ..errors import ShapeError
-from . import amx
-from .bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel, _tile_row1, _tile_rows6,
-                   pack_panel, round_row_pairs, rounded_rows)
-from .training_cpu import key_ends, probs_and_grad_row, softmax_row
+from qlora_np.errors import ShapeError
+from qlora_np.kernels.x86 import amx
+from qlora_np.kernels.bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel,
+                                   _tile_row1, _tile_rows6, pack_panel, round_row_pairs, rounded_rows)
+from qlora_np.kernels.portable.training import key_ends, probs_and_grad_row, softmax_row
 
 POSITIONS = 32
 """Query positions per block: a block's scores are POSITIONS·g rows of at most T keys."""
@@ -150,7 +150,7 @@ def _forward_blocks(q_pairs, kt_panels, v_panels, mask, ends, scale, kv_heads, g
     """out, lse (G, T·g, …) of every group, a block of POSITIONS positions per task. The
     tasks alternate short and long blocks (causal blocks grow with their position), so
     that each thread's contiguous share of them holds as much work as the other's.
-    ``use_amx``: multiply with AMX tiles (:mod:`.amx`), else the AVX-512 BF16 tile."""
+    ``use_amx``: multiply with AMX tiles (:mod:`qlora_np.kernels.x86.amx`), else the AVX-512 BF16 tile."""
     G, rows = lse.shape
     T = rows // group
     blocks = -(-T // POSITIONS)

@@ -30,10 +30,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..errors import ShapeError
-from . import amx
-from . import simd as simd_kernels
-from .simd import HAS_AVX512, avx512_dequantize_blocks
+from qlora_np.errors import ShapeError
+from qlora_np.kernels.x86 import amx
+from qlora_np.kernels.x86 import simd as simd_kernels
+from qlora_np.kernels.x86.simd import HAS_AVX512, avx512_dequantize_blocks
 
 HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
 """Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
@@ -117,7 +117,7 @@ def round_to_bfloat16(a, out):
 
 @njit(cache=True, inline="always")
 def _decode_row(packed, absmax, shift, blocksize, table, row, values):
-    """values (in,) float32 = row ``row`` of W, whole blocks decoded as :func:`.cpu.dequantize_4bit` does."""
+    """values (in,) float32 = row ``row`` of W, whole blocks decoded as :func:`qlora_np.kernels.blockwise.dequantize_4bit` does."""
     blocks_per_row = values.size // blocksize
     first_block = row * blocks_per_row
     avx512_dequantize_blocks(packed.ctypes.data + first_block * (blocksize // 2),
@@ -276,7 +276,7 @@ def _packed_panel_products(pairs, panels, c, c_stride, threads):
 
 @njit(parallel=True, cache=True)
 def _amx_panel_products(pairs, b, c, c_stride, threads):
-    """:func:`_panel_products` with AMX tiles (:mod:`.amx`), packing PACKED_AT_ONCE panels
+    """:func:`_panel_products` with AMX tiles (:mod:`qlora_np.kernels.x86.amx`), packing PACKED_AT_ONCE panels
     at a time and multiplying every row with them while they are in the cache; c's row
     stride is its own."""
     rows, depth = pairs.shape
@@ -402,7 +402,7 @@ class Weight4bit(NamedTuple):
 
 def decodes_4bit(shape, blocksize):
     """Whether :func:`times_weight_t` / :func:`times_weight` apply: AVX-512 BF16 and the
-    permute decode here (read at each call, as :func:`.simd.decode_table` does), and W's rows
+    permute decode here (read at each call, as :func:`qlora_np.kernels.x86.simd.decode_table` does), and W's rows
     made of whole blocks of a multiple of 16 values."""
     return (HAS_AVX512_BF16 and simd_kernels.PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
             and shape[1] % blocksize == 0)

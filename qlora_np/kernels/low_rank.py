@@ -11,7 +11,7 @@ h's row and sixteen FMAs.
 
 Each sum adds its rows in order with one rounding a fused multiply-add, whatever the
 thread count (threads share out the strips). The sums differ from BLAS's by float32
-rounding only; the plain-NumPy reference is :func:`qlora_np.reference.thin_t_product`.
+rounding only; the plain-NumPy reference is :func:`qlora_np.linalg.reference.thin_t_product`.
 """
 
 import numba
@@ -21,10 +21,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ..dtypes import bfloat16_from_bits
-from ..errors import ShapeError
-from .exp32 import float32_with_bits
-from .simd import HAS_AVX512
+from qlora_np.dtypes import bfloat16_from_bits
+from qlora_np.errors import ShapeError
+from qlora_np.kernels.portable.exp32 import float32_with_bits
+from qlora_np.kernels.x86.simd import HAS_AVX512
 
 STRIP = 32
 """Columns of g one register tile sums (two 16-lane vectors)."""
@@ -152,7 +152,7 @@ def _thin_t_products(h, g, out, threads):
 
 def thin_t_product(h, g, columns=None):
     """h.T @ g for a thin h (rows, r) float32 and g (rows, n) float32 → (r, n) float32; or
-    for g as bfloat16 pairs (rows, ≥ n/2) uint32 (:func:`.bf16.rounded_rows`, a layer's
+    for g as bfloat16 pairs (rows, ≥ n/2) uint32 (:func:`qlora_np.kernels.bf16.rounded_rows`, a layer's
     input kept at half the bytes) of which the first ``columns`` = n values are g's.
 
     With AVX-512 a Numba pass over g (see the module); for a small float32 g, or without

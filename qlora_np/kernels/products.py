@@ -5,8 +5,8 @@
 
 Neither materialises W. They need rows made of whole blocks (``in % blocksize == 0``)
 and an even block size; :func:`supports` says whether a weight qualifies, otherwise the
-caller uses the tiled path in :mod:`qlora_np.ops`. Each has an AVX2 driver (permute
-lookup, :mod:`.simd`) and a portable Numba driver; both sum every block first and
+caller uses the tiled path in :mod:`qlora_np.quant.codec`. Each has an AVX2 driver (permute
+lookup, :mod:`qlora_np.kernels.x86.simd`) and a portable Numba driver; both sum every block first and
 then scale it, so they agree to float32 summation-order rounding.
 """
 
@@ -14,13 +14,16 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..errors import ShapeError
-from .cpu import zero_shifts
-from .simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER, INT8_ORDER_64, STRIP,
-                   avx2_axpy_rows1, avx2_axpy_rows4, avx2_axpy_wrows, avx2_decode_panel, avx2_dot_rows1,
-                   avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8, avx2_panel_axpy1,
-                   avx2_panel_axpy2, avx2_panel_axpy4, avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
-                   avx2_panel_dot3x1, avx2_panel_dot3x4, decode_table, int8_table, lane_order)
+from qlora_np.errors import ShapeError
+from qlora_np.kernels.blockwise import zero_shifts
+from qlora_np.kernels.x86.simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER,
+                                       INT8_ORDER_64, STRIP, avx2_axpy_rows1, avx2_axpy_rows4,
+                                       avx2_axpy_wrows, avx2_decode_panel, avx2_dot_rows1,
+                                       avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
+                                       avx2_panel_axpy1, avx2_panel_axpy2, avx2_panel_axpy4,
+                                       avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
+                                       avx2_panel_dot3x1, avx2_panel_dot3x4, decode_table, int8_table,
+                                       lane_order)
 
 
 def supports(shape, blocksize):
@@ -73,7 +76,7 @@ class FusedProduct:
 
     ``int8_activations`` (where :func:`int8_supports`) rounds x to int8 per group of 32
     and the codebook to int8 and multiplies in integers, as llama.cpp does: faster, not
-    exact (see :func:`qlora_np.reference.gemv_int8`).
+    exact (see :func:`qlora_np.linalg.reference.gemv_int8`).
     """
 
     def __init__(self, parts, codebook, blocksize, in_features, simd=None, int8_activations=False):
@@ -419,7 +422,7 @@ def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
     For batches too large to share register decodes (:func:`gemv`) but small enough that
     decode + BLAS per tile does not pay: every panel of W (PANEL_ROWS rows × PANEL_DEPTH)
     is decoded once, scaled, and multiplied with all rows of x in 3 × 4 register tiles
-    (:func:`.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
+    (:func:`qlora_np.kernels.x86.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
     """
     y = np.zeros((x.shape[0], out_features), np.float32)
     panel_arguments = _panel_arguments(packed, scales, shifts, codebook, x.shape[1], blocksize)
@@ -502,7 +505,7 @@ def gemm_t(g, packed, scales, shifts, codebook, in_features, blocksize):
 
     Each thread owns PANEL_T_WIDTH columns of the result at a time; for every PANEL_T_ROWS
     rows of W it decodes that strip once and adds g's columns times it into all rows
-    (6 × 16 register tiles, :func:`.simd.avx2_panel_axpy6`), reading g from a copy packed in
+    (6 × 16 register tiles, :func:`qlora_np.kernels.x86.simd.avx2_panel_axpy6`), reading g from a copy packed in
     the order the tiles use. Needs :func:`simd_applies`.
     """
     result = np.empty((g.shape[0], in_features), np.float32)

@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
 
 from qlora_np.demo import shipped_smollm2_path  # noqa: E402
-from qlora_np.gguf_export import save_gguf_adapter, save_merged_gguf  # noqa: E402
-from qlora_np.llama import LlamaModel  # noqa: E402
+from qlora_np.io.gguf_export import save_gguf_adapter, save_merged_gguf  # noqa: E402
+from qlora_np.models.llama.model import LlamaModel  # noqa: E402
 from tests.llamacpp_runner import run_llama_cpp  # noqa: E402
 from tests.test_gguf_export import PROMPTS, adapted_smollm2, adapter_digests  # noqa: E402
 

@@ -1,0 +1,7 @@
+"""Files in and out. Two floors (FORMATS.md beside this file describes every layout):
+
+* file formats, which know arrays and nothing of models: ``safetensors``, ``gguf``, ``gguf_quants``;
+* model files, built on :mod:`qlora_np.models`: ``bnb`` (transformers + bitsandbytes folders),
+  ``peft`` (PEFT adapters), ``gguf_export`` (llama.cpp adapters and merged models), ``merge``
+  (merged weights, one tensor at a time), ``convert`` (streaming quantization of checkpoints).
+"""

@@ -1,0 +1,87 @@
+"""The shape of a Llama-architecture model (:class:`LlamaConfig`) and one block's weights."""
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+from qlora_np.errors import CheckpointError, UnknownFormatError
+from qlora_np.io.gguf import field_value
+from qlora_np.io.safetensors import read_json
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The sizes and constants of a Llama-architecture model."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    context_length: int = 2048
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_gguf(cls, reader):
+        value = partial(field_value, reader)
+        arch = value("general.architecture")
+        if arch != "llama":
+            raise UnknownFormatError(f"only 'llama' architecture GGUF files are supported, got {arch!r}")
+        tokens = value("tokenizer.ggml.tokens")
+        return cls(vocab_size=int(value("llama.vocab_size", len(tokens) if tokens else 0)),
+                   hidden_size=int(value("llama.embedding_length")),
+                   num_layers=int(value("llama.block_count")),
+                   num_heads=int(value("llama.attention.head_count")),
+                   num_kv_heads=int(value("llama.attention.head_count_kv",
+                                          value("llama.attention.head_count"))),
+                   intermediate_size=int(value("llama.feed_forward_length")),
+                   rope_theta=float(value("llama.rope.freq_base", 10000.0)),
+                   rms_norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                   context_length=int(value("llama.context_length", 2048)))
+
+    @classmethod
+    def from_hf_folder(cls, folder):
+        """From a Hugging Face ``config.json`` (rope_theta at the top level or in rope_parameters)."""
+        path = os.path.join(folder, "config.json")
+        hf = read_json(path)
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{path}: must hold a JSON object")
+        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        try:
+            config = cls(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
+                         num_layers=_size(hf["num_hidden_layers"]),
+                         num_heads=_size(hf["num_attention_heads"]),
+                         num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
+                         intermediate_size=_size(hf["intermediate_size"]),
+                         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                         context_length=_size(hf.get("max_position_embeddings", 2048)))
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise CheckpointError(f"{path}: missing or malformed Llama sizes: {error!r}") from None
+        if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads \
+                or config.head_dim % 2:
+            raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
+                                  f"do not split hidden size {config.hidden_size} into even head sizes")
+        return config
+
+
+def _size(value):
+    """A model size from JSON: a positive int (not a bool, not absurdly large)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 31:
+        raise ValueError(f"sizes must be positive ints, got {value!r}")
+    return value
+
+
+class LlamaBlock:
+    """One decoder block: attention and SwiGLU MLP, each behind an RMSNorm."""
+
+    def __init__(self, attn_norm, ffn_norm, linears):
+        self.attn_norm = attn_norm                  # (hidden,)
+        self.ffn_norm = ffn_norm                    # (hidden,)
+        self.linears = linears                      # name → LoRALinear, names from LINEAR_NAMES

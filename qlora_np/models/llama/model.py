@@ -1,0 +1,369 @@
+"""A Llama-architecture language model in NumPy: load from GGUF, forward with a KV cache, generate.
+
+Weights stay in the GGUF layout: linear weights (out, in) used as ``x @ W.T``, and the
+rows of q and k permuted within each head so that RoPE rotates adjacent pairs
+(x[2i], x[2i+1]) — llama.cpp's "NORM" rope. Every linear layer is a
+:class:`~qlora_np.nn.lora.LoRALinear`: ``"quant"`` (4-bit) or ``"dense"`` (float) until
+adapters are injected.
+
+Per block, with n = RMSNorm(x)·g:
+    x += Wo · attention(RoPE(Wq n), RoPE(Wk n), Wv n)      (causal, grouped-query)
+    x += Wdown · (silu(Wgate m) * Wup m),  m = RMSNorm(x)·g'
+logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
+"""
+
+import os
+
+import gguf
+import numpy as np
+
+from qlora_np.errors import CheckpointError, InvalidValueError, ShapeError, UnknownFormatError
+from qlora_np.io.gguf import decode_tensor
+from qlora_np.io.safetensors import read_checkpoint_tensors
+from qlora_np.kernels.portable import llama as llama_cpu
+from qlora_np.linalg.products import FUSED_MAX_ROWS, compute_dtype_name, fuse_together, fused_product
+from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
+from qlora_np.models.llama.hf import bnb_model_parts, is_bitsandbytes_folder
+from qlora_np.models.llama.names import LINEAR_NAMES, hf_to_gguf_weights
+from qlora_np.models.tokenizer import Tokenizer
+from qlora_np.nn.lora import LoRALinear
+from qlora_np.quant.codec import quantize
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 … length-1: (layers, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, config, max_len):
+        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = np.zeros(shape, np.float32)
+        self.values = np.zeros(shape, np.float32)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.keys.shape[2]
+
+
+class LlamaModel:
+    """Token ids → logits, with a KV cache for generation."""
+
+    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None, tied_output=True):
+        self.config = config
+        self.tied_output = tied_output              # the LM head reuses the token embedding
+        self.embedding = embedding                  # (vocab, hidden) float32, for the lookup
+        self.blocks = blocks
+        self.output_norm = output_norm              # (hidden,)
+        self.output = output                        # LoRALinear (vocab, hidden): the LM head
+        self.tokenizer = tokenizer
+        self.int8_activations = False
+        """Inference only: let the fused 4-bit products round activations to int8, as llama.cpp
+        does (faster decoding, logits ~5 % of their norm off); see :func:`qlora_np.matmul`."""
+        self.compute_dtype = "float32"
+        """What training's large products multiply in: see :meth:`set_compute_dtype`."""
+        self.projections = FusedProjections()
+        self.name_or_path = None
+        """The Hugging Face folder it was loaded from (adapters saved for PEFT name it as their base)."""
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, path, quant_type="nf4", blocksize=64, double_quant=True):
+        """Load a Llama GGUF (any tensor type gguf-py decodes); re-quantize linear weights.
+
+        ``quant_type`` "nf4" / "fp4" / "int4" / "int4_asym" re-quantizes every linear weight
+        (and the LM head) to 4 bits; None keeps them float32.
+        """
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no GGUF file at {path}")
+        try:
+            reader = gguf.GGUFReader(path)
+        except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
+            raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
+        try:
+            config = LlamaConfig.from_gguf(reader)
+        except (TypeError, ValueError) as error:
+            if isinstance(error, UnknownFormatError):
+                raise
+            raise CheckpointError(f"{path}: missing or malformed llama.* metadata: {error}") from None
+        tensors = {t.name: t for t in reader.tensors}
+        tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+        return cls.from_weights(config, _LazyWeights(tensors, path), quant_type, blocksize,
+                                double_quant, tokenizer)
+
+    @classmethod
+    def from_hf(cls, folder, quant_type="nf4", blocksize=64, double_quant=True):
+        """Load a Hugging Face Llama checkpoint: ``config.json`` + ``model.safetensors`` (or shards).
+
+        HF keeps q and k rows in rotate-half order; they are permuted to the GGUF
+        (adjacent-pair) order used here. The tokenizer comes from ``tokenizer.json`` when
+        the folder has one (else ``tokenizer`` is None: pass token ids). A folder that
+        config.json calls a bitsandbytes checkpoint loads with
+        :func:`~qlora_np.models.llama.hf.bnb_model_parts`: its 4-bit weights as stored, whatever ``quant_type``.
+        """
+        if is_bitsandbytes_folder(folder):
+            model = cls(**bnb_model_parts(folder))
+        else:
+            config = LlamaConfig.from_hf_folder(folder)
+            tensors = read_checkpoint_tensors(folder)
+            model = cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
+                                     double_quant, Tokenizer.from_hf_folder(folder))
+        model.name_or_path = os.fspath(folder)
+        return model
+
+    @classmethod
+    def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,
+                     tokenizer=None):
+        """Build from float weights under GGUF names (``blk.N.attn_q.weight`` …, (out, in) arrays)."""
+        def linear(weight):
+            if quant_type is None:
+                return LoRALinear(np.asarray(weight, np.float32), mode="dense")
+            return LoRALinear(quantize(weight, quant_type, blocksize, double_quant), mode="quant")
+
+        blocks = []
+        for layer in range(config.num_layers):
+            prefix = f"blk.{layer}."
+            linears = {name: linear(weights[prefix + name + ".weight"]) for name in LINEAR_NAMES}
+            blocks.append(LlamaBlock(weights[prefix + "attn_norm.weight"],
+                                     weights[prefix + "ffn_norm.weight"], linears))
+        embedding = np.asarray(weights["token_embd.weight"], np.float32)
+        output_weight = weights["output.weight"] if "output.weight" in weights else embedding   # tied
+        return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
+                   linear(output_weight), tokenizer, tied_output="output.weight" not in weights)
+
+    # -- modes ----------------------------------------------------------------
+    def linear_layers(self):
+        """Every linear layer: the blocks' (in order) and the LM head."""
+        return [layer for block in self.blocks for layer in block.linears.values()] + [self.output]
+
+    def set_compute_dtype(self, compute_dtype):
+        """Let every layer's large 4-bit products multiply in "bfloat16" (or "float32", the
+        default): see :attr:`qlora_np.nn.lora.LoRALinear.compute_dtype`. Training's attention
+        scores, their product with V and the gradients of those two follow, as
+        ``torch.autocast`` runs attention in bfloat16 in the QLoRA recipe."""
+        name = compute_dtype_name(compute_dtype)
+        self.compute_dtype = name
+        for layer in self.linear_layers():
+            layer.compute_dtype = name
+
+    def train(self):
+        """Training mode: adapters' dropout is on and layers keep what backward needs."""
+        for layer in self.linear_layers():
+            layer.train()
+
+    def eval(self):
+        """Inference mode: no dropout, nothing kept for backward."""
+        for layer in self.linear_layers():
+            layer.eval()
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, ids, cache=None, last_only=False):
+        """Logits (T, vocab) for token ids (T,), continuing ``cache`` if given (and extending it)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+            raise ShapeError(f"ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise InvalidValueError(f"token ids must be in [0, {self.config.vocab_size}), "
+                                    f"got {ids.min()}…{ids.max()}")
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + ids.size > cache.max_len:
+            raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
+        positions = np.arange(start, start + ids.size)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)    # 2 × (T, hd/2)
+        eps = self.config.rms_norm_eps
+        x = self.embedding[ids]                                          # (T, hidden)
+        for layer, block in enumerate(self.blocks):
+            x = x + self._attention(block, llama_cpu.rms_norm(x, block.attn_norm, eps), rope, start,
+                                    cache, layer)
+            x = x + self._mlp(block, llama_cpu.rms_norm(x, block.ffn_norm, eps))
+        if cache is not None:
+            cache.length = start + ids.size
+        if last_only:
+            x = x[-1:]
+        logits, = self.projections([self.output], llama_cpu.rms_norm(x, self.output_norm, eps),
+                                   self.int8_activations)
+        return logits
+
+    def _attention(self, block, n, rope, start, cache, layer):
+        """The attention half of a block for inference, on the kernels of :mod:`qlora_np.kernels.portable.llama`."""
+        cfg = self.config
+        T, hd = n.shape[0], cfg.head_dim
+        int8 = self.int8_activations
+        q, k, v = self.projections([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n, int8)
+        q = q.reshape(T, cfg.num_heads, hd)
+        k, v = k.reshape(T, cfg.num_kv_heads, hd), v.reshape(T, cfg.num_kv_heads, hd)
+        if cache is None:                                               # attend within these tokens only
+            keys = np.empty((cfg.num_kv_heads, T, hd), np.float32)
+            values = np.empty_like(keys)
+        else:
+            keys, values = cache.keys[layer], cache.values[layer]       # (KV, max_len, hd)
+        out = llama_cpu.attend(q, k, v, *rope, keys, values, start)       # (T, H·hd)
+        return self.projections([block.linears["attn_output"]], out, int8)[0]
+
+    def _mlp(self, block, m):
+        int8 = self.int8_activations
+        gate, up = self.projections([block.linears["ffn_gate"], block.linears["ffn_up"]], m, int8)
+        return self.projections([block.linears["ffn_down"]], llama_cpu.swiglu(gate, up), int8)[0]
+
+    # -- generation -------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 stop=None, chat=False):
+        """Yield the text of each new token (streaming). Greedy when temperature == 0.
+
+        ``prompt`` is text (tokenized with the model's tokenizer; ``chat=True`` wraps it
+        as a user turn with the chat template) or a list of token ids. Generation ends at
+        an end-of-generation token, after ``max_new_tokens``, or when a ``stop`` string appears.
+        """
+        tokenizer = self.tokenizer
+        if isinstance(prompt, str):
+            if chat:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        rng = np.random.default_rng(seed)
+        cache = KVCache(self.config, min(self.config.context_length, len(ids) + max_new_tokens))
+        logits = self.forward(np.array(ids), cache, last_only=True)[0]
+        produced, text = [], ""
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, rng)
+            if tokenizer is not None and token in tokenizer.end_ids:
+                return
+            produced.append(token)
+            if tokenizer is None:
+                yield token
+            else:
+                full = tokenizer.decode(produced)
+                if full.endswith("\ufffd"):                               # an unfinished UTF-8 sequence
+                    continue
+                piece, text = full[len(text):], full
+                if stop and any(s in text for s in ([stop] if isinstance(stop, str) else stop)):
+                    return
+                yield piece
+            if cache.length >= cache.max_len:
+                return
+            logits = self.forward(np.array([token]), cache, last_only=True)[0]
+
+
+class _LazyWeights:
+    """name → float32 array, decoded from a GGUF file when first asked for."""
+
+    def __init__(self, tensors, path):
+        self._tensors, self._path = tensors, path
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    def __getitem__(self, name):
+        if name not in self._tensors:
+            raise ShapeError(f"{self._path}: tensor {name!r} is missing")
+        return decode_tensor(self._tensors[name])
+
+
+# ---------------------------------------------------------------------------
+# The pieces of a block, as plain functions
+# ---------------------------------------------------------------------------
+
+class FusedProjections:
+    """Inference products of a model's layers, each group of layers with one input (q, k and v;
+    gate and up; o; down; the head) as one prepared fused product (see
+    :class:`qlora_np.kernels.products.FusedProduct`): per token, only the kernel call is left.
+
+    A group is prepared again when a layer's weight is replaced (its packed array is the key);
+    layers with LoRA, a bias or more rows than the fused kernels take run ``layer.forward``.
+    """
+
+    def __init__(self):
+        self._prepared = {}
+
+    def __call__(self, layers, x, int8_activations=False):
+        """[layer(x) for layer in layers] for x (T, in) float32: (T, out) arrays."""
+        key = [x.shape[0] <= FUSED_MAX_ROWS, int8_activations]
+        for layer in layers:
+            if layer.mode != "quant" or layer.bias is not None:
+                return [layer.forward(x, cache=False) for layer in layers]
+            key.append(id(layer.base.packed))
+        key = tuple(key)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepare(layers, x.shape[0], int8_activations)
+            self._prepared[key] = prepared
+        if not prepared:
+            return [layer.forward(x, cache=False) for layer in layers]
+        product, columns = prepared
+        y = product(x)
+        return [y[:, start:stop] for start, stop in columns]
+
+    @staticmethod
+    def _prepare(layers, rows, int8_activations):
+        """(product, each layer's columns of its result) or () if not fusable. The product holds
+        the packed arrays, so their ids (the key) cannot be reused while it is kept."""
+        bases = [layer.base for layer in layers]
+        if not fuse_together(rows, bases, int8_activations):
+            return ()
+        product = fused_product(bases, int8_activations)
+        ends = np.cumsum(product.out_features).tolist()
+        return product, list(zip([0] + ends[:-1], ends))
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x²) + eps) · weight over the last axis."""
+    mean_square = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(mean_square + np.float32(eps)) * weight).astype(np.float32)
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim)."""
+    frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
+    angles = positions[:, None].astype(np.float64) * frequencies[None, :]            # (T, hd/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head: x (T, heads, hd)."""
+    even, odd = x[..., 0::2], x[..., 1::2]                                          # (T, heads, hd/2)
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
+
+
+def causal_attention(q, keys, values, positions):
+    """softmax(q k^T / √d + causal mask) v with grouped-query heads.
+
+    q (H, T, hd) at ``positions``; keys/values (KV, S, hd) for positions 0 … S-1.
+    Query head h reads kv head h // (H / KV).
+    """
+    heads, T, hd = q.shape
+    kv_heads, S, _ = keys.shape
+    group = heads // kv_heads
+    qg = q.reshape(kv_heads, group * T, hd)                                          # (KV, g·T, hd)
+    scores = (qg @ keys.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))               # (KV, g·T, S)
+    scores = scores.reshape(kv_heads, group, T, S)
+    allowed = np.arange(S)[None, :] <= positions[:, None]                           # (T, S)
+    scores = np.where(allowed, scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights.reshape(kv_heads, group * T, S) @ values                          # (KV, g·T, hd)
+    return out.reshape(heads, T, hd).astype(np.float32)
+
+
+def silu(x):
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
+    """Next token id from logits (vocab,): argmax at temperature 0, else softmax sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    if top_k > 0:
+        order = order[:top_k]
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep = np.searchsorted(np.cumsum(probs), top_p) + 1
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    rng = np.random.default_rng() if rng is None else rng
+    return int(order[rng.choice(len(order), p=probs)])

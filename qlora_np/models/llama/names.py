@@ -1,0 +1,73 @@
+"""One Llama model, two naming schemes: GGUF's (``blk.N.attn_q.weight``, adjacent-pair RoPE rows)
+and Hugging Face's (``model.layers.N.self_attn.q_proj.weight``, rotate-half rows).
+
+The model keeps GGUF names and row order; every reader and writer of HF files maps through here.
+"""
+
+import numpy as np
+
+from qlora_np.errors import CheckpointError
+
+
+LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+HF_LINEAR_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                   "ffn_down": "mlp.down_proj"}
+
+
+GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+GGUF_TO_HF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_to_gguf_weights(tensors, config):
+    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
+    names = ["token_embd.weight", "output_norm.weight"]
+    names += ["output.weight"] if "lm_head.weight" in tensors else []   # else tied
+    names += [f"blk.{layer}.{kind}.weight" for layer in range(config.num_layers)
+              for kind in (*LINEAR_NAMES, *GGUF_TO_HF_NORMS)]
+    weights = {}
+    for name in names:
+        hf_name, heads = gguf_to_hf_name(name, config)
+        if hf_name not in tensors:
+            raise CheckpointError(f"checkpoint has no tensor {hf_name!r}")
+        weight = np.asarray(tensors[hf_name], np.float32)
+        weights[name] = weight if heads is None else permute_rope_rows(weight, heads)
+    return weights
+
+
+def gguf_to_hf_name(name, config):
+    """A Llama GGUF tensor name → (its Hugging Face name, the head count whose rows HF orders
+    for rotate-half RoPE (q and k), else None): the one name map both directions read."""
+    if name in GGUF_TO_HF_NAMES:
+        return GGUF_TO_HF_NAMES[name], None
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+        layer, kind = f"model.layers.{int(parts[1])}.", parts[2]
+        if kind in GGUF_TO_HF_NORMS:
+            return f"{layer}{GGUF_TO_HF_NORMS[kind]}.weight", None
+        if kind in HF_LINEAR_NAMES:
+            return f"{layer}{HF_LINEAR_NAMES[kind]}.weight", rope_heads(config, kind)
+    raise CheckpointError(f"{name!r} is not a tensor of a plain Llama model (no Hugging Face name for it)")
+
+
+def rope_heads(config, name):
+    """The head count whose rows HF and GGUF order differently for linear layer ``name``
+    (q: the heads, k: the kv heads), else None (the other layers' rows agree)."""
+    return {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(name)
+
+
+def permute_rope_rows(weight, heads):
+    """HF rotate-half row order → GGUF adjacent-pair order within each head (q or k weight, or a LoRA B)."""
+    out = weight.shape[0]
+    return weight.reshape(heads, 2, out // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rope_rows(weight, heads):
+    """GGUF adjacent-pair row order → HF rotate-half order (the inverse of :func:`permute_rope_rows`)."""
+    out = weight.shape[0]
+    return weight.reshape(heads, out // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
