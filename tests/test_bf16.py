@@ -291,7 +291,7 @@ def test_products_from_codes_do_not_depend_on_the_thread_count(path):
 
 @FROM_CODES
 def test_weights_larger_than_a_tile_go_in_row_ranges(monkeypatch):
-    monkeypatch.setattr(qlora_np.quant.codec, "TILE_ELEMENTS", 64 * 128)             # ranges of 64 rows
+    monkeypatch.setattr(qlora_np.linalg.products, "TILE_ELEMENTS", 64 * 128)             # ranges of 64 rows
     rng = np.random.default_rng(6)
     qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
     assert [count for _, count in qlora_np.linalg.products._weight_row_ranges(qt)] == [64, 64, 64, 8]
@@ -313,7 +313,7 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
     bfloat16 where it does, also when W goes in row ranges (h rides with the first range
     of g @ W)."""
     if ranges:
-        monkeypatch.setattr(qlora_np.quant.codec, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
+        monkeypatch.setattr(qlora_np.linalg.products, "TILE_ELEMENTS", 64 * 128)         # ranges of 64 rows
     rng = np.random.default_rng(rows)
     qt = qlora_np.quantize(rng.standard_normal((200, 128), np.float32), "nf4", 64)
     weight = qlora_np.dequantize(qt)

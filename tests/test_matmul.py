@@ -36,7 +36,7 @@ def test_matmul_equals_dense_product_of_decoded_weight(out_features, in_features
 
 
 def test_matmul_tiles_many_rows_and_keeps_leading_dims(monkeypatch):
-    monkeypatch.setattr(qlora_np.quant.codec, "TILE_ELEMENTS", 3 * 77)     # force many small tiles
+    monkeypatch.setattr(qlora_np.linalg.products, "TILE_ELEMENTS", 3 * 77)     # force many small tiles
     qt = qlora_np.quantize(_weight(50, 77), "nf4", 64, True)
     dense = qlora_np.dequantize(qt)
     x = np.random.default_rng(2).standard_normal((2, 3, 77)).astype(np.float32)
