@@ -25,9 +25,8 @@ from timing import interleaved_medians, median_seconds  # noqa: E402  (benchmark
 
 def bfloat16_tiles():
     """Which kernel multiplies in bfloat16 here: AMX tiles, the AVX-512 BF16 tile, or BLAS."""
-    from qlora_np.kernels.x86 import amx
-    from qlora_np.kernels import bf16
-    return "AMX" if amx.USE_AMX else "AVX-512 BF16" if bf16.HAS_AVX512_BF16 else "BLAS on rounded values"
+    from qlora_np.kernels import features
+    return "AMX" if features.USE_AMX and features.amx_permitted() else "AVX-512 BF16" if features.HAS_AVX512_BF16 else "BLAS on rounded values"
 
 
 def cpu_name():

@@ -12,7 +12,7 @@ from qlora_np.models.llama import lora as llama_lora
 from qlora_np.quant import reference
 from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError
-from qlora_np.kernels.x86 import amx
+from qlora_np.kernels import features
 from qlora_np.kernels import attention_bf16 as fused
 from qlora_np.models.llama.config import LlamaConfig
 from qlora_np.models.llama.model import LlamaModel
@@ -21,7 +21,7 @@ from qlora_np.models.llama.lora import _attention, _attention_backward, _attenti
 from .test_llama import tiny_weights
 
 FUSED = pytest.mark.skipif(not fused.fuses(64), reason="no AVX-512 BF16")
-TILES = [pytest.param(True, marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16"), id="amx"),
+TILES = [pytest.param(True, marks=pytest.mark.skipif(not features.amx_permitted(), reason="no AMX BF16"), id="amx"),
          pytest.param(False, id="avx512")]
 """Whether the kernels multiply with AMX tiles or the AVX-512 BF16 tile."""
 
@@ -29,12 +29,12 @@ TILES = [pytest.param(True, marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reaso
 @contextlib.contextmanager
 def _tiles(use_amx):
     """The products on AMX tiles where ``use_amx``, else on the AVX-512 BF16 tile."""
-    before = amx.USE_AMX
-    amx.USE_AMX = use_amx
+    before = features.USE_AMX
+    features.USE_AMX = use_amx
     try:
         yield
     finally:
-        amx.USE_AMX = before
+        features.USE_AMX = before
 
 
 def _inputs(seed, B, KV, group, T, d, packed):

@@ -14,12 +14,13 @@ import qlora_np
 from qlora_np.quant import reference
 from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError, UnknownFormatError
+from qlora_np.kernels import features
 from qlora_np.kernels.x86 import amx
 from qlora_np.kernels import bf16
 from qlora_np.linalg.products import PANEL_MAX_ROWS
 
-AMX = pytest.param("amx", marks=pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16"))
-AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not bf16.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
+AMX = pytest.param("amx", marks=pytest.mark.skipif(not features.amx_permitted(), reason="no AMX BF16"))
+AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not features.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
 TILES = [AMX, AVX512]
 PATHS = TILES + ["blas"]
 """The three paths: AMX tiles, vdpbf16ps register tiles, and BLAS on the rounded values."""
@@ -28,12 +29,12 @@ PATHS = TILES + ["blas"]
 @contextlib.contextmanager
 def _on(path):
     """Run the products on ``path``; yields rounded_rows' ``simd`` flag for it."""
-    before = amx.USE_AMX
-    amx.USE_AMX = path == "amx"
+    before = features.USE_AMX
+    features.USE_AMX = path == "amx"
     try:
         yield path != "blas"
     finally:
-        amx.USE_AMX = before
+        features.USE_AMX = before
 
 
 def _bound(a, b):
@@ -100,7 +101,7 @@ def test_each_path_is_within_the_bound_on_a_training_shape(path):
     assert (np.abs(result - reference_.matmul_bf16(a, b)) <= _bound(a, b)).all()
 
 
-@pytest.mark.skipif(not amx.HAS_AMX_BF16, reason="no AMX BF16")
+@pytest.mark.skipif(not features.amx_permitted(), reason="no AMX BF16")
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 70])
 @pytest.mark.parametrize("k", [32, 96, 576, 2048])
 def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
@@ -119,16 +120,17 @@ def test_amx_rows_do_not_depend_on_their_neighbours(rows, k):
 
 
 def test_amx_is_turned_off_from_the_environment():
-    code = "from qlora_np.kernels.x86 import amx; print(amx.USE_AMX)"
+    code = "from qlora_np.kernels import features; print(features.USE_AMX)"
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QLORA_NP_AMX": "0"},
                          capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
 
 
 def test_amx_takes_only_whole_steps_of_k(monkeypatch):
-    monkeypatch.setattr(amx, "USE_AMX", True)
+    monkeypatch.setattr(features, "USE_AMX", True)
+    monkeypatch.setattr(features, "amx_permitted", lambda: True)
     assert amx.fits(16) and amx.fits(288) and not amx.fits(20) and not amx.fits(8)
-    monkeypatch.setattr(amx, "USE_AMX", False)
+    monkeypatch.setattr(features, "USE_AMX", False)
     assert not amx.fits(288)
 
 
@@ -423,8 +425,8 @@ def test_lora_layer_keeps_what_its_backward_needs(compute_dtype):
 @pytest.mark.parametrize("path", PATHS)
 def test_batched_products_match_each_groups_product(path, monkeypatch):
     simd = path != "blas"
-    monkeypatch.setattr(bf16, "HAS_AVX512_BF16", simd)
-    monkeypatch.setattr(amx, "USE_AMX", path == "amx")
+    monkeypatch.setattr(features, "HAS_AVX512_BF16", simd)
+    monkeypatch.setattr(features, "USE_AMX", path == "amx")
     rng = np.random.default_rng(7)
     a = rng.standard_normal((2, 3, 37, 64), np.float32)
     b = rng.standard_normal((2, 3, 40, 64), np.float32).transpose(0, 1, 3, 2)    # (2, 3, 64, 40) strided
@@ -458,12 +460,10 @@ def test_training_attention_in_bfloat16_stays_close_to_float32():
 
 
 def test_turning_the_permute_decode_off_takes_the_decoded_tile_path(monkeypatch):
-    from qlora_np.kernels.x86 import simd
-
     rng = np.random.default_rng(9)
     qt = qlora_np.quantize(rng.standard_normal((64, 128), np.float32), "nf4", 64)
     x = rng.standard_normal((PANEL_MAX_ROWS + 3, 128), np.float32)
     before = qlora_np.matmul(x, qt, compute_dtype="bfloat16")
-    monkeypatch.setattr(simd, "PERMUTE_DECODE", False)                  # as QLORA_NP_DECODE=shuffle
+    monkeypatch.setattr(features, "PERMUTE_DECODE", False)                  # as QLORA_NP_DECODE=shuffle
     assert not bf16.decodes_4bit(qt.shape, qt.blocksize)
     np.testing.assert_array_equal(qlora_np.matmul(x, qt, compute_dtype="bfloat16"), before)

@@ -18,7 +18,7 @@ from qlora_np.quant import reference
 from qlora_np.quant.codebooks import FORMATS, NESTED_BLOCKSIZE, dynamic_map
 from qlora_np.errors import InvalidValueError
 from qlora_np.kernels import blockwise as cpu
-from qlora_np.kernels.x86.simd import HAS_AVX2
+from qlora_np.kernels.features import HAS_AVX2
 from qlora_np.quant.backends import scales
 
 F32 = np.float32

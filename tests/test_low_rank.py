@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 from qlora_np.quant import reference
 from qlora_np.linalg import reference as reference_
 from qlora_np.errors import ShapeError
-from qlora_np.kernels import low_rank
+from qlora_np.kernels import features, low_rank
 
-TILE = pytest.mark.skipif(not low_rank.HAS_AVX512, reason="the register tile needs AVX-512")
+TILE = pytest.mark.skipif(not features.HAS_AVX512, reason="the register tile needs AVX-512")
 
 
 def _bound(h, g):
@@ -70,7 +70,7 @@ def test_thin_t_product_reads_bfloat16_pairs(rows, rank, n, extra, seed, avx512)
     h, x = rng.standard_normal((rows, rank), np.float32), rng.standard_normal((rows, n), np.float32)
     pairs = bf16.rounded_rows(x, simd=True, rank=extra)                # (rows, n/2 [+ h's room])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(low_rank, "HAS_AVX512", avx512 and low_rank.HAS_AVX512)
+        patch.setattr(features, "HAS_AVX512", avx512 and features.HAS_AVX512)
         got = low_rank.thin_t_product(h, pairs, n)
     rounded = reference_.round_to_bfloat16(x)
     assert got.shape == (rank, n)

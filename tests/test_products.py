@@ -10,7 +10,8 @@ from qlora_np.quant import reference
 from qlora_np.linalg import reference as reference_
 from qlora_np.kernels import products
 from qlora_np.kernels.x86 import simd as simd_module
-from qlora_np.kernels.x86.simd import HAS_AVX2, HAS_AVX512
+from qlora_np.kernels import features
+from qlora_np.kernels.features import HAS_AVX2, HAS_AVX512
 from qlora_np.quant.backends import scales
 
 QUANT_TYPES = ["nf4", "fp4", "int4", "int4_asym"]
@@ -23,14 +24,14 @@ decode, and portable Numba."""
 
 @pytest.fixture(autouse=True)
 def _restore_the_decode():
-    chosen = simd_module.PERMUTE_DECODE
+    chosen = features.PERMUTE_DECODE
     yield
-    simd_module.PERMUTE_DECODE = chosen
+    features.PERMUTE_DECODE = chosen
 
 
 def _use(path):
     """Select ``path``'s decode; the ``simd`` argument the products take for it."""
-    simd_module.PERMUTE_DECODE = path == "permute"
+    features.PERMUTE_DECODE = path == "permute"
     return path != "portable"
 
 

@@ -26,8 +26,9 @@ import numpy as np
 from numba import njit, prange
 
 from qlora_np.errors import ShapeError
+from qlora_np.kernels import features
 from qlora_np.kernels.x86 import amx
-from qlora_np.kernels.bf16 import (HAS_AVX512_BF16, PANEL, TILE_ROWS, _pair_bits, _rows_times_panel,
+from qlora_np.kernels.bf16 import (PANEL, TILE_ROWS, _pair_bits, _rows_times_panel,
                                    _tile_row1, _tile_rows6, pack_panel, round_row_pairs, rounded_rows)
 from qlora_np.kernels.portable.training import key_ends, probs_and_grad_row, softmax_row
 
@@ -47,7 +48,7 @@ with the AVX-512 tile; on AMX tiles, 294 against 253 (at 1024, 47 against 64).""
 
 def fuses(head_dim):
     """Whether these kernels apply: AVX-512 BF16 here and heads of whole panels."""
-    return HAS_AVX512_BF16 and head_dim % PANEL == 0
+    return features.HAS_AVX512_BF16 and head_dim % PANEL == 0
 
 
 # ---------------------------------------------------------------------------

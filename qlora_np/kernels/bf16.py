@@ -31,11 +31,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qlora_np.errors import ShapeError
+from qlora_np.kernels import features
 from qlora_np.kernels.x86 import amx
-from qlora_np.kernels.x86 import simd as simd_kernels
-from qlora_np.kernels.x86.simd import HAS_AVX512, avx512_dequantize_blocks
-
-HAS_AVX512_BF16 = bool(HAS_AVX512 and llvm.get_host_cpu_features().get("avx512bf16", False))
+from qlora_np.kernels.x86.simd import avx512_dequantize_blocks
 """Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
 
 PANEL = 32
@@ -229,7 +227,7 @@ def _make_tile(rows):
     return tile
 
 
-if HAS_AVX512_BF16:
+if features.HAS_AVX512_BF16:
     llvm.initialize_native_asmparser()      # Numba's code generator needs it for inline assembly
 _tile_rows6 = _make_tile(TILE_ROWS)
 _tile_row1 = _make_tile(1)
@@ -337,7 +335,7 @@ def rounded_rows(a, simd=None, rank=0):
     a = np.asarray(a, np.float32)
     if a.strides[-1] != 4:                                   # rows may be apart (W's ranges of g's columns)
         a = np.ascontiguousarray(a)
-    if HAS_AVX512_BF16 if simd is None else simd:
+    if features.HAS_AVX512_BF16 if simd is None else simd:
         pairs = amx.empty_aligned((a.shape[0], (a.shape[1] + 1) // 2 + low_rank_pairs(rank)), np.uint32)
         round_pairs(a, pairs)
         return pairs
@@ -402,9 +400,9 @@ class Weight4bit(NamedTuple):
 
 def decodes_4bit(shape, blocksize):
     """Whether :func:`times_weight_t` / :func:`times_weight` apply: AVX-512 BF16 and the
-    permute decode here (read at each call, as :func:`qlora_np.kernels.x86.simd.decode_table` does), and W's rows
+    permute decode here (read at each call from :mod:`qlora_np.kernels.features`), and W's rows
     made of whole blocks of a multiple of 16 values."""
-    return (HAS_AVX512_BF16 and simd_kernels.PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
+    return (features.HAS_AVX512_BF16 and features.PERMUTE_DECODE and len(shape) == 2 and blocksize % 16 == 0
             and shape[1] % blocksize == 0)
 
 
@@ -522,7 +520,7 @@ def batched_matmul_bf16(a, b, out=None):
     (m, k), n = a.shape[-2:], b.shape[-1]
     if out is None:
         out = amx.empty_aligned(a.shape[:-1] + (n,), np.float32)
-    if not HAS_AVX512_BF16:
+    if not features.HAS_AVX512_BF16:
         rounded_a, rounded_b = np.empty(a.shape, np.float32), np.empty(b.shape, np.float32)
         round_to_bfloat16(np.ascontiguousarray(a, np.float32).reshape(-1, k), rounded_a.reshape(-1, k))
         round_to_bfloat16(np.ascontiguousarray(b, np.float32).reshape(-1, n), rounded_b.reshape(-1, n))

@@ -16,8 +16,9 @@ import numpy as np
 from numba import njit, prange
 
 from qlora_np.quant.codebooks import NESTED_BLOCKSIZE, get_format, nested_code_lut
+from qlora_np.kernels import features
 from qlora_np.kernels.x86 import simd as simd_kernels
-from qlora_np.kernels.x86.simd import (DEQUANTIZE_STEP, HAS_AVX2, RANK_STEP, avx2_quantize_blocks,
+from qlora_np.kernels.x86.simd import (DEQUANTIZE_STEP, RANK_STEP, avx2_quantize_blocks,
                                        avx2_quantize_blocks_reordered, avx512_dequantize_blocks, rank_lut,
                                        search_table)
 
@@ -80,7 +81,7 @@ def quantize_4bit(flat, blocksize, quant_type, simd=None):
 
 def _rank_search_applies(flat, blocksize, simd):
     """Whether full blocks go through the AVX2 search: wanted, present, 16-value steps, contiguous."""
-    wanted = HAS_AVX2 if simd is None else bool(simd) and HAS_AVX2
+    wanted = features.HAS_AVX2 if simd is None else bool(simd) and features.HAS_AVX2
     return wanted and blocksize % RANK_STEP == 0 and flat.flags.c_contiguous
 
 
@@ -233,7 +234,7 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
     when a BLAS call follows, Numba's OpenMP workers would still be spin-waiting for
     more work and take the cores from BLAS's threads (a measured 1.7× slower training
     step on 2 cores); a one-thread decode of a tile costs far less than that.
-    With the AVX-512 permute decode (:data:`qlora_np.kernels.x86.simd.PERMUTE_DECODE`; ``simd=False``
+    With the AVX-512 permute decode (:data:`qlora_np.kernels.features.PERMUTE_DECODE`; ``simd=False``
     refuses it) whole blocks of a multiple of 16 values decode 16 at a time; the values
     are the same bytes either way.
     """
@@ -244,7 +245,7 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
         shift = zero_point.astype(np.float32)
     if blocksize % 2 == 0 and start % blocksize == 0:
         blocks = -(-n // blocksize)
-        if simd is not False and simd_kernels.PERMUTE_DECODE and blocksize % (2 * DEQUANTIZE_STEP) == 0:
+        if simd is not False and features.PERMUTE_DECODE and blocksize % (2 * DEQUANTIZE_STEP) == 0:
             table = simd_kernels.decode_table(codebook)           # the float32 codebook
             if parallel:
                 _dequantize_blocks_wide(packed, absmax, shift, blocksize, table, start, out)

@@ -24,7 +24,7 @@ from numba.extending import intrinsic, overload
 from qlora_np.dtypes import bfloat16_from_bits
 from qlora_np.errors import ShapeError
 from qlora_np.kernels.portable.exp32 import float32_with_bits
-from qlora_np.kernels.x86.simd import HAS_AVX512
+from qlora_np.kernels import features
 
 STRIP = 32
 """Columns of g one register tile sums (two 16-lane vectors)."""
@@ -163,9 +163,9 @@ def thin_t_product(h, g, columns=None):
     if h.ndim != 2 or g.ndim != 2 or h.shape[0] != g.shape[0] or (pairs and not 0 < n <= 2 * g.shape[1]):
         raise ShapeError(f"h (rows, r) and g (rows, n) or its pairs (rows, ≥ n/2) must share their rows, "
                          f"got {h.shape} and {g.shape} (n = {n})")
-    if not pairs and (not HAS_AVX512 or h.dtype != np.float32 or g.dtype != np.float32 or g.size < SMALL):
+    if not pairs and (not features.HAS_AVX512 or h.dtype != np.float32 or g.dtype != np.float32 or g.size < SMALL):
         return h.T @ g
-    if not HAS_AVX512:
+    if not features.HAS_AVX512:
         return h.T @ _pair_values(g, n)
     h = np.asarray(h, np.float32)
     rank = h.shape[1]

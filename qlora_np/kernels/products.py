@@ -15,8 +15,9 @@ import numpy as np
 from numba import njit, prange
 
 from qlora_np.errors import ShapeError
+from qlora_np.kernels import features
 from qlora_np.kernels.blockwise import zero_shifts
-from qlora_np.kernels.x86.simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, HAS_AVX2, INT8_ORDER,
+from qlora_np.kernels.x86.simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, INT8_ORDER,
                                        INT8_ORDER_64, STRIP, avx2_axpy_rows1, avx2_axpy_rows4,
                                        avx2_axpy_wrows, avx2_decode_panel, avx2_dot_rows1,
                                        avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
@@ -33,7 +34,7 @@ def supports(shape, blocksize):
 
 def simd_applies(blocksize, simd=None):
     """Whether the AVX2 driver runs: asked for (or not refused), present, and 16-byte blocks."""
-    wanted = HAS_AVX2 if simd is None else bool(simd) and HAS_AVX2
+    wanted = features.HAS_AVX2 if simd is None else bool(simd) and features.HAS_AVX2
     return wanted and (blocksize // 2) % BYTES_PER_STEP == 0
 
 

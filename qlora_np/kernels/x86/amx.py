@@ -18,22 +18,21 @@ but that row, so a block's padding rows, the thread count and the order of tasks
 change a value.
 
 Linux lets a process use the tiles only once it asks for their state
-(``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); that is asked once, at import.
-Set ``QLORA_NP_AMX=0`` in the environment, or :data:`USE_AMX` False, to keep the AVX-512 tile.
+(``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); :func:`fits` asks once, the first
+time a product could take the tiles (:func:`qlora_np.kernels.features.amx_permitted`).
+Set ``QLORA_NP_AMX=0`` in the environment, or :data:`qlora_np.kernels.features.USE_AMX` False,
+to keep the AVX-512 tile.
 """
 
-import ctypes
 import math
-import os
-import platform
-import sys
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from qlora_np.kernels import features
 
 BLOCK_ROWS = 32
 """Rows of a one block multiplies with a panel (two A tiles of 16 rows)."""
@@ -64,33 +63,11 @@ group's panels stay in L2 while every block of rows goes by. With k = 2048 (32 p
 the SmolLM2 step (k = 576 and 1536) the two were within the VM's noise."""
 
 
-_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
-
-
-def _tile_state_granted():
-    """Ask Linux for the tile state; False where that is refused or not Linux on x86-64."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-_FEATURES = llvm.get_host_cpu_features()
-HAS_AMX_BF16 = bool(_FEATURES.get("amx-tile", False) and _FEATURES.get("amx-bf16", False)
-                    and _tile_state_granted())
-"""Whether this CPU has AMX BF16 tiles and the process may use them (found once at import)."""
-
-USE_AMX = HAS_AMX_BF16 and os.environ.get("QLORA_NP_AMX", "") != "0"
-"""Whether :mod:`qlora_np.kernels.bf16` multiplies with the tiles (read at each call; tests turn it off to
-check the AVX-512 tile)."""
-
-
 def fits(depth):
-    """Whether a product with ``depth`` pairs of k goes through the tiles."""
-    return USE_AMX and depth % STEP_PAIRS == 0
+    """Whether a product with ``depth`` pairs of k goes through the tiles: wanted
+    (:data:`qlora_np.kernels.features.USE_AMX`), whole tile steps of k, and the tile state
+    permitted (asked here, the first time, just before an AMX kernel would run)."""
+    return features.USE_AMX and depth % STEP_PAIRS == 0 and features.amx_permitted()
 
 
 # ---------------------------------------------------------------------------

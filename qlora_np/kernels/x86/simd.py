@@ -27,31 +27,21 @@ and, for batches, ``avx2_decode_panel`` (a strip of W rows decoded and scaled in
 buffer) with the register tiles that multiply such a panel with many rows
 (``avx2_panel_dot*``, ``avx2_panel_axpy*``).
 
-They are only compiled and called where the CPU has AVX2 and FMA (``HAS_AVX2``), the
-permute decode only where it also has AVX-512F/VL (``HAS_AVX512``); the portable Numba
+They are only compiled and called where the CPU has AVX2 and FMA
+(:data:`qlora_np.kernels.features.HAS_AVX2`), the permute decode only where it also has
+AVX-512F/VL (``features.HAS_AVX512``); the portable Numba
 functions in :mod:`qlora_np.kernels.products` compute the same sums.
 """
 
-import os
 from functools import lru_cache
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_FEATURES = llvm.get_host_cpu_features()
-HAS_AVX2 = bool(_FEATURES.get("avx2", False) and _FEATURES.get("fma", False))
-"""Whether this CPU runs the AVX2 path (detected once at import)."""
-
-HAS_AVX512 = bool(HAS_AVX2 and _FEATURES.get("avx512f", False) and _FEATURES.get("avx512vl", False))
-"""Whether this CPU can look up all 16 codebook entries with one permute (AVX-512 ``vpermps``)."""
-
-PERMUTE_DECODE = HAS_AVX512 and os.environ.get("QLORA_NP_DECODE", "") != "shuffle"
-"""Whether the fused products decode with the permute (read at each call by :func:`decode_table`;
-``QLORA_NP_DECODE=shuffle`` in the environment, or setting this False, picks the byte shuffles)."""
+from qlora_np.kernels import features
 
 BYTES_PER_STEP = 16
 """Packed bytes one decode step consumes (32 weights): block byte counts must be multiples."""
@@ -93,9 +83,9 @@ def _order_of(n, wide):
 
 def decode_table(codebook):
     """What the fused decode looks codes up in: the (16,) float32 codebook itself for the
-    permute decode (:data:`PERMUTE_DECODE`), else its byte planes (:func:`codebook_planes`).
+    permute decode (:data:`qlora_np.kernels.features.PERMUTE_DECODE`), else its byte planes (:func:`codebook_planes`).
     The intrinsics pick their decode from this array's dtype when they are compiled."""
-    if PERMUTE_DECODE:
+    if features.PERMUTE_DECODE:
         return _codebook_of(np.ascontiguousarray(codebook, np.float32).tobytes())
     return codebook_planes(codebook)
 
