@@ -1,4 +1,4 @@
-"""Files in and out. Two floors (FORMATS.md beside this file describes every layout):
+"""Files in and out, in two floors (each module's docstring gives its layout):
 
 * file formats, which know arrays and nothing of models: ``safetensors``, ``gguf``, ``gguf_quants``;
 * model files, built on :mod:`qlora_np.models`: ``bnb`` (transformers + bitsandbytes folders),
