@@ -24,7 +24,7 @@ _PUBLIC = {
     "qlora_np.quant.tensor": ("QuantizedTensor", "BNB_BLOCKSIZES"),
     "qlora_np.quant.codebooks": ("FORMATS", "derive_nf4_codebook", "dynamic_map"),
     "qlora_np.dtypes": ("bfloat16_from_bits",),
-    "qlora_np.linalg": ("matmul", "matmul_t"),
+    "qlora_np.linalg": ("matmul", "matmul_t", "explain"),
     "qlora_np.nn.lora": ("LoRALinear", "Parameter", "MergeReport"),
     "qlora_np.models.llama.model": ("LlamaModel",),
     "qlora_np.models.llama.lora": ("inject_lora", "loss_and_backward", "print_trainable_parameters"),

@@ -92,7 +92,7 @@ def build_parser():
 
 def _add_train_config_arguments(parser):
     """One option per :class:`TrainConfig` field (--lr, --batch-size, --packing, …)."""
-    from qlora_np.linalg.products import COMPUTE_DTYPES
+    from qlora_np.linalg.plan import COMPUTE_DTYPES
     from qlora_np.train.trainer import SCHEDULES, TrainConfig
 
     choices = {"schedule": (*SCHEDULES, "constant"), "compute_dtype": COMPUTE_DTYPES}

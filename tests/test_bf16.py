@@ -17,7 +17,7 @@ from qlora_np.errors import ShapeError, UnknownFormatError
 from qlora_np.kernels import features
 from qlora_np.kernels.x86 import amx
 from qlora_np.kernels import bf16
-from qlora_np.linalg.products import PANEL_MAX_ROWS
+from qlora_np.linalg.plan import PANEL_MAX_ROWS, plan_product
 
 AMX = pytest.param("amx", marks=pytest.mark.skipif(not features.amx_permitted(), reason="no AMX BF16"))
 AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not features.HAS_AVX512_BF16, reason="no AVX-512 BF16"))
@@ -326,7 +326,7 @@ def test_low_rank_products_add_the_term(monkeypatch, ranges, compute_dtype, rows
     given = rng.standard_normal((rows, 8), np.float32)
     y_given, h_given, _ = qlora_np.linalg.products.matmul_low_rank(x, qt, a_in, a_out, 0.5, compute_dtype, h=given)
     np.testing.assert_array_equal(h_given, given)
-    folds = qlora_np.linalg.products._folds_low_rank(rows, qt, compute_dtype, qlora_np.linalg.products.FUSED_MAX_ROWS)
+    folds = plan_product("forward", rows, qt, compute_dtype).kernel == "bfloat16_panels"
     cases = [(h_x, x @ a_in.T, np.abs(x) @ np.abs(a_in.T)), (h_g, g @ a_out.T, np.abs(g) @ np.abs(a_out.T)),
              (y, x @ weight.T + 0.5 * (x @ a_in.T) @ a_out,                  # |x| |W| + 0.5 |x| |A| |e|
               np.abs(x) @ np.abs(weight.T) + 0.5 * (np.abs(x) @ np.abs(a_in.T)) @ np.abs(a_out)),

@@ -136,7 +136,7 @@ def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
         monkeypatch.setattr(products, name, lambda *args, kernel=kernel, name=name, **kw:
                             calls.append(name) or kernel(*args, **kw))
     rng = np.random.default_rng(3)
-    for rows in (1, qlora_np.linalg.products.FUSED_MAX_ROWS_T + 1, qlora_np.linalg.products.PANEL_MAX_ROWS + 1):
+    for rows in (1, qlora_np.linalg.plan.FUSED_MAX_ROWS_T + 1, qlora_np.linalg.plan.PANEL_MAX_ROWS + 1):
         calls.clear()
         x = rng.standard_normal((rows, 256)).astype(np.float32)
         g = rng.standard_normal((rows, 64)).astype(np.float32)
@@ -144,7 +144,7 @@ def test_matmul_picks_fused_panel_or_tiled_products_by_rows(monkeypatch):
         np.testing.assert_allclose(qlora_np.matmul_t(g, qt), g @ dense, rtol=1e-5, atol=1e-4)
         if rows == 1:
             assert calls == ["gemv", "gemv_t"]
-        elif rows <= qlora_np.linalg.products.PANEL_MAX_ROWS:
+        elif rows <= qlora_np.linalg.plan.PANEL_MAX_ROWS:
             assert calls == (["gemm", "gemm_t"] if HAS_AVX2 else ["gemv"])    # no AVX2: fused x @ W.T, tiled g @ W
         else:
             assert calls == []                                               # tiles of W and BLAS

@@ -2,7 +2,7 @@
 
 ``matmul`` (x @ W.T, the forward), ``matmul_t`` (g @ W, the gradient to x) and their
 low-rank fusions, for the CPU and the GPU. Which kernel runs for a call depends on its row
-count, the weight and the CPU; the thresholds below say where each one wins.
+count, the weight and the CPU: :mod:`qlora_np.linalg.plan` decides it in one place.
 """
 
 from typing import NamedTuple
@@ -17,6 +17,7 @@ from qlora_np.kernels.blockwise import zero_shifts
 from qlora_np.kernels.cuda.device import is_device_array
 from qlora_np.kernels.x86.amx import empty_aligned
 from qlora_np.kernels.x86.simd import decode_table
+from qlora_np.linalg.plan import compute_dtype_name, int8_applies, plan_product
 from qlora_np.quant.backends import get_backend, scales
 from qlora_np.quant.tensor import QuantizedTensor
 
@@ -24,25 +25,6 @@ TILE_ELEMENTS = 1 << 22
 """Most weight elements the tiled products decode at a time (16 MiB of float32): bounds their
 extra memory. Fewer rows of x use tiles down to a quarter of that (decoding then costs
 as much as the product, and a smaller tile stays in cache)."""
-
-FUSED_MAX_ROWS = 64
-"""Up to this many rows of x, the products decode W in registers (:mod:`qlora_np.kernels.products`);
-the fused kernels share each decode among 4 rows, so they beat decode-a-tile + BLAS until
-the batch is large enough for BLAS's compute efficiency to win."""
-
-FUSED_MAX_ROWS_T = 8
-"""The same limit for g @ W: its fused kernel streams a row of the result per row of g
-through the cache for every weight row, so it pays off for fewer rows."""
-
-PANEL_MAX_ROWS = 256
-"""With AVX2, from FUSED_MAX_ROWS_T + 1 up to this many rows both products decode W a panel
-at a time (:func:`qlora_np.kernels.products.gemm` / ``gemm_t``): each panel is decoded once for all
-rows and multiplied from the cache in register tiles, 1.3–2× faster than the fused kernels
-and decode + BLAS there; beyond it, BLAS's tuned kernels on decoded tiles win."""
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-"""What the large products may multiply in (``compute_dtype``), as bitsandbytes' ``compute_dtype``."""
 
 
 def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float32"):
@@ -69,22 +51,23 @@ def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float3
     GPU kernels.
     """
     _weight_shape(qt)
-    bfloat16 = compute_dtype_name(compute_dtype) == "bfloat16"
     if qt.device == "cuda":
+        compute_dtype_name(compute_dtype)                              # UnknownFormatError if unknown
         kernels = get_backend(backend, "cuda")
         x2d, lead = kernels.as_rows(x, qt.shape[1], "x")
         y = kernels.matmul(x2d, qt.packed, scales(qt), qt.zero_point, qt.codebook, qt.shape[0],
                            qt.blocksize)
         return y.reshape(lead + (qt.shape[0],))
     x2d, lead = _as_rows(x, qt, axis_size=qt.shape[1], name="x")
-    out_features, rows = qt.shape[0], x2d.shape[0]
-    int8_fused = int8_activations and _int8_applies(qt) and uses_fused(rows, qt, backend)
-    if uses_panels(rows, qt, backend) and not int8_fused:          # int8 keeps its fused kernel
+    out_features = qt.shape[0]
+    kernel = plan_product("forward", x2d.shape[0], qt, compute_dtype, int8_activations, backend).kernel
+    bfloat16 = compute_dtype_name(compute_dtype) == "bfloat16"
+    if kernel == "panels":
         y = products.gemm(x2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, out_features, qt.blocksize)
         return y.reshape(lead + (out_features,))
-    if uses_fused(rows, qt, backend):
+    if kernel in ("fused", "fused_int8"):
         return fused_matmul(x2d, qt, int8_activations).reshape(lead + (out_features,))
-    if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
+    if kernel == "bfloat16_panels":
         return _bfloat16_times_weight_t(bf16.rounded_rows(x2d), qt).reshape(lead + (out_features,))
     y = empty_aligned((x2d.shape[0], out_features), np.float32)      # (rows, out): tiles' rows on lines
     x_rounded = bf16.rounded_rows(x2d) if bfloat16 else None
@@ -104,24 +87,26 @@ def matmul_t(grad, qt, backend="numba", compute_dtype="float32"):
     ``compute_dtype``: as in :func:`matmul`.
     """
     _weight_shape(qt)
-    bfloat16 = compute_dtype_name(compute_dtype) == "bfloat16"
     if qt.device == "cuda":
+        compute_dtype_name(compute_dtype)                              # UnknownFormatError if unknown
         kernels = get_backend(backend, "cuda")
         g2d, lead = kernels.as_rows(grad, qt.shape[0], "grad")
         result = kernels.matmul_t(g2d, qt.packed, scales(qt), qt.zero_point, qt.codebook,
                                   qt.shape[1], qt.blocksize)
         return result.reshape(lead + (qt.shape[1],))
     g2d, lead = _as_rows(grad, qt, axis_size=qt.shape[0], name="grad")
-    in_features, rows = qt.shape[1], g2d.shape[0]
-    if uses_panels(rows, qt, backend):
+    in_features = qt.shape[1]
+    kernel = plan_product("transposed", g2d.shape[0], qt, compute_dtype, backend=backend).kernel
+    bfloat16 = compute_dtype_name(compute_dtype) == "bfloat16"
+    if kernel == "panels":
         result = products.gemm_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, in_features,
                                  qt.blocksize)
         return result.reshape(lead + (in_features,))
-    if uses_fused(rows, qt, backend, FUSED_MAX_ROWS_T):
+    if kernel == "fused":
         result = products.gemv_t(g2d, qt.packed, scales(qt), _shifts(qt), qt.codebook,
                                  in_features, qt.blocksize)
         return result.reshape(lead + (in_features,))
-    if bfloat16 and _decodes_in_bfloat16(qt, backend):                # panels straight from the codes
+    if kernel == "bfloat16_panels":
         return _bfloat16_times_weight(g2d, qt).reshape(lead + (in_features,))
     result = empty_aligned((g2d.shape[0], in_features), np.float32)  # (rows, in)
     partial = empty_aligned(result.shape, np.float32)                 # one product's worth, reused
@@ -162,7 +147,7 @@ def matmul_low_rank(x, qt, a, e, scale=1.0, compute_dtype="float32", h=None):
         h = np.ascontiguousarray(h, np.float32)
         if h.shape != (x2d.shape[0], a.shape[0]):
             raise ShapeError(f"h must have shape {(x2d.shape[0], a.shape[0])}, got {h.shape}")
-    if _folds_low_rank(x2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS):
+    if plan_product("forward", x2d.shape[0], qt, compute_dtype).kernel == "bfloat16_panels":
         pairs = bf16.rounded_rows(x2d, rank=a.shape[0])
         if h is None:
             h = bf16.matmul_bf16(pairs[:, :(qt.shape[1] + 1) // 2], a.T)
@@ -187,7 +172,7 @@ def matmul_t_low_rank(grad, qt, a, e, scale=1.0, compute_dtype="float32"):
     LoRA layer's gradient to x (a = B.T, e = A), in the products :func:`matmul_low_rank`
     describes."""
     g2d, a, e = _low_rank_operands(grad, qt, a, e, qt.shape[0], qt.shape[1], "grad")
-    if _folds_low_rank(g2d.shape[0], qt, compute_dtype, FUSED_MAX_ROWS_T):
+    if plan_product("transposed", g2d.shape[0], qt, compute_dtype).kernel == "bfloat16_panels":
         return LowRankBackward(*_bfloat16_times_weight(g2d, qt, a, e, scale))
     h = g2d @ a.T
     result = matmul_t(g2d, qt, compute_dtype=compute_dtype)
@@ -215,13 +200,6 @@ def _low_rank_operands(x, qt, a, e, inner, outer, name):
         raise ShapeError(f"{name} (rows, {inner}), a (r, {inner}) and e (r, {outer}) do not fit: "
                          f"{x.shape}, {a.shape}, {e.shape}")
     return x, a, e
-
-
-def _folds_low_rank(rows, qt, compute_dtype, fused_max_rows):
-    """Whether a product with ``rows`` rows multiplies in bfloat16 with panels from W's
-    codes, where a low-rank term rides along (:func:`matmul_low_rank`)."""
-    return (compute_dtype_name(compute_dtype) == "bfloat16" and not uses_panels(rows, qt)
-            and not uses_fused(rows, qt, max_rows=fused_max_rows) and _decodes_in_bfloat16(qt, "numba"))
 
 
 def _bfloat16_times_weight_t(x_pairs, qt, e=None):
@@ -255,34 +233,12 @@ def _bfloat16_times_weight(g2d, qt, a=None, e=None, scale=1.0):
     return result if a is None else (result, h, pairs if len(ranges) == 1 else None)
 
 
-def compute_dtype_name(compute_dtype):
-    """The name in COMPUTE_DTYPES of ``compute_dtype`` (that name or NumPy's float32)."""
-    try:
-        name = compute_dtype if isinstance(compute_dtype, str) else np.dtype(compute_dtype).name
-    except TypeError:
-        name = None
-    if name not in COMPUTE_DTYPES:
-        raise UnknownFormatError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    return name
-
-
-def uses_fused(rows, qt, backend="numba", max_rows=FUSED_MAX_ROWS):
-    """Whether a product with ``rows`` rows and weight ``qt`` runs on the fused kernels."""
-    return backend == "numba" and rows <= max_rows and products.supports(qt.shape, qt.blocksize)
-
-
-def uses_panels(rows, qt, backend="numba"):
-    """Whether a product with ``rows`` rows and weight ``qt`` runs on the AVX2 panel kernels."""
-    return (backend == "numba" and FUSED_MAX_ROWS_T < rows <= PANEL_MAX_ROWS
-            and products.supports(qt.shape, qt.blocksize) and products.simd_applies(qt.blocksize))
-
-
 def fused_matmul(x2d, qt, int8_activations=False):
     """x2d (rows, in) float32 @ W.T on the fused kernel, without checking the arguments.
 
-    :func:`uses_fused` says when it applies; ``int8_activations``: see :func:`matmul`.
+    :func:`~qlora_np.linalg.plan.plan_product` says when it applies; ``int8_activations``: see :func:`matmul`.
     """
-    if int8_activations and _int8_applies(qt):
+    if int8_activations and int8_applies(qt):
         return fused_product([qt], int8_activations)(x2d)
     return products.gemv(x2d, qt.packed, scales(qt), _shifts(qt), qt.codebook, qt.shape[0],
                          qt.blocksize)
@@ -294,20 +250,6 @@ def fused_product(weights, int8_activations=False):
     first = weights[0]
     return products.FusedProduct([(qt.packed, scales(qt), qt.shape[0]) for qt in weights], first.codebook,
                                  first.blocksize, first.shape[1], int8_activations=int8_activations)
-
-
-def fuse_together(rows, weights, int8_activations=False):
-    """Whether :func:`fused_product` applies: fused-size products, one format, no zero points
-    (and, for int8 activations, whole groups of 32)."""
-    first = weights[0]
-    return all(uses_fused(rows, qt) and qt.zero_point is None and qt.shape[1] == first.shape[1]
-               and qt.blocksize == first.blocksize and qt.codebook.tobytes() == first.codebook.tobytes()
-               and (not int8_activations or _int8_applies(qt))
-               for qt in weights)
-
-
-def _int8_applies(qt):
-    return qt.zero_point is None and products.int8_supports(qt.shape[1], qt.blocksize)
 
 
 def _shifts(qt):
@@ -333,12 +275,6 @@ def _as_rows(array, qt, axis_size, name):
         raise ShapeError(f"{name} must have last dimension {axis_size} to multiply the weight of "
                          f"shape {qt.shape}, got shape {array.shape}")
     return np.ascontiguousarray(array.reshape(-1, axis_size), dtype=np.float32), array.shape[:-1]
-
-
-def _decodes_in_bfloat16(qt, backend):
-    """Whether the bfloat16 products decode W's panels straight from its codes
-    (:func:`qlora_np.kernels.bf16.decodes_4bit`)."""
-    return backend == "numba" and bf16.decodes_4bit(qt.shape, qt.blocksize)
 
 
 def _bfloat16_weight(qt):

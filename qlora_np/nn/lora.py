@@ -24,7 +24,8 @@ from qlora_np.dtypes import float_dtype_name
 from qlora_np.errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from qlora_np.kernels.portable import training as training_cpu
 from qlora_np.kernels.low_rank import thin_t_product
-from qlora_np.linalg.products import (add_low_rank_product, compute_dtype_name, matmul, matmul_low_rank,
+from qlora_np.linalg.plan import compute_dtype_name
+from qlora_np.linalg.products import (add_low_rank_product, matmul, matmul_low_rank,
                                       matmul_t, matmul_t_low_rank)
 from qlora_np.quant.codec import dequantize, quantize
 from qlora_np.quant.backends import DEVICES, cuda_kernels

@@ -25,7 +25,7 @@ from qlora_np.train.checkpoint import checkpoint_name, load_checkpoint, save_che
 from qlora_np.errors import CheckpointError, InvalidValueError, UnknownFormatError
 from qlora_np.train.data import epoch_batches
 from qlora_np.models.llama.lora import inject_lora, loss_and_backward, summed_loss
-from qlora_np.linalg.products import compute_dtype_name
+from qlora_np.linalg.plan import compute_dtype_name
 from qlora_np.nn.optim import (AdamW, LRScheduler, clip_grad_norm, warmup_cosine_schedule,
                                warmup_linear_schedule)
 from qlora_np.io.peft import from_peft, peft_adapter

@@ -21,7 +21,8 @@ from qlora_np.errors import CheckpointError, InvalidValueError, ShapeError, Unkn
 from qlora_np.io.gguf import decode_tensor
 from qlora_np.io.safetensors import read_checkpoint_tensors
 from qlora_np.kernels.portable import llama as llama_cpu
-from qlora_np.linalg.products import FUSED_MAX_ROWS, compute_dtype_name, fuse_together, fused_product
+from qlora_np.linalg.plan import FUSED_MAX_ROWS, compute_dtype_name, fuse_together
+from qlora_np.linalg.products import fused_product
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
 from qlora_np.models.llama.hf import bnb_model_parts, is_bitsandbytes_folder
 from qlora_np.models.llama.names import LINEAR_NAMES, hf_to_gguf_weights
