@@ -11,7 +11,11 @@ timed too. The asv suites in this folder track the same operations over commits.
 
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+try:                                  # the process settings the CLI uses, before NumPy loads OpenBLAS
+    from qlora_np import runtime
+    runtime.configure()
+except ImportError:                   # a tree from before the redesign set them on import
+    pass
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
@@ -20,12 +24,17 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qlora_np  # noqa: E402
-from timing import interleaved_medians, median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+from results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from timing import interleaved_medians, median_seconds  # noqa: E402
 
 
 def bfloat16_tiles():
     """Which kernel multiplies in bfloat16 here: AMX tiles, the AVX-512 BF16 tile, or BLAS."""
-    from qlora_np.kernels import features
+    try:
+        from qlora_np.kernels import features
+    except ImportError:               # a tree from before the redesign kept the flags in its kernels
+        from qlora_np.kernels import amx, bf16
+        return "AMX" if amx.USE_AMX else "AVX-512 BF16" if bf16.HAS_AVX512_BF16 else "BLAS on rounded values"
     return "AMX" if features.USE_AMX and features.amx_permitted() else "AVX-512 BF16" if features.HAS_AVX512_BF16 else "BLAS on rounded values"
 
 
@@ -71,6 +80,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=4096, help="matrix side (default 4096)")
     parser.add_argument("--repeat", type=int, default=15, help="timed calls per row")
+    parser.add_argument("--label", default="", help="free text stored with the results (e.g. before/after)")
+    parser.add_argument("--output-dir", default=None, help="where the results JSON goes "
+                        "(default: benchmarks/results)")
     args = parser.parse_args()
     side, repeat = args.side, args.repeat
 
@@ -87,7 +99,11 @@ def main():
     print(header)
     print("-" * len(header))
 
+    table = []
+
     def row(name, seconds, baseline_name, baseline, target_text, passed):
+        table.append({"operation": name, "ours_s": seconds, "baseline": baseline_name, "baseline_s": baseline,
+                     "ratio": seconds / baseline, "target": target_text, "passed": passed})
         verdict = "" if passed is None else ("PASS" if passed else "MISS")
         print(f"{name:34} {seconds * 1e3:9.2f} {baseline_name:>22} {baseline * 1e3:9.2f} "
               f"{seconds / baseline:7.2f}  {target_text} {verdict}")
@@ -146,6 +162,10 @@ def main():
 
     for name, seconds in bitsandbytes_rows(weight, repeat):
         row(name, seconds, "np.copy(input)", copy_input, "", None)
+    path = write_results("compare", {"side": side, "repeat": repeat}, table, numba.get_num_threads(),
+                         os.path.dirname(os.path.dirname(os.path.abspath(qlora_np.__file__))), args.label,
+                         args.output_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":
