@@ -10,15 +10,13 @@ those cores; ``OPENBLAS_THREAD_TIMEOUT=1`` makes them sleep at once. The other w
 Numba's OpenMP threads (GNU libgomp) spin ``GOMP_SPINCOUNT`` rounds before they sleep: a
 spinning thread holds a core through the BLAS call that follows, while a sleeping one is
 slow to wake for the next kernel (a bfloat16 step launches about 1,500). 30,000 rounds is
-the balance: a tenth of it left bfloat16 steps slower and decoding slower, twice as many
-already slowed float32 steps, and libgomp's default (300,000) slowed them most.
-benchmarks/README.md has the measurements.
+the balance between the two; benchmarks/README.md has the measurements behind it.
 
-**Allocator** (glibc only). A training step allocates its activations allocates its activations (~700 MB for SmolLM2-135M at 1024 tokens)
-and frees them all at its end. With glibc's default, adaptive settings most of those
-pages go back to the OS and the next step faults them in again, zeroed: ~170,000 page
-faults and ~0.4 s of system time a step. Fixing the two thresholds below keeps them
-in the heap (~600 faults a step) at the same peak RSS.
+**Allocator** (glibc only). A training step allocates its activations (hundreds of MB for a
+small model at 1024 tokens) and frees them all at its end. With glibc's default, adaptive
+settings most of those pages go back to the OS and the next step faults them in again,
+zeroed, paying system time for every page. Fixing the two thresholds below keeps them in
+the heap at the same peak RSS.
 """
 
 import ctypes
@@ -38,6 +36,10 @@ the heap."""
 TRIM_THRESHOLD = 256 * 1024 ** 2
 """How much free memory the heap may keep at its top before returning it (glibc's
 adaptive default is twice the mmap threshold, so a step's worth was returned)."""
+
+configured = None
+"""What :func:`configure` applied, by name (as it returns it); None until it has run, so a test
+can see that importing the package applied nothing."""
 
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 """glibc's environment variables for the same settings: when the user set one, their
@@ -65,10 +67,12 @@ def configure():
     OpenBLAS reads its setting when NumPy loads it, libgomp when the first parallel kernel
     runs: call this before either (the ``qlora-np`` command does it before anything else).
     """
+    global configured
     applied = {}
     for name, value in THREAD_SETTINGS.items():
         if name not in os.environ:
             os.environ[name] = value
             applied[name] = value
     applied["malloc thresholds"] = keep_freed_memory()
+    configured = applied
     return applied

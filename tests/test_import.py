@@ -23,6 +23,7 @@ from qlora_np.kernels import features
 from qlora_np import runtime
 print(json.dumps({"changed": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)),
                   "amx_asked": features.amx_permitted.cache_info().currsize,
+                  "configured": runtime.configured,
                   "modules": sum(name.startswith("qlora_np") for name in __import__("sys").modules)}))
 """
 
@@ -38,6 +39,7 @@ def test_importing_every_module_changes_no_environment_variable_and_asks_no_amx_
     report = _run(IMPORT_EVERYTHING)
     assert report["changed"] == []
     assert report["amx_asked"] == 0
+    assert report["configured"] is None             # neither the thread settings nor malloc's were applied
     assert report["modules"] > 40                    # the walk really imported the package
 
 
@@ -57,11 +59,11 @@ def test_importing_makes_no_arch_prctl_permission_syscall(tmp_path):
 def test_configure_sets_the_thread_settings_only_where_the_user_did_not():
     code = "import json; from qlora_np import runtime; import os; " \
            "applied = runtime.configure(); " \
-           "print(json.dumps({'applied': sorted(applied), 'env': {k: os.environ.get(k) for k in runtime.THREAD_SETTINGS}}))"
+           "print(json.dumps({'applied': sorted(applied), 'recorded': runtime.configured == applied, 'env': {k: os.environ.get(k) for k in runtime.THREAD_SETTINGS}}))"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
     fresh = _run(code, env)
     assert fresh["env"] == {"OPENBLAS_THREAD_TIMEOUT": "1", "GOMP_SPINCOUNT": "30000"}
-    assert {"OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT"} <= set(fresh["applied"])
+    assert {"OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT"} <= set(fresh["applied"]) and fresh["recorded"]
     users = _run(code, {**env, "GOMP_SPINCOUNT": "7"})
     assert users["env"]["GOMP_SPINCOUNT"] == "7" and "GOMP_SPINCOUNT" not in users["applied"]
 
