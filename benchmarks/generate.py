@@ -10,7 +10,11 @@ count, run in a subprocess, and the ratios; each is the median of ``--repeat`` r
 
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+try:                                  # the process settings the CLI uses, before NumPy loads OpenBLAS
+    from qlora_np import runtime
+    runtime.configure()
+except ImportError:                   # a tree from before the redesign set them on import
+    pass
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -22,8 +26,13 @@ import time  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+import qlora_np  # noqa: E402
 from qlora_np.demo import shipped_smollm2_path  # noqa: E402
-from qlora_np.models.llama.model import KVCache, LlamaModel  # noqa: E402
+from results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+try:
+    from qlora_np.models.llama.model import KVCache, LlamaModel  # noqa: E402
+except ImportError:                   # a tree from before the redesign
+    from qlora_np.llama import KVCache, LlamaModel  # noqa: E402
 
 PROMPT = ("<|im_start|>user\nWrite a short story about a robot who learns to paint, in three "
           "sentences.<|im_end|>\n<|im_start|>assistant\n")
@@ -101,6 +110,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each; the median is reported")
+    parser.add_argument("--label", default="", help="free text stored with the results (e.g. before/after)")
+    parser.add_argument("--output-dir", default=None, help="where the results JSON goes (default: benchmarks/results)")
     parser.add_argument("--llama-python", default=sys.executable,
                         help="a Python with llama-cpp-python installed (default: this one)")
     args = parser.parse_args()
@@ -115,12 +126,23 @@ def main():
                          args.tokens) for int8 in runs}
     print(f"{'':28} peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     theirs = run_llama_cpp(path, args.tokens, args.threads, args.llama_python, args.repeat)
+    results = {"qlora_np_nf4": median_run(runs[False]), "qlora_np_nf4_int8": median_run(runs[True]),
+               "decode_tok_s": {"exact": ours[False], "int8": ours[True]},
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "llama_cpp": theirs}
     if theirs is None:
         print("llama.cpp: llama-cpp-python not installed, skipped")
-        return
-    llama = report("llama.cpp (same GGUF)", theirs, args.tokens)
-    for int8, name in ((False, "exact float products"), (True, "int8 activations, as llama.cpp")):
-        print(f"decode speed ratio qlora_np / llama.cpp, {name}: {ours[int8] / llama:.2f} (target ≥ 1.0)")
+    else:
+        llama = report("llama.cpp (same GGUF)", theirs, args.tokens)
+        results["decode_tok_s"]["llama_cpp"] = llama
+        for int8, name in ((False, "exact float products"), (True, "int8 activations, as llama.cpp")):
+            results[f"ratio_{'int8' if int8 else 'exact'}"] = ours[int8] / llama
+            print(f"decode speed ratio qlora_np / llama.cpp, {name}: {ours[int8] / llama:.2f} (target ≥ 1.0)")
+    path = write_results("generate", {"model": os.path.basename(path), "tokens": args.tokens,
+                                      "repeat": args.repeat}, results, args.threads,
+                         os.path.dirname(os.path.dirname(os.path.abspath(qlora_np.__file__))),
+                         args.label, args.output_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     "results"))
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
