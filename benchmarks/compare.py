@@ -14,8 +14,9 @@ import os
 try:                                  # the process settings the CLI uses, before NumPy loads OpenBLAS
     from qlora_np import runtime
     runtime.configure()
-except ImportError:                   # a tree from before the redesign set them on import
-    pass
+except ImportError:                   # for comparing with a tree from before the redesign (no runtime)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import argparse  # noqa: E402
 import platform  # noqa: E402

@@ -13,8 +13,9 @@ import os
 try:                                  # the process settings the CLI uses, before NumPy loads OpenBLAS
     from qlora_np import runtime
     runtime.configure()
-except ImportError:                   # a tree from before the redesign set them on import
-    pass
+except ImportError:                   # for comparing with a tree from before the redesign (no runtime)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -81,7 +82,7 @@ def run_qlora_np(model, tokens, int8_activations):
 
 
 def median_run(runs):
-    """The run with the median decode time (this shared VM has bursts of slowness)."""
+    """The run with the median decode time (a shared machine has bursts of slowness)."""
     return sorted(runs, key=lambda run: run["decode_s"])[len(runs) // 2]
 
 

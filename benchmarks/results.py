@@ -6,9 +6,11 @@ uncommitted changes). benchmarks/README.md cites these files by name.
 """
 
 import datetime
+import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,14 +58,20 @@ def stamp(threads, package_folder):
             "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", folder=package_folder))}
 
 
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "label"
+
+
 def write_results(script, arguments, results, threads, package_folder, label="", output_dir=RESULTS_DIR):
-    """Write ``results`` with the run's stamp to ``output_dir``/<script>-<date>-<label>.json,
-    atomically (a temporary file renamed into place); returns the path."""
+    """Write ``results`` with the run's stamp to ``output_dir``/<script>-<UTC time>-<machine>[-<label>].json,
+    atomically (a temporary file renamed into place); returns the path. <machine> is a short hash
+    of the host name and CPU model, so runs on different machines never share a name."""
     os.makedirs(output_dir, exist_ok=True)
     document = {"script": script, "arguments": arguments, "label": label, "argv": sys.argv,
                 **stamp(threads, package_folder), "results": results}
-    when = document["date_utc"].replace(":", "").replace("+0000", "Z")
-    name = f"{script}-{when}{'-' + label if label else ''}.json"
+    when = document["date_utc"].replace(":", "").replace("+00:00", "Z").replace("+0000", "Z")
+    machine = hashlib.sha256(f"{platform.node()} {document['cpu']}".encode()).hexdigest()[:8]
+    name = f"{script}-{when}-{machine}{'-' + _slug(label) if label else ''}.json"
     path = os.path.join(output_dir, name)
     handle, temporary = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
     with os.fdopen(handle, "w") as out:

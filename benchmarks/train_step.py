@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--steps 5] [--batch 4] [--seq 256] [--threads 2]
                                     [--compute-dtype both] [--rounds 1] [--torch-python PATH]
+                                    [--label TEXT] [--output-dir DIR]
 
 One step = forward, backward and AdamW for LoRA r=8 (alpha 16) on q, k, v, o, gate,
 up and down of every block, on ``batch`` rows of ``seq`` random tokens, all tokens
@@ -20,13 +21,25 @@ Prints tokens/s (the median of the steps after the first two, which warm up cach
 allocators) and peak RSS for each, the arithmetic a step needs and the rate each side
 reached, and the ratios of like to like (targets: ≥ 2× their tokens/s at ≤ 0.5× their
 peak RSS). Each ratio compares two runs made one after the other; ``--rounds`` repeats
-the pairs and reports the median ratio (this VM's speed drifts by ±30 % over minutes).
+the pairs and reports the median ratio (a shared machine's speed drifts over minutes).
+Every step time, peak RSS and ratio goes to a machine-stamped JSON file under
+benchmarks/results/ (benchmarks/results.py).
 """
 
 import os
 
 THEIR_ENVIRONMENT = dict(os.environ)     # torch runs as the user's environment has it, without our settings
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")   # before NumPy: no BLAS thread hand-off stalls
+
+CONFIGURE = """
+try:                                  # the process settings the CLI uses, before NumPy loads OpenBLAS
+    from qlora_np import runtime
+    runtime.configure()
+except ImportError:                   # for comparing with a tree from before the redesign (no runtime)
+    import os
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+"""
+exec(CONFIGURE)                       # here too: the qlora_np child inherits the two variables
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -34,12 +47,19 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-OURS = r"""
+from results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+
+OURS = CONFIGURE + r"""
 import json, resource, sys, time
 import numba, numpy as np
-from qlora_np.models.llama.model import LlamaModel
-from qlora_np.models.llama.lora import inject_lora, loss_and_backward
-from qlora_np.nn.optim import AdamW
+try:
+    from qlora_np.models.llama.model import LlamaModel
+    from qlora_np.models.llama.lora import inject_lora, loss_and_backward
+    from qlora_np.nn.optim import AdamW
+except ImportError:                   # for comparing with a tree from before the redesign
+    from qlora_np.llama import LlamaModel
+    from qlora_np.llama_lora import inject_lora, loss_and_backward
+    from qlora_np.optim import AdamW
 path, steps, batch, seq, threads = sys.argv[1], *map(int, sys.argv[2:6])
 numba.set_num_threads(threads)
 model = LlamaModel.from_gguf(path, quant_type="nf4")
@@ -188,9 +208,14 @@ def summary(name, result, tokens, flops):
 
 
 def main():
+    import qlora_np
     from qlora_np.demo import shipped_smollm2_path
-    from qlora_np.io.gguf import open_gguf
-    from qlora_np.models.llama.config import LlamaConfig
+    try:
+        from qlora_np.io.gguf import open_gguf
+        from qlora_np.models.llama.config import LlamaConfig
+    except ImportError:               # for comparing with a tree from before the redesign
+        from qlora_np.gguf_io import open_gguf
+        from qlora_np.llama import LlamaConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -205,6 +230,8 @@ def main():
                              "ratio compares two runs made back to back, under the same machine noise")
     parser.add_argument("--torch-python", default=sys.executable,
                         help="a Python with torch (and gguf) installed (default: this one)")
+    parser.add_argument("--label", default="", help="free text stored with the results (e.g. before/after)")
+    parser.add_argument("--output-dir", default=None, help="where the results JSON goes (default: benchmarks/results)")
     args = parser.parse_args()
     path = args.model or shipped_smollm2_path()
     tokens = args.batch * args.seq
@@ -218,6 +245,7 @@ def main():
     if not has_torch:
         print("PyTorch: torch and gguf are not installed in --torch-python, skipped")
     ratios = {compute_dtype: [] for compute_dtype in dtypes}
+    runs = []                                               # one entry per side, dtype and round
     for round_index in range(args.rounds):
         if args.rounds > 1:
             print(f"round {round_index + 1} of {args.rounds}")
@@ -226,6 +254,8 @@ def main():
             if result is None:
                 return
             our_speed = summary(f"qlora_np (NF4 + dq, {compute_dtype})", result, tokens, flops)
+            runs.append({"side": "qlora_np", "compute_dtype": compute_dtype, "round": round_index,
+                         "tokens_per_s": our_speed, **result})
             if not has_torch:
                 continue
             theirs = run(args.torch_python, TORCH, common + [compute_dtype], THEIR_ENVIRONMENT)
@@ -234,6 +264,8 @@ def main():
             frozen = "bnb NF4" if theirs["bnb"] else "fp32 frozen"
             label = f"torch {theirs['torch']} ({frozen}, {compute_dtype})"
             their_speed = summary(label, theirs, tokens, flops)
+            runs.append({"side": "torch", "compute_dtype": compute_dtype, "round": round_index,
+                         "tokens_per_s": their_speed, **theirs})
             ratios[compute_dtype].append((our_speed / their_speed, result["rss_mib"] / theirs["rss_mib"]))
             print(f"{compute_dtype}: qlora_np / torch speed {our_speed / their_speed:.2f} (target ≥ 2.0), "
                   f"peak RSS {result['rss_mib'] / theirs['rss_mib']:.2f} (target ≤ 0.5)")
@@ -244,6 +276,15 @@ def main():
             print(f"{compute_dtype} over {len(pairs)} rounds: speed ratio median "
                   f"{statistics.median(speed):.2f} ({speed[0]:.2f}–{speed[-1]:.2f}), "
                   f"peak RSS ratio median {statistics.median(memory):.2f}")
+    results = {"tokens_per_step": tokens, "flops_per_step": flops, "runs": runs,
+               "ratios": {compute_dtype: [{"speed": speed, "peak_rss": memory} for speed, memory in pairs]
+                          for compute_dtype, pairs in ratios.items()}}
+    arguments = {"model": os.path.basename(path), "steps": args.steps, "batch": args.batch, "seq": args.seq,
+                 "compute_dtype": args.compute_dtype, "rounds": args.rounds}
+    written = write_results("train_step", arguments, results, args.threads,
+                            os.path.dirname(os.path.dirname(os.path.abspath(qlora_np.__file__))), args.label,
+                            args.output_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    print(f"results: {written}")
 
 
 if __name__ == "__main__":
