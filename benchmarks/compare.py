@@ -25,7 +25,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import qlora_np  # noqa: E402
-from results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from results import cpu_model, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 from timing import interleaved_medians, median_seconds  # noqa: E402
 
 
@@ -39,19 +39,8 @@ def bfloat16_tiles():
     return "AMX" if features.USE_AMX and features.amx_permitted() else "AVX-512 BF16" if features.HAS_AVX512_BF16 else "BLAS on rounded values"
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_line():
-    return (f"{cpu_name()}, {os.cpu_count()} logical cores, Numba {numba.__version__} "
+    return (f"{cpu_model()}, {os.cpu_count()} logical cores, Numba {numba.__version__} "
             f"({numba.get_num_threads()} threads), NumPy {np.__version__}, "
             f"Python {platform.python_version()}")
 
