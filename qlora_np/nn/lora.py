@@ -4,7 +4,12 @@
 
 Forward and backward are written out by hand. The frozen W is never differentiated
 and, in the 4-bit modes, never decoded whole: the forward uses ``matmul`` (x @ W.T)
-and the backward ``matmul_t`` (g @ W). Modes:
+and the backward ``matmul_t`` (g @ W). Both follow the formula one step at a time. The one
+exception is a float32 call on a 4-bit W with bfloat16 compute on the CPU. There the adapters
+ride along in W's single bfloat16 product: :mod:`qlora_np.nn.fused_adapters` decides that once
+per call and makes that product.
+
+Modes:
 
 * ``"qlora"`` — W is a :class:`QuantizedTensor`, adapters train (QLoRA);
 * ``"lora"``  — W is a float array, adapters train (LoRA);
@@ -24,9 +29,8 @@ from qlora_np.dtypes import float_dtype_name
 from qlora_np.errors import DeviceError, DTypeError, InvalidValueError, ShapeError, UnknownFormatError
 from qlora_np.kernels.portable import training as training_cpu
 from qlora_np.kernels.low_rank import thin_t_product
-from qlora_np.linalg.plan import compute_dtype_name
-from qlora_np.linalg.products import (add_low_rank_product, matmul, matmul_low_rank,
-                                      matmul_t, matmul_t_low_rank)
+from qlora_np.linalg.products import add_low_rank_product, matmul, matmul_t
+from qlora_np.nn import fused_adapters
 from qlora_np.quant.codec import dequantize, quantize
 from qlora_np.quant.backends import DEVICES, cuda_kernels
 from qlora_np.quant.tensor import QuantizedTensor
@@ -271,29 +275,32 @@ class LoRALinear:
             raise ShapeError(f"x must have last dimension {self.in_features}, got shape {x.shape}")
         lead = x.shape[:-1]
         dtype = self._compute_dtype(x)
+        adapters = self.has_adapters and not self.merged
+        fused = fused_adapters.rides_along(self, dtype)                    # chosen once for this call
         x2 = x.reshape(-1, self.in_features).astype(dtype, copy=False)    # (rows, in)
 
-        keep = dropped = hidden = None
-        adapters = self.has_adapters and not self.merged
+        # 1. dropout(x), for the adapters only: dropped (rows, in), keep (rows, in) bool or None
+        keep = dropped = hidden = x_pairs = None
         if adapters:
             keep = self._dropout_keep(x2.shape) if self.training else None
-            dropped = x2 if keep is None else self._apply_dropout(x2, keep)   # (rows, in)
-        ride_along = adapters and self._adapters_ride_along(dtype)
-        if ride_along:                                                      # (rows, out), (rows, r)
-            given = None if keep is None else dropped @ self.lora_a.T      # x @ A.T from the dropped-out x
-            y, hidden, x_pairs = matmul_low_rank(x2, self.base, self.lora_a, self.lora_b.T, self.scale,
-                                                 self.compute_dtype, h=given)
-            if keep is None and x_pairs is not None:                        # half of x's bytes to keep
-                dropped, keep_input = x_pairs, True
+            dropped = x2 if keep is None else self._apply_dropout(x2, keep)
+        if fused:
+            # 2.–4. x Wᵀ + s·(dropped Aᵀ)Bᵀ in one bfloat16 product (qlora_np.nn.fused_adapters), + b
+            y, hidden, x_pairs = fused_adapters.forward(self, x2, dropped, keep)   # (rows, out), (rows, r)
+            self._add_bias(y, dtype)
         else:
-            y = self._base_product(x2).astype(dtype, copy=False)           # (rows, out)
-        if self.bias is not None:
-            y += self.bias.astype(dtype, copy=False)
-        if adapters and not ride_along:
-            hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)      # (rows, r)
-            add_low_rank_product(y, self.scale, hidden, self.lora_b.T.astype(dtype, copy=False))
+            # 2. the base product x Wᵀ: (rows, out)
+            y = self._base_product(x2).astype(dtype, copy=False)
+            # 3. + b
+            self._add_bias(y, dtype)
+            # 4. + s·(dropped Aᵀ)Bᵀ: hidden = dropped Aᵀ (rows, r), then y += s·hidden Bᵀ in place
+            if adapters:
+                hidden = dropped @ self.lora_a.T.astype(dtype, copy=False)
+                add_low_rank_product(y, self.scale, hidden, self.lora_b.T.astype(dtype, copy=False))
+
         if cache:                          # a forward without caching leaves an earlier cache alone
-            self._cache = _ForwardCache(lead, dtype, dropped if keep_input else None, keep, hidden)
+            kept = x_pairs if x_pairs is not None else dropped if keep_input else None   # pairs: half of x
+            self._cache = _ForwardCache(lead, dtype, kept, keep, hidden)
         return y.reshape(lead + (self.out_features,))
 
     __call__ = forward
@@ -322,28 +329,32 @@ class LoRALinear:
         self._cache = None
         g = grad_out.reshape(-1, self.out_features).astype(dtype, copy=False)   # (rows, out)
 
+        # 1. grad_b = Σ_rows g: (out,)
         if self.train_bias:
             self._params["bias"].accumulate(g.sum(axis=0))
-        if hidden is None:
+        if hidden is None:                 # no active adapters: grad_x = g W, nothing else to learn
             return self._base_product_t(g).astype(dtype, copy=False).reshape(lead + (self.in_features,))
-        lora_a = self.lora_a.astype(dtype, copy=False)                      # (r, in)
-        lora_b = self.lora_b.astype(dtype, copy=False)                      # (out, r)
-        g_for_b = g                                                         # (rows, out) or its pairs
-        if keep is None and self._adapters_ride_along(dtype):               # (rows, in), (rows, r)
-            grad_x, g_b, g_pairs = matmul_t_low_rank(g, self.base, lora_b.T, lora_a, self.scale,
-                                                     self.compute_dtype)
-            grad_hidden = self.scale * g_b
-            g_for_b = g if g_pairs is None else g_pairs
+        fused = keep is None and fused_adapters.rides_along(self, dtype)    # chosen once for this call
+        g_for_b = g                        # what B's gradient reads: g (rows, out), or g's bfloat16 pairs
+        if fused:
+            # 2.–3. grad_hidden and grad_x in one bfloat16 product (qlora_np.nn.fused_adapters)
+            grad_x, grad_hidden, g_for_b = fused_adapters.backward(self, g, dtype)
         else:
-            grad_hidden = self.scale * (g @ lora_b)                         # (rows, r)
-            grad_x = self._base_product_t(g).astype(dtype, copy=False)     # (rows, in): g @ W
+            lora_a = self.lora_a.astype(dtype, copy=False)                  # (r, in)
+            lora_b = self.lora_b.astype(dtype, copy=False)                  # (out, r)
+            # 2. grad_hidden = s · g B: (rows, r)
+            grad_hidden = self.scale * (g @ lora_b)
+            # 3. grad_x = g W + dropout'(grad_hidden A): (rows, in), the mask applied again
+            grad_x = self._base_product_t(g).astype(dtype, copy=False)
             if keep is None:
-                add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)      # (rows, in)
+                add_low_rank_product(grad_x, 1.0, grad_hidden, lora_a)
             else:
                 grad_x += self._apply_dropout(grad_hidden @ lora_a, keep)
-        grad_b_t = self.scale * thin_t_product(hidden, g_for_b, self.out_features)   # (r, out): one pass
-        self._params["lora_b"].accumulate(grad_b_t.T)                       # (out, r)
-        self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped, self.in_features))   # (r, in)
+        # 4. grad_B = s · gᵀ hidden: (out, r), made as its transpose (r, out) in one pass
+        grad_b_t = self.scale * thin_t_product(hidden, g_for_b, self.out_features)
+        self._params["lora_b"].accumulate(grad_b_t.T)
+        # 5. grad_A = grad_hiddenᵀ dropped: (r, in)
+        self._params["lora_a"].accumulate(thin_t_product(grad_hidden, dropped, self.in_features))
         return grad_x.reshape(lead + (self.in_features,))
 
     def needs_input_again(self):
@@ -406,11 +417,10 @@ class LoRALinear:
             raise ShapeError(f"x must have the forward's shape {lead + (self.in_features,)}, got {x.shape}")
         return x.reshape(-1, self.in_features)
 
-    def _adapters_ride_along(self, dtype):
-        """Whether the adapters' products go with W's in one bfloat16 product
-        (:func:`qlora_np.linalg.products.matmul_low_rank`): a 4-bit W on the CPU, float32, bfloat16 compute."""
-        return (isinstance(self.base, QuantizedTensor) and self.device == "cpu" and dtype == np.float32
-                and compute_dtype_name(self.compute_dtype) == "bfloat16")
+    def _add_bias(self, y, dtype):
+        """y += b in place (nothing without a bias): y (rows, out) in ``dtype``."""
+        if self.bias is not None:
+            y += self.bias.astype(dtype, copy=False)
 
     def _compute_dtype(self, x):
         adapters = self.lora_a.dtype if self.has_adapters else np.float32
