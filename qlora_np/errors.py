@@ -38,6 +38,11 @@ class CheckpointError(QLoraError, OSError):
     """A model or checkpoint file that is missing, truncated or malformed."""
 
 
+class UnsupportedModelError(CheckpointError):
+    """A model file that is well formed but describes an architecture, option or tensor this
+    library does not compute; the message names it."""
+
+
 class DataError(QLoraError, ValueError):
     """A training-data file or record that cannot be used; the message names the file and line."""
 

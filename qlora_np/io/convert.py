@@ -132,7 +132,7 @@ def _llama_gguf(source):
     if field_value(reader, "general.architecture") != "llama":
         return None
     tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
-    return LlamaConfig.from_gguf(reader), tokenizer
+    return LlamaConfig.from_gguf(reader, source), tokenizer
 
 
 def _hf_named(name, load, config):

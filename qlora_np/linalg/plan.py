@@ -43,8 +43,10 @@ through the cache for every weight row, so it pays off for fewer rows."""
 PANEL_MAX_ROWS = 256
 """With AVX2, from FUSED_MAX_ROWS_T + 1 up to this many rows both products decode W a panel
 at a time (:func:`qlora_np.kernels.products.gemm` / ``gemm_t``): each panel is decoded once for all
-rows and multiplied from the cache in register tiles, 1.3–2× faster than the fused kernels
-and decode + BLAS there; beyond it, BLAS's tuned kernels on decoded tiles win."""
+rows and multiplied from the cache in register tiles, where the fused kernels decode it again
+for every 4 rows and decode + BLAS writes a whole tile out first; beyond it, the decode is a
+small share of the work and BLAS's tuned kernels on decoded tiles win
+(``benchmarks/compare.py`` measures the crossover)."""
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")

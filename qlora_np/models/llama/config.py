@@ -4,9 +4,10 @@ import os
 from dataclasses import dataclass
 from functools import partial
 
-from qlora_np.errors import CheckpointError, UnknownFormatError
+from qlora_np.errors import CheckpointError
 from qlora_np.io.gguf import field_value
 from qlora_np.io.safetensors import read_json
+from qlora_np.models.llama.support import check_gguf_metadata, check_hf_config
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,10 @@ class LlamaConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_gguf(cls, reader):
+    def from_gguf(cls, reader, path=""):
+        """From a GGUF's llama.* metadata; anything but a plain Llama raises UnsupportedModelError."""
         value = partial(field_value, reader)
-        arch = value("general.architecture")
-        if arch != "llama":
-            raise UnknownFormatError(f"only 'llama' architecture GGUF files are supported, got {arch!r}")
+        check_gguf_metadata(value, path or "GGUF file")
         tokens = value("tokenizer.ggml.tokens")
         return cls(vocab_size=int(value("llama.vocab_size", len(tokens) if tokens else 0)),
                    hidden_size=int(value("llama.embedding_length")),
@@ -47,7 +47,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_folder(cls, folder):
-        """From a Hugging Face ``config.json`` (rope_theta at the top level or in rope_parameters)."""
+        """From a Hugging Face ``config.json`` (rope_theta at the top level or in rope_parameters);
+        a config this forward does not compute exactly raises UnsupportedModelError."""
         path = os.path.join(folder, "config.json")
         hf = read_json(path)
         if not isinstance(hf, dict):
@@ -68,6 +69,7 @@ class LlamaConfig:
                 or config.head_dim % 2:
             raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
                                   f"do not split hidden size {config.hidden_size} into even head sizes")
+        check_hf_config(hf, path)
         return config
 
 

@@ -14,7 +14,9 @@ import numpy as np
 from qlora_np.errors import CheckpointError, StateDictError
 from qlora_np.io.safetensors import read_checkpoint_tensors, read_json
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
-from qlora_np.models.llama.names import HF_LINEAR_NAMES, LINEAR_NAMES, permute_rope_rows, rope_heads
+from qlora_np.models.llama.names import (HF_LINEAR_NAMES, LINEAR_NAMES, gguf_tensor_shapes, hf_buffers,
+                                         hf_tensor_names, permute_rope_rows, rope_heads)
+from qlora_np.models.llama.support import check_tensors
 from qlora_np.models.tokenizer import Tokenizer
 from qlora_np.nn.lora import LoRALinear
 from qlora_np.quant.backends import scales
@@ -36,31 +38,32 @@ def bnb_model_parts(folder):
 
     4-bit weights load as they are stored (no decoding), float ones stay float32; the
     tokenizer comes from ``tokenizer.json`` when there is one. Anything missing, malformed or
-    of the wrong shape raises CheckpointError.
+    of the wrong shape raises CheckpointError; a tensor the model would not read (a bias, …)
+    UnsupportedModelError.
     """
     config = LlamaConfig.from_hf_folder(folder)
     tensors = read_checkpoint_tensors(folder)
-    h, kv = config.hidden_size, config.num_kv_heads * config.head_dim
-    shapes = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
-              "ffn_gate": (config.intermediate_size, h), "ffn_up": (config.intermediate_size, h),
-              "ffn_down": (h, config.intermediate_size)}
+    tied = "lm_head.weight" not in tensors
+    weights = {_weight_of(name) for name in tensors} - hf_buffers(tensors)
+    check_tensors(weights, hf_tensor_names(config, tied), folder)
+    shapes = gguf_tensor_shapes(config, tied)
     blocks = []
     for index in range(config.num_layers):
-        hf = f"model.layers.{index}."
+        hf, gguf = f"model.layers.{index}.", f"blk.{index}."
         linears = {}
         for name in LINEAR_NAMES:
-            weight = linear_from_bnb(tensors, hf + HF_LINEAR_NAMES[name] + ".weight", shapes[name], folder)
+            weight = linear_from_bnb(tensors, hf + HF_LINEAR_NAMES[name] + ".weight",
+                                     shapes[gguf + name + ".weight"], folder)
             linears[name] = gguf_layer(weight, rope_heads(config, name))
-        norms = [_float(tensors, hf + key, (h,), folder)
+        norms = [_float(tensors, hf + key, (config.hidden_size,), folder)
                  for key in ("input_layernorm.weight", "post_attention_layernorm.weight")]
         blocks.append(LlamaBlock(*norms, linears))
-    embedding = _float(tensors, "model.embed_tokens.weight", (config.vocab_size, h), folder)
-    tied = "lm_head.weight" not in tensors
+    embedding = _float(tensors, "model.embed_tokens.weight", shapes["token_embd.weight"], folder)
     output = LoRALinear(embedding, mode="dense") if tied else gguf_layer(
-        linear_from_bnb(tensors, "lm_head.weight", (config.vocab_size, h), folder), None)
+        linear_from_bnb(tensors, "lm_head.weight", shapes["output.weight"], folder), None)
     return dict(config=config, embedding=embedding, blocks=blocks,
-                output_norm=_float(tensors, "model.norm.weight", (h,), folder), output=output,
-                tokenizer=Tokenizer.from_hf_folder(folder), tied_output=tied)
+                output_norm=_float(tensors, "model.norm.weight", shapes["output_norm.weight"], folder),
+                output=output, tokenizer=Tokenizer.from_hf_folder(folder), tied_output=tied)
 
 
 def linear_from_bnb(tensors, key, shape, source=""):
@@ -103,6 +106,13 @@ def reordered_rows(weight, reorder):
     block_scales = reorder(scales(weight).reshape(out, inp // weight.blocksize)).reshape(-1)
     return QuantizedTensor(packed, np.array(block_scales, np.float32), weight.shape, weight.dtype,
                            weight.quant_type, weight.blocksize, weight.codebook.copy())
+
+
+def _weight_of(name):
+    """The weight a state-dict entry belongs to: ``….weight`` for a 4-bit weight's
+    ``….weight.absmax``, ``….weight.quant_state.…`` and the like, else the name itself."""
+    head, quant_state, _ = name.partition(".weight.")
+    return head + ".weight" if quant_state else name
 
 
 def _float(tensors, key, shape, source):

@@ -7,6 +7,7 @@ The model keeps GGUF names and row order; every reader and writer of HF files ma
 import numpy as np
 
 from qlora_np.errors import CheckpointError
+from qlora_np.models.llama.support import check_tensors
 
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -24,12 +25,42 @@ GGUF_TO_HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 GGUF_TO_HF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def hf_to_gguf_weights(tensors, config):
-    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays)."""
-    names = ["token_embd.weight", "output_norm.weight"]
-    names += ["output.weight"] if "lm_head.weight" in tensors else []   # else tied
-    names += [f"blk.{layer}.{kind}.weight" for layer in range(config.num_layers)
-              for kind in (*LINEAR_NAMES, *GGUF_TO_HF_NORMS)]
+def gguf_tensor_names(config, tied):
+    """Every tensor a Llama GGUF of ``config`` holds, no more: with ``output.weight`` unless
+    the LM head is ``tied`` to the embedding."""
+    names = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
+    return names + [f"blk.{layer}.{kind}.weight" for layer in range(config.num_layers)
+                    for kind in (*LINEAR_NAMES, *GGUF_TO_HF_NORMS)]
+
+
+def gguf_tensor_shapes(config, tied):
+    """Name → NumPy shape ((out, in) for a linear weight) of every tensor of :func:`gguf_tensor_names`."""
+    h, f, kv = config.hidden_size, config.intermediate_size, config.num_kv_heads * config.head_dim
+    linear = {"attn_q": (h, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, h),
+              "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f), "attn_norm": (h,), "ffn_norm": (h,)}
+    special = {"token_embd.weight": (config.vocab_size, h), "output_norm.weight": (h,),
+               "output.weight": (config.vocab_size, h)}
+    return {name: special.get(name) or linear[name.split(".")[2]] for name in gguf_tensor_names(config, tied)}
+
+
+def hf_tensor_names(config, tied):
+    """The Hugging Face names of :func:`gguf_tensor_names`."""
+    return [gguf_to_hf_name(name, config)[0] for name in gguf_tensor_names(config, tied)]
+
+
+def hf_buffers(names):
+    """The names among ``names`` that hold no weight: older checkpoints saved each layer's RoPE
+    ``rotary_emb.inv_freq``, which the model computes from rope_theta instead."""
+    return {name for name in names if name.endswith(".rotary_emb.inv_freq")}
+
+
+def hf_to_gguf_weights(tensors, config, source=""):
+    """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays).
+
+    A tensor the model would not read (a bias, a q/k norm, …) raises UnsupportedModelError."""
+    tied = "lm_head.weight" not in tensors
+    check_tensors(set(tensors) - hf_buffers(tensors), hf_tensor_names(config, tied), source or "checkpoint")
+    names = gguf_tensor_names(config, tied)
     weights = {}
     for name in names:
         hf_name, heads = gguf_to_hf_name(name, config)

@@ -1,0 +1,123 @@
+"""What this Llama implementation computes, and the typed refusal of everything else.
+
+A checkpoint of a related architecture (Qwen2's q/k/v biases, Gemma's (1 + w) RMSNorm,
+Llama 3's rope scaling, …) has the same tensor names as a Llama one and would load and run,
+wrong, without an error. So every loader asks here first: the Hugging Face ``config.json``
+(:func:`check_hf_config`), the GGUF metadata (:func:`check_gguf_metadata`) and the tensors
+a checkpoint holds against the ones the model reads (:func:`check_tensors`). Anything not
+implemented raises :class:`~qlora_np.errors.UnsupportedModelError` naming the architecture
+and the key or tensor; nothing is half-loaded.
+"""
+
+import math
+
+from qlora_np.errors import UnsupportedModelError
+
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                    "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite"}
+"""The Hugging Face classes whose forward is this model's (with the checks below), by model_type."""
+
+_MISTRAL_WINDOW = 4096
+"""transformers' sliding window for a Mistral config.json that does not name one."""
+
+_NO_SCALING = (None, "default")
+"""``rope_scaling`` / ``rope_parameters`` types that leave RoPE as it is."""
+
+
+def check_hf_config(hf, path):
+    """Raise UnsupportedModelError unless ``hf`` (a parsed config.json) describes a model this
+    forward computes exactly: a Llama, a Mistral without a sliding window, a SmolLM3 with RoPE
+    in every layer, or a Granite whose multipliers are those of a Llama."""
+    model_type = hf.get("model_type")
+    if model_type is None:                           # older configs name only the class
+        classes = hf.get("architectures")
+        first = classes[0] if isinstance(classes, list) and classes else None
+        model_type = HF_ARCHITECTURES.get(first, first)
+    if model_type not in HF_ARCHITECTURES.values():
+        raise UnsupportedModelError(f"{path}: model_type {model_type!r} is not supported "
+                                    f"(supported: {', '.join(sorted(HF_ARCHITECTURES.values()))})")
+
+    def refuse(what):
+        raise UnsupportedModelError(f"{path}: {model_type} with {what} is not supported")
+
+    activation = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if activation != "silu":
+        refuse(f"hidden_act {activation!r} (only SwiGLU with 'silu')")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(key)
+        if rope is not None and not isinstance(rope, dict):
+            refuse(f"{key} {rope!r}")
+        kind = (rope or {}).get("rope_type", (rope or {}).get("type"))
+        if kind not in _NO_SCALING:
+            refuse(f"{key} type {kind!r}")
+    for key in ("attention_bias", "mlp_bias", "qkv_bias", "use_qk_norm"):
+        if hf.get(key):
+            refuse(f"{key}=true")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(f"partial_rotary_factor {hf['partial_rotary_factor']!r}")
+    heads, hidden = hf.get("num_attention_heads"), hf.get("hidden_size")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and isinstance(heads, int) and isinstance(hidden, int) and heads \
+            and head_dim != hidden // heads:
+        refuse(f"head_dim {head_dim!r} other than hidden_size / num_attention_heads ({hidden // heads})")
+    window = hf.get("sliding_window", _MISTRAL_WINDOW if model_type == "mistral" else None)
+    if window is not None and (model_type == "mistral" or hf.get("use_sliding_window")):
+        refuse(f"sliding_window {window!r} (sliding-window attention)")
+    if model_type == "smollm3":
+        layers = hf.get("no_rope_layers")
+        if not isinstance(layers, list) or not all(flag == 1 for flag in layers):
+            refuse("layers without RoPE (no_rope_layers)")
+        if hf.get("use_sliding_window"):
+            refuse("use_sliding_window=true")
+    if model_type == "granite":
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if hf.get(key, 1.0) != 1.0:
+                refuse(f"{key} {hf[key]!r}")
+        scaling = hf.get("attention_multiplier", 1.0)
+        if isinstance(heads, int) and isinstance(hidden, int) and heads \
+                and not math.isclose(scaling, (hidden // heads) ** -0.5, rel_tol=1e-6):
+            refuse(f"attention_multiplier {scaling!r} other than 1/√head_dim")
+
+
+def check_gguf_metadata(value, path):
+    """Raise UnsupportedModelError unless the GGUF metadata (``value(key, default)`` reads a key)
+    describes a plain Llama: architecture "llama", no rope scaling, no experts, RoPE over whole
+    heads, keys and values of the head size."""
+    arch = value("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
+
+    def refuse(what):
+        raise UnsupportedModelError(f"{path}: llama GGUF with {what} is not supported")
+
+    scaling = value("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        refuse(f"llama.rope.scaling.type {scaling!r}")
+    factor = value("llama.rope.scaling.factor")
+    if factor not in (None, 0.0, 1.0):
+        refuse(f"llama.rope.scaling.factor {factor!r}")
+    experts = value("llama.expert_count")
+    if experts not in (None, 0):
+        refuse(f"{experts} experts (llama.expert_count)")
+    heads, hidden = value("llama.attention.head_count"), value("llama.embedding_length")
+    if isinstance(heads, int) and isinstance(hidden, int) and heads:
+        head_dim = hidden // heads
+        for key in ("llama.rope.dimension_count", "llama.attention.key_length",
+                    "llama.attention.value_length"):
+            size = value(key)
+            if size is not None and size != head_dim:
+                refuse(f"{key} {size} other than the head size {head_dim}")
+    window = value("llama.attention.sliding_window")
+    if window not in (None, 0):
+        refuse(f"llama.attention.sliding_window {window}")
+
+
+def check_tensors(names, expected, path):
+    """Raise UnsupportedModelError if the checkpoint holds tensors the model would not read
+    (``names`` beyond ``expected``): a bias, a q/k norm, Llama 3's ``rope_freqs.weight``, …
+    Each of them changes what the model computes, so leaving one out would be wrong silently."""
+    unread = sorted(set(names) - set(expected))
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise UnsupportedModelError(f"{path}: tensors this Llama implementation does not compute "
+                                    f"with: {shown}")

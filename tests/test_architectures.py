@@ -1,0 +1,229 @@
+"""Every model the loaders meet is computed right or refused with UnsupportedModelError, never
+loaded and run wrongly: Hugging Face configs of related architectures, config keys that change
+the computation, tensors the model would not read, and GGUF metadata. The configs accepted
+besides a plain Llama are checked against transformers' logits (recorded in
+tests/data/architectures by make_architecture_vectors.py, and live where torch is installed)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from qlora_np.errors import CheckpointError, UnsupportedModelError
+from qlora_np.models.llama.model import LlamaModel
+
+from .test_llama import TINY, _write_hf, tiny_weights
+
+RECORDED = pathlib.Path(__file__).parent / "data" / "architectures" / "accepted_logits.npz"
+IDS = [5, 1, 33, 7, 20, 9, 2, 38, 11, 0, 17, 25]
+HEAD_DIM = TINY.hidden_size // TINY.num_heads
+
+ACCEPTED = {
+    "llama": {"model_type": "llama", "attention_bias": False, "mlp_bias": False, "head_dim": HEAD_DIM,
+              "rope_scaling": None, "hidden_act": "silu"},
+    "mistral_without_window": {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                               "sliding_window": None},
+    "smollm3_rope_in_every_layer": {"model_type": "smollm3", "architectures": ["SmolLM3ForCausalLM"],
+                                    "no_rope_layers": [1] * TINY.num_layers, "use_sliding_window": False},
+    "granite_with_llama_multipliers": {"model_type": "granite", "architectures": ["GraniteForCausalLM"],
+                                       "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                                       "logits_scaling": 1.0, "attention_multiplier": HEAD_DIM ** -0.5},
+}
+"""Config edits of the tiny Llama that keep its computation: name → keys to set."""
+
+REFUSED = [
+    ("qwen2", {"model_type": "qwen2"}, "model_type 'qwen2'"),
+    ("qwen3", {"model_type": "qwen3"}, "model_type 'qwen3'"),
+    ("gemma", {"model_type": "gemma"}, "model_type 'gemma'"),
+    ("gemma2", {"model_type": "gemma2"}, "model_type 'gemma2'"),
+    ("gemma3_text", {"model_type": "gemma3_text"}, "model_type 'gemma3_text'"),
+    ("phi3", {"model_type": "phi3"}, "model_type 'phi3'"),
+    ("olmo2", {"model_type": "olmo2"}, "model_type 'olmo2'"),
+    ("mixtral", {"model_type": "mixtral"}, "model_type 'mixtral'"),
+    ("unknown class", {"architectures": ["QWenLMHeadModel"]}, "model_type 'QWenLMHeadModel'"),
+    ("llama3 rope scaling", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192}},
+     "rope_scaling type 'llama3'"),
+    ("old-style linear scaling", {"rope_scaling": {"type": "linear", "factor": 2.0}},
+     "rope_scaling type 'linear'"),
+    ("yarn in rope_parameters", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_parameters type 'yarn'"),
+    ("attention bias", {"attention_bias": True}, "attention_bias=true"),
+    ("mlp bias", {"mlp_bias": True}, "mlp_bias=true"),
+    ("head_dim apart", {"head_dim": 2 * HEAD_DIM}, f"head_dim {2 * HEAD_DIM}"),
+    ("gelu", {"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh'"),
+    ("partial rotary", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("mistral window", {"model_type": "mistral", "sliding_window": 4}, "sliding_window 4"),
+    ("mistral default window", {"model_type": "mistral"}, "sliding_window 4096"),
+    ("smollm3 NoPE layers", {"model_type": "smollm3", "no_rope_layers": [1, 0]}, "without RoPE"),
+    ("smollm3 default NoPE interval", {"model_type": "smollm3"}, "without RoPE"),
+    ("granite multipliers", {"model_type": "granite", "embedding_multiplier": 12.0,
+                             "attention_multiplier": HEAD_DIM ** -0.5}, "embedding_multiplier 12.0"),
+    ("granite attention multiplier", {"model_type": "granite", "attention_multiplier": 0.0078125},
+     "attention_multiplier 0.0078125"),
+]
+"""Config edits of the tiny Llama this forward would compute wrongly: (case, keys, message)."""
+
+
+def write_case(folder, name):
+    """The tiny Llama (untied head) as a Hugging Face folder with the config of ACCEPTED[name]."""
+    folder.mkdir(parents=True)
+    _write_hf(folder, tiny_weights(tied=False))
+    _edit_config(folder, {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None,   # the defaults'
+                          **ACCEPTED[name]})                                      # lie past its vocabulary
+
+
+def _edit_config(folder, keys):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(keys)
+    path.write_text(json.dumps(config))
+
+
+def _tiny_folder(folder, keys=None, extra_tensors=None):
+    folder.mkdir(parents=True)
+    weights = tiny_weights(tied=False)
+    _write_hf(folder, weights)
+    _edit_config(folder, keys or {})
+    if extra_tensors:
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({**tensors, **extra_tensors}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_unsupported_model_error_is_a_checkpoint_error():
+    assert issubclass(UnsupportedModelError, CheckpointError) and issubclass(UnsupportedModelError, OSError)
+
+
+@pytest.mark.parametrize("case, keys, match", REFUSED, ids=[case for case, _, _ in REFUSED])
+def test_hugging_face_configs_this_forward_would_get_wrong_are_refused(tmp_path, case, keys, match):
+    folder = _tiny_folder(tmp_path / "model", keys)
+    with pytest.raises(UnsupportedModelError, match=match):
+        LlamaModel.from_hf(folder, quant_type=None)
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.self_attn.q_proj.bias",         # Qwen2's q/k/v biases
+                                    "model.layers.1.mlp.down_proj.bias",            # mlp_bias
+                                    "model.layers.0.self_attn.q_norm.weight",       # Qwen3's q/k norms
+                                    "model.layers.0.post_feedforward_layernorm.weight"])   # Gemma 2's
+def test_tensors_the_model_would_not_read_are_refused(tmp_path, tensor):
+    extra = {tensor: np.ones(HEAD_DIM if "norm" in tensor else TINY.hidden_size, np.float32)}
+    folder = _tiny_folder(tmp_path / "model", extra_tensors=extra)
+    with pytest.raises(UnsupportedModelError, match=tensor.replace(".", r"\.")):
+        LlamaModel.from_hf(folder, quant_type=None)
+
+
+def test_a_bitsandbytes_folder_with_a_tensor_the_model_would_not_read_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from qlora_np.io.bnb import save_bnb_model
+
+    save_bnb_model(LlamaModel.from_weights(TINY, tiny_weights(), quant_type="nf4"), tmp_path / "ckpt")
+    LlamaModel.from_hf(tmp_path / "ckpt")                                   # as saved: loads
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({**tensors, "model.layers.0.self_attn.k_proj.bias": np.ones(16, np.float32)}, str(path))
+    with pytest.raises(UnsupportedModelError, match="k_proj.bias"):
+        LlamaModel.from_hf(tmp_path / "ckpt")
+
+
+def test_old_checkpoints_rotary_buffers_are_not_weights(tmp_path):
+    inv_freq = 1.0 / TINY.rope_theta ** (np.arange(0, HEAD_DIM, 2, dtype=np.float32) / HEAD_DIM)
+    extra = {f"model.layers.{n}.self_attn.rotary_emb.inv_freq": inv_freq for n in range(TINY.num_layers)}
+    folder = _tiny_folder(tmp_path / "model", extra_tensors=extra)
+    plain = _tiny_folder(tmp_path / "plain")
+    ids = np.array(IDS)
+    np.testing.assert_array_equal(LlamaModel.from_hf(folder, quant_type=None).forward(ids),
+                                  LlamaModel.from_hf(plain, quant_type=None).forward(ids))
+
+
+def _transformers_logits_or_skip(folder):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(IDS)[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_accepted_configs_give_transformers_logits(tmp_path, name):
+    write_case(tmp_path / name, name)
+    ours = LlamaModel.from_hf(tmp_path / name, quant_type=None).forward(np.array(IDS))
+    recorded = np.load(RECORDED)[name]
+    np.testing.assert_allclose(ours, recorded, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_accepted_configs_give_transformers_logits_live(tmp_path, name):
+    write_case(tmp_path / name, name)
+    expected = _transformers_logits_or_skip(tmp_path / name)
+    ours = LlamaModel.from_hf(tmp_path / name, quant_type=None).forward(np.array(IDS))
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def _gguf(path, architecture="llama", weights=None, **metadata):
+    """The tiny Llama as a GGUF of ``architecture`` with extra metadata (key → value)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in {"llama.block_count": TINY.num_layers, "llama.context_length": TINY.context_length,
+                       "llama.embedding_length": TINY.hidden_size,
+                       "llama.feed_forward_length": TINY.intermediate_size,
+                       "llama.attention.head_count": TINY.num_heads,
+                       "llama.attention.head_count_kv": TINY.num_kv_heads,
+                       "llama.rope.freq_base": TINY.rope_theta,
+                       "llama.attention.layer_norm_rms_epsilon": TINY.rms_norm_eps,
+                       "llama.vocab_size": TINY.vocab_size, **metadata}.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, value in (weights or tiny_weights()).items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_tiny_gguf_writer_writes_a_model_that_loads(tmp_path):
+    ids = np.array(IDS)
+    np.testing.assert_array_equal(LlamaModel.from_gguf(_gguf(tmp_path / "m.gguf"), quant_type=None).forward(ids),
+                                  LlamaModel.from_weights(TINY, tiny_weights(), quant_type=None).forward(ids))
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, "rope.scaling.type 'linear'"),
+    ({"llama.rope.scaling.factor": 8.0}, "rope.scaling.factor 8.0"),
+    ({"llama.expert_count": 8}, "8 experts"),
+    ({"llama.rope.dimension_count": HEAD_DIM // 2}, "rope.dimension_count"),
+    ({"llama.attention.key_length": 2 * HEAD_DIM}, "key_length"),
+])
+def test_gguf_metadata_this_forward_would_get_wrong_is_refused(tmp_path, metadata, match):
+    path = _gguf(tmp_path / "model.gguf", **metadata)
+    with pytest.raises(UnsupportedModelError, match=match):
+        LlamaModel.from_gguf(path, quant_type=None)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gemma2", "phi3", "mistral"])
+def test_gguf_of_another_architecture_is_refused(tmp_path, architecture):
+    path = _gguf(tmp_path / "model.gguf", architecture)
+    with pytest.raises(UnsupportedModelError, match=f"architecture '{architecture}'"):
+        LlamaModel.from_gguf(path, quant_type=None)
+
+
+@pytest.mark.parametrize("tensor, shape", [("rope_freqs.weight", (HEAD_DIM // 2,)),       # Llama 3.1's rope factors
+                                           ("blk.0.attn_q.bias", (TINY.hidden_size,)),
+                                           ("blk.1.attn_k_norm.weight", (HEAD_DIM,))])
+def test_gguf_tensors_the_model_would_not_read_are_refused(tmp_path, tensor, shape):
+    path = _gguf(tmp_path / "model.gguf", weights={**tiny_weights(), tensor: np.ones(shape, np.float32)})
+    with pytest.raises(UnsupportedModelError, match=tensor.replace(".", r"\.")):
+        LlamaModel.from_gguf(path, quant_type=None)
