@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np.errors import InvalidValueError, ShapeError
-from qlora_np.models.llama.model import KVCache, LlamaModel, causal_attention, sample
+from qlora_np.models.llama.model import KVCache, LlamaModel, sample
+from qlora_np.models.llama.reference import causal_attention
 from qlora_np.models.llama.config import LlamaConfig
 
 from .gradcheck import numeric_gradient

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qlora_np.kernels.portable import llama as llama_cpu
-from qlora_np.models.llama.model import apply_rope, causal_attention, rms_norm, rope_tables, silu
+from qlora_np.models.llama.model import rope_tables
+from qlora_np.models.llama.reference import apply_rope, causal_attention, rms_norm, silu
 
 # The kernels sum in any order (fastmath): float32 rounding of sums of up to a few
 # hundred terms of size ~1 is far below this.

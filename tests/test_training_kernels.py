@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from numba import njit
 
-from qlora_np.models.llama import lora as reference
+from qlora_np.models.llama import lora as llama_lora, reference
 from qlora_np.kernels.portable import training as training_cpu
 from qlora_np.kernels.portable.exp32 import exp32
 
@@ -176,12 +176,12 @@ def test_float32_training_attention_matches_the_float64_path(packed):
     q, grad_out = rng.standard_normal((2, B, KV, T * H // KV, d))
     k, v = rng.standard_normal((2, B, KV, T, d))
     segments = np.repeat(np.arange(3), -(-T // 3))[None, :T].repeat(B, 0) if packed else None
-    mask = reference._attention_mask(T, segments)
+    mask = llama_lora._attention_mask(T, segments)
     results = {}
     for dtype in (np.float32, np.float64):
         cast = [a.astype(dtype) for a in (q, k, v, grad_out)]
-        out, lse = reference._attention(*cast[:3], mask)
-        results[dtype] = (out,) + reference._attention_backward(*cast[:3], mask, lse, cast[3])
+        out, lse = llama_lora._attention(*cast[:3], mask)
+        results[dtype] = (out,) + llama_lora._attention_backward(*cast[:3], mask, lse, cast[3])
     for got, want in zip(results[np.float32], results[np.float64]):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)

@@ -3,7 +3,7 @@
 Token-by-token decoding does little arithmetic per step outside the weight products,
 so in NumPy its time went to the dozens of small array calls per layer. Each kernel
 here replaces such a chain with one call; the plain NumPy functions of the same
-names in :mod:`qlora_np.models.llama.model` are their references.
+names in :mod:`qlora_np.models.llama.reference` are their references.
 
 * :func:`rms_norm`  — x / sqrt(mean(x²) + eps) · weight, row by row;
 * :func:`attend`    — RoPE on q and k, store k and v in the KV cache, causal softmax

@@ -3,8 +3,8 @@
 Between its weight products a training step runs chains of NumPy calls over
 activation-sized arrays: each a pass over memory, on one core. Each kernel here
 does one such chain in one pass, row by row, spread over the Numba threads. The
-plain NumPy functions of the same names in :mod:`qlora_np.models.llama.lora` are their
-references (float64 training runs those):
+plain NumPy functions of the same names in :mod:`qlora_np.models.llama.reference` are
+their references (float64 training runs those):
 
 * :func:`rms_norm_forward` / :func:`add_rms_norm_backward` — RMSNorm and its gradient;
 * :func:`rope_into_groups` / :func:`rope_back_from_groups` — RoPE fused with the

@@ -11,7 +11,6 @@ out below, in the reverse order of the forward:
     logits = Wout (RMSNorm(x)·g_out);   loss = mean cross-entropy over labels ≠ ignore_index
 """
 
-import sys
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -21,7 +20,8 @@ from qlora_np.errors import InvalidValueError, ShapeError, UnknownFormatError
 from qlora_np.kernels import attention_bf16, bf16
 from qlora_np.kernels.portable import training as training_cpu
 from qlora_np.models.llama.names import LINEAR_NAMES
-from qlora_np.models.llama.model import apply_rope, rope_tables, silu
+from qlora_np.models.llama import reference
+from qlora_np.models.llama.model import rope_tables
 from qlora_np.nn.lora import LoRALinear, init_adapters
 from qlora_np.quant.tensor import QuantizedTensor
 
@@ -363,107 +363,9 @@ def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul):
     return grad_q, grad_k, grad_v
 
 
-# ---------------------------------------------------------------------------
-# The element-wise passes in NumPy: the references of kernels.training_cpu
-# ---------------------------------------------------------------------------
-
 def _passes(dtype):
     """Where a step's element-wise passes come from: the Numba kernels of
-    :mod:`qlora_np.kernels.portable.training` for float32, the NumPy functions below (same
-    names, same results up to float32 rounding) for other dtypes."""
-    return training_cpu if dtype == np.float32 else sys.modules[__name__]
-
-
-def rms_norm_forward(x, weight, eps):
-    """x (..., d) → (x·r·weight, r) with r = 1/sqrt(mean(x²) + eps) of shape (..., 1), in x's dtype."""
-    inverse_rms = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (x * inverse_rms * weight).astype(x.dtype), inverse_rms.astype(x.dtype)
-
-
-def add_rms_norm_backward(grad, x, inverse_rms, weight, grad_out):
-    """grad += dL/dx of y = x·r·w, r = (mean(x²) + eps)^(-1/2); returns grad."""
-    scaled = grad_out * weight                                              # (…, d)
-    grad += inverse_rms * scaled - x * inverse_rms ** 3 * np.mean(scaled * x, axis=-1, keepdims=True)
-    return grad
-
-
-def rope_into_groups(x, cos, sin, kv_heads):
-    """x (B, T, H, hd) → (B, KV, T·g, hd) in :func:`_heads_to_groups` order, adjacent pairs
-    rotated by the angles of cos, sin (B·T, hd/2)."""
-    B, T, H, hd = x.shape
-    rotated = apply_rope(x.reshape(B * T, H, hd), cos, sin)                       # (B·T, H, hd)
-    return _heads_to_groups(rotated.reshape(B, T, H * hd), kv_heads, hd)
-
-
-def rope_back_from_groups(grad, cos, sin):
-    """grad (B, KV, T·g, hd) → (B, T, H, hd), rotated back by the angles (the gradient of RoPE)."""
-    B, hd = grad.shape[0], grad.shape[-1]
-    T = cos.shape[0] // B
-    heads = _groups_to_heads(grad, T).reshape(B * T, -1, hd)                       # (B·T, H, hd)
-    return apply_rope(heads, cos, -sin).reshape(B, T, -1, hd)
-
-
-def masked_softmax(scores, mask, scale):
-    """softmax(scale·scores) over the allowed keys in place; returns each row's log-sum-exp.
-
-    scores (B, KV, T·g, S), row t·g + j for query position t; mask (B or 1, T, S);
-    log-sum-exp (B, KV, T·g): log Σ exp(scale·scores) over the allowed keys.
-    """
-    heads = _by_position(scores, mask)                                       # (B, KV, T, g, S)
-    heads *= scores.dtype.type(scale)
-    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, :, None])
-    largest = heads.max(axis=-1, keepdims=True)
-    heads -= largest
-    np.exp(heads, out=heads)
-    total = heads.sum(axis=-1, keepdims=True)
-    heads /= total
-    return (largest + np.log(total)).reshape(scores.shape[:3])
-
-
-def masked_softmax_backward(grad_probs, scores, mask, lse, scale):
-    """In place: scores (the forward's again) → P = exp(scale·scores − lse) on the allowed
-    keys; grad_probs (dL/dP) → dL/dscores = scale·P·(dP − Σ_j P_j dP_j). Returns (P, dL/dscores)."""
-    heads = _by_position(scores, mask)                                       # (B, KV, T, g, S)
-    heads *= scores.dtype.type(scale)
-    heads -= lse.reshape(heads.shape[:-1] + (1,))
-    np.copyto(heads, scores.dtype.type(-np.inf), where=~mask[:, None, :, None])
-    np.exp(heads, out=heads)
-    grad_probs -= np.sum(grad_probs * scores, axis=-1, keepdims=True)
-    grad_probs *= scores
-    grad_probs *= scores.dtype.type(scale)
-    return scores, grad_probs
-
-
-def _by_position(scores, mask):
-    """scores (B, KV, T·g, S) viewed as (B, KV, T, g, S), to meet the mask (B or 1, T, S)."""
-    B, KV, rows, S = scores.shape
-    return scores.reshape(B, KV, mask.shape[1], rows // mask.shape[1], S)
-
-
-def swiglu(gate, up):
-    """silu(gate)·up."""
-    return silu(gate) * up
-
-
-def swiglu_backward(grad_hidden, gate, up):
-    """Gradients of hidden = silu(gate)·up: (dL/dgate, dL/dup); d silu/dg = σ·(1 + g·(1 − σ))."""
-    sigmoid = 1 / (1 + np.exp(-gate))
-    return grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), grad_hidden * gate * sigmoid
-
-
-def cross_entropy(logits, labels, normalizer):
-    """Summed cross-entropy of logits (n, vocab) at labels (n,), divided by ``normalizer``; and dL/dlogits.
-
-    Works in place: ``logits`` becomes the gradient (the (n, vocab) array is the
-    largest activation of a step, so no second copy of it is made).
-    """
-    rows = np.arange(len(labels))
-    logits -= logits.max(axis=-1, keepdims=True)                            # (n, vocab) shifted
-    picked = logits[rows, labels].astype(np.float64)                        # (n,)
-    np.exp(logits, out=logits)
-    total = logits.sum(axis=-1, keepdims=True)                              # (n, 1)
-    loss = float(np.sum(np.log(total[:, 0], dtype=np.float64) - picked)) / normalizer
-    logits /= total                                                         # softmax
-    logits[rows, labels] -= 1
-    logits /= logits.dtype.type(normalizer)
-    return loss, logits
+    :mod:`qlora_np.kernels.portable.training` for float32, their NumPy references of the same
+    names in :mod:`qlora_np.models.llama.reference` (same results up to float32 rounding) for
+    other dtypes."""
+    return training_cpu if dtype == np.float32 else reference

@@ -10,6 +10,10 @@ Per block, with n = RMSNorm(x)·g:
     x += Wo · attention(RoPE(Wq n), RoPE(Wk n), Wv n)      (causal, grouped-query)
     x += Wdown · (silu(Wgate m) * Wup m),  m = RMSNorm(x)·g'
 logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
+
+The steps run on the Numba kernels of :mod:`qlora_np.kernels.portable.llama` and the fused
+4-bit products. With ``backend="reference"`` they run on the plain NumPy functions of the same
+names in :mod:`qlora_np.models.llama.reference` instead (see :meth:`LlamaModel.set_backend`).
 """
 
 import os
@@ -17,18 +21,23 @@ import os
 import gguf
 import numpy as np
 
-from qlora_np.errors import CheckpointError, InvalidValueError, ShapeError, UnknownFormatError
+from qlora_np.errors import CheckpointError, DeviceError, InvalidValueError, ShapeError, UnknownFormatError
 from qlora_np.io.gguf import decode_tensor
 from qlora_np.io.safetensors import read_checkpoint_tensors
 from qlora_np.kernels.portable import llama as llama_cpu
 from qlora_np.linalg.plan import FUSED_MAX_ROWS, compute_dtype_name, fuse_together
 from qlora_np.linalg.products import fused_product
+from qlora_np.models.llama import reference
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
 from qlora_np.models.llama.hf import bnb_model_parts, is_bitsandbytes_folder
 from qlora_np.models.llama.names import LINEAR_NAMES, hf_to_gguf_weights
 from qlora_np.models.tokenizer import Tokenizer
 from qlora_np.nn.lora import LoRALinear
-from qlora_np.quant.codec import quantize
+from qlora_np.quant.codec import dequantize, quantize
+from qlora_np.quant.tensor import QuantizedTensor
+
+BACKENDS = ("kernels", "reference")
+"""What :meth:`LlamaModel.forward` runs on: the Numba kernels, or their NumPy references."""
 
 
 class KVCache:
@@ -46,9 +55,13 @@ class KVCache:
 
 
 class LlamaModel:
-    """Token ids → logits, with a KV cache for generation."""
+    """Token ids → logits, with a KV cache for generation.
 
-    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None, tied_output=True):
+    ``backend`` "kernels" (default) or "reference": see :meth:`set_backend`.
+    """
+
+    def __init__(self, config, embedding, blocks, output_norm, output, tokenizer=None, tied_output=True,
+                 backend="kernels"):
         self.config = config
         self.tied_output = tied_output              # the LM head reuses the token embedding
         self.embedding = embedding                  # (vocab, hidden) float32, for the lookup
@@ -64,6 +77,8 @@ class LlamaModel:
         self.projections = FusedProjections()
         self.name_or_path = None
         """The Hugging Face folder it was loaded from (adapters saved for PEFT name it as their base)."""
+        self.backend = "kernels"
+        self.set_backend(backend)
 
     # -- loading ------------------------------------------------------------
     @classmethod
@@ -145,6 +160,26 @@ class LlamaModel:
         for layer in self.linear_layers():
             layer.compute_dtype = name
 
+    def set_backend(self, backend):
+        """What :meth:`forward` and :meth:`generate` run on; returns the model.
+
+        * ``"kernels"`` (the default): the Numba kernels of :mod:`qlora_np.kernels.portable.llama`
+          and the fused 4-bit products (:class:`FusedProjections`).
+        * ``"reference"``: the plain NumPy functions of the same names in
+          :mod:`qlora_np.models.llama.reference`, which those kernels are tested against. Each
+          layer's product decodes its 4-bit W whole with the NumPy reference decoder
+          (``dequantize(..., backend="reference")``), then multiplies with NumPy
+          (:func:`~qlora_np.models.llama.reference.linear`). ``int8_activations`` does not
+          apply, and the layers must be on the CPU. It is slow and meant for checking.
+
+        Training (:mod:`qlora_np.models.llama.lora`) does not look at this setting. Its
+        element-wise passes run on the kernels in float32 and on these references in other dtypes.
+        """
+        if backend not in BACKENDS:
+            raise InvalidValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        return self
+
     def train(self):
         """Training mode: adapters' dropout is on and layers keep what backward needs."""
         for layer in self.linear_layers():
@@ -170,25 +205,36 @@ class LlamaModel:
         positions = np.arange(start, start + ids.size)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)    # 2 × (T, hd/2)
         eps = self.config.rms_norm_eps
+        steps = self._steps()
         x = self.embedding[ids]                                          # (T, hidden)
         for layer, block in enumerate(self.blocks):
-            x = x + self._attention(block, llama_cpu.rms_norm(x, block.attn_norm, eps), rope, start,
+            x = x + self._attention(block, steps.rms_norm(x, block.attn_norm, eps), rope, start,
                                     cache, layer)
-            x = x + self._mlp(block, llama_cpu.rms_norm(x, block.ffn_norm, eps))
+            x = x + self._mlp(block, steps.rms_norm(x, block.ffn_norm, eps))
         if cache is not None:
             cache.length = start + ids.size
         if last_only:
             x = x[-1:]
-        logits, = self.projections([self.output], llama_cpu.rms_norm(x, self.output_norm, eps),
-                                   self.int8_activations)
+        logits, = self._project([self.output], steps.rms_norm(x, self.output_norm, eps))
         return logits
 
+    def _steps(self):
+        """The module whose rms_norm, attend and swiglu :meth:`forward` calls: the kernels or
+        their references (the same names)."""
+        return reference if self.backend == "reference" else llama_cpu
+
+    def _project(self, layers, x):
+        """[layer(x) for layer in layers], x (T, in) float32: the fused products, or with the
+        reference backend each layer's :func:`~qlora_np.models.llama.reference.linear`."""
+        if self.backend == "reference":
+            return [_reference_linear(layer, x) for layer in layers]
+        return self.projections(layers, x, self.int8_activations)
+
     def _attention(self, block, n, rope, start, cache, layer):
-        """The attention half of a block for inference, on the kernels of :mod:`qlora_np.kernels.portable.llama`."""
+        """The attention half of a block for inference."""
         cfg = self.config
         T, hd = n.shape[0], cfg.head_dim
-        int8 = self.int8_activations
-        q, k, v = self.projections([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n, int8)
+        q, k, v = self._project([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n)
         q = q.reshape(T, cfg.num_heads, hd)
         k, v = k.reshape(T, cfg.num_kv_heads, hd), v.reshape(T, cfg.num_kv_heads, hd)
         if cache is None:                                               # attend within these tokens only
@@ -196,13 +242,12 @@ class LlamaModel:
             values = np.empty_like(keys)
         else:
             keys, values = cache.keys[layer], cache.values[layer]       # (KV, max_len, hd)
-        out = llama_cpu.attend(q, k, v, *rope, keys, values, start)       # (T, H·hd)
-        return self.projections([block.linears["attn_output"]], out, int8)[0]
+        out = self._steps().attend(q, k, v, *rope, keys, values, start)  # (T, H·hd)
+        return self._project([block.linears["attn_output"]], out)[0]
 
     def _mlp(self, block, m):
-        int8 = self.int8_activations
-        gate, up = self.projections([block.linears["ffn_gate"], block.linears["ffn_up"]], m, int8)
-        return self.projections([block.linears["ffn_down"]], llama_cpu.swiglu(gate, up), int8)[0]
+        gate, up = self._project([block.linears["ffn_gate"], block.linears["ffn_up"]], m)
+        return self._project([block.linears["ffn_down"]], self._steps().swiglu(gate, up))[0]
 
     # -- generation -------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -260,7 +305,7 @@ class _LazyWeights:
 
 
 # ---------------------------------------------------------------------------
-# The pieces of a block, as plain functions
+# The inference products, the RoPE tables and sampling
 # ---------------------------------------------------------------------------
 
 class FusedProjections:
@@ -305,12 +350,6 @@ class FusedProjections:
         return product, list(zip([0] + ends[:-1], ends))
 
 
-def rms_norm(x, weight, eps):
-    """x / sqrt(mean(x²) + eps) · weight over the last axis."""
-    mean_square = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
-    return (x / np.sqrt(mean_square + np.float32(eps)) * weight).astype(np.float32)
-
-
 def rope_tables(positions, head_dim, theta):
     """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim)."""
     frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
@@ -318,39 +357,18 @@ def rope_tables(positions, head_dim, theta):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of every head: x (T, heads, hd)."""
-    even, odd = x[..., 0::2], x[..., 1::2]                                          # (T, heads, hd/2)
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = even * c - odd * s
-    out[..., 1::2] = even * s + odd * c
-    return out
-
-
-def causal_attention(q, keys, values, positions):
-    """softmax(q k^T / √d + causal mask) v with grouped-query heads.
-
-    q (H, T, hd) at ``positions``; keys/values (KV, S, hd) for positions 0 … S-1.
-    Query head h reads kv head h // (H / KV).
-    """
-    heads, T, hd = q.shape
-    kv_heads, S, _ = keys.shape
-    group = heads // kv_heads
-    qg = q.reshape(kv_heads, group * T, hd)                                          # (KV, g·T, hd)
-    scores = (qg @ keys.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))               # (KV, g·T, S)
-    scores = scores.reshape(kv_heads, group, T, S)
-    allowed = np.arange(S)[None, :] <= positions[:, None]                           # (T, S)
-    scores = np.where(allowed, scores, np.float32(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    weights = np.exp(scores)
-    weights /= weights.sum(axis=-1, keepdims=True)
-    out = weights.reshape(kv_heads, group * T, S) @ values                          # (KV, g·T, hd)
-    return out.reshape(heads, T, hd).astype(np.float32)
-
-
-def silu(x):
-    return x / (np.float32(1) + np.exp(-x))
+def _reference_linear(layer, x):
+    """layer(x) in eval mode on the references: W decoded whole by the NumPy reference
+    decoder if 4-bit, then :func:`qlora_np.models.llama.reference.linear`."""
+    if layer.device != "cpu":
+        raise DeviceError("the reference backend runs on the CPU: call layer.to('cpu') first")
+    weight = layer.base
+    if isinstance(weight, QuantizedTensor):
+        weight = dequantize(weight, dtype="float32", backend="reference")       # (out, in)
+    adapters = layer.has_adapters and not layer.merged
+    if not adapters:
+        return reference.linear(x, weight, layer.bias)
+    return reference.linear(x, weight, layer.bias, layer.lora_a, layer.lora_b, layer.scale)
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, rng=None):
