@@ -227,3 +227,13 @@ def test_gguf_tensors_the_model_would_not_read_are_refused(tmp_path, tensor, sha
     path = _gguf(tmp_path / "model.gguf", weights={**tiny_weights(), tensor: np.ones(shape, np.float32)})
     with pytest.raises(UnsupportedModelError, match=tensor.replace(".", r"\.")):
         LlamaModel.from_gguf(path, quant_type=None)
+
+
+def test_gguf_tensors_that_disagree_with_the_metadata_are_a_checkpoint_error(tmp_path):
+    path = _gguf(tmp_path / "model.gguf", **{"llama.attention.head_count_kv": 1})   # tensors are for 2
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_k\.weight.*shape"):
+        LlamaModel.from_gguf(path, quant_type=None)
+    weights = tiny_weights()
+    del weights["blk.1.ffn_up.weight"]
+    with pytest.raises(CheckpointError, match=r"no tensor 'blk\.1\.ffn_up\.weight'"):
+        LlamaModel.from_gguf(_gguf(tmp_path / "missing.gguf", weights=weights), quant_type=None)

@@ -21,7 +21,7 @@ import os
 import gguf
 import numpy as np
 
-from qlora_np.errors import CheckpointError, DeviceError, InvalidValueError, ShapeError, UnknownFormatError
+from qlora_np.errors import CheckpointError, DeviceError, InvalidValueError, ShapeError
 from qlora_np.io.gguf import decode_tensor
 from qlora_np.io.safetensors import read_checkpoint_tensors
 from qlora_np.kernels.portable import llama as llama_cpu
@@ -30,7 +30,8 @@ from qlora_np.linalg.products import fused_product
 from qlora_np.models.llama import reference
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
 from qlora_np.models.llama.hf import bnb_model_parts, is_bitsandbytes_folder
-from qlora_np.models.llama.names import LINEAR_NAMES, hf_to_gguf_weights
+from qlora_np.models.llama.names import LINEAR_NAMES, gguf_tensor_names, gguf_tensor_shapes, hf_to_gguf_weights
+from qlora_np.models.llama.support import check_shapes, check_tensors
 from qlora_np.models.tokenizer import Tokenizer
 from qlora_np.nn.lora import LoRALinear
 from qlora_np.quant.codec import dequantize, quantize
@@ -95,12 +96,14 @@ class LlamaModel:
         except (ValueError, KeyError, IndexError, TypeError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable GGUF file: {error}") from None
         try:
-            config = LlamaConfig.from_gguf(reader)
+            config = LlamaConfig.from_gguf(reader, os.fspath(path))
         except (TypeError, ValueError) as error:
-            if isinstance(error, UnknownFormatError):
-                raise
             raise CheckpointError(f"{path}: missing or malformed llama.* metadata: {error}") from None
         tensors = {t.name: t for t in reader.tensors}
+        tied = "output.weight" not in tensors
+        check_tensors(tensors, gguf_tensor_names(config, tied), path)
+        check_shapes({name: tuple(reversed(t.shape.tolist())) for name, t in tensors.items()},
+                     gguf_tensor_shapes(config, tied), path)
         tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
         return cls.from_weights(config, _LazyWeights(tensors, path), quant_type, blocksize,
                                 double_quant, tokenizer)
@@ -120,7 +123,7 @@ class LlamaModel:
         else:
             config = LlamaConfig.from_hf_folder(folder)
             tensors = read_checkpoint_tensors(folder)
-            model = cls.from_weights(config, hf_to_gguf_weights(tensors, config), quant_type, blocksize,
+            model = cls.from_weights(config, hf_to_gguf_weights(tensors, config, folder), quant_type, blocksize,
                                      double_quant, Tokenizer.from_hf_folder(folder))
         model.name_or_path = os.fspath(folder)
         return model

@@ -7,7 +7,7 @@ The model keeps GGUF names and row order; every reader and writer of HF files ma
 import numpy as np
 
 from qlora_np.errors import CheckpointError
-from qlora_np.models.llama.support import check_tensors
+from qlora_np.models.llama.support import check_shapes, check_tensors
 
 
 LINEAR_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -58,14 +58,15 @@ def hf_to_gguf_weights(tensors, config, source=""):
     """Hugging Face Llama tensor names and q/k row order → GGUF names and order (float32 arrays).
 
     A tensor the model would not read (a bias, a q/k norm, …) raises UnsupportedModelError."""
+    source = source or "checkpoint"
     tied = "lm_head.weight" not in tensors
-    check_tensors(set(tensors) - hf_buffers(tensors), hf_tensor_names(config, tied), source or "checkpoint")
-    names = gguf_tensor_names(config, tied)
+    check_tensors(set(tensors) - hf_buffers(tensors), hf_tensor_names(config, tied), source)
+    expected = gguf_tensor_shapes(config, tied)
+    check_shapes({name: tensors[name].shape for name in tensors},
+                 {gguf_to_hf_name(name, config)[0]: shape for name, shape in expected.items()}, source)
     weights = {}
-    for name in names:
+    for name in expected:
         hf_name, heads = gguf_to_hf_name(name, config)
-        if hf_name not in tensors:
-            raise CheckpointError(f"checkpoint has no tensor {hf_name!r}")
         weight = np.asarray(tensors[hf_name], np.float32)
         weights[name] = weight if heads is None else permute_rope_rows(weight, heads)
     return weights

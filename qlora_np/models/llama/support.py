@@ -11,7 +11,7 @@ and the key or tensor; nothing is half-loaded.
 
 import math
 
-from qlora_np.errors import UnsupportedModelError
+from qlora_np.errors import CheckpointError, UnsupportedModelError
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                     "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite"}
@@ -121,3 +121,14 @@ def check_tensors(names, expected, path):
         shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise UnsupportedModelError(f"{path}: tensors this Llama implementation does not compute "
                                     f"with: {shown}")
+
+
+def check_shapes(shapes, expected, path):
+    """Raise CheckpointError unless every tensor of ``expected`` (name → shape) is in ``shapes``
+    (name → shape) with that shape: a file whose tensors disagree with its own metadata."""
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError(f"{path}: checkpoint has no tensor {name!r}")
+        if tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(shapes[name])}, "
+                                  f"the model's metadata needs {tuple(shape)}")
