@@ -9,7 +9,7 @@ import qlora_np
 from qlora_np.quant import reference
 from qlora_np.linalg import reference as reference_
 from qlora_np.kernels import products
-from qlora_np.kernels.x86 import simd as simd_module
+from qlora_np.kernels.x86.builder import decode_table
 from qlora_np.kernels import features
 from qlora_np.kernels.features import HAS_AVX2, HAS_AVX512
 from qlora_np.quant.backends import scales
@@ -115,7 +115,7 @@ def test_permute_and_shuffle_decodes_give_the_same_weights(quant_type):
     results = {}
     for path in ("shuffle", "permute"):
         _use(path)
-        assert simd_module.decode_table(qt.codebook).dtype == (np.float32 if path == "permute" else np.uint8)
+        assert decode_table(qt.codebook).dtype == (np.float32 if path == "permute" else np.uint8)
         results[path] = [products.gemv_t(g[:rows], *args, 384, 64, True) for rows in (1, 3)]
         results[path].append(products.gemm_t(g, *args, 384, 64))
     for shuffled, permuted in zip(results["shuffle"], results["permute"]):

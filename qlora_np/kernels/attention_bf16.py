@@ -41,9 +41,8 @@ TRANSPOSE_SIDE = 16
 
 FASTER_UP_TO = 1024
 """Sequence length up to which these kernels beat the chunked attention with bfloat16
-products here. Past it a group's Pᵀ and dSᵀ pairs (T × T·g/2 each) leave the cache:
-at 2048 positions, batch 2, fused 289 ms against chunked 274 (at 1024, 52 against 69)
-with the AVX-512 tile; on AMX tiles, 294 against 253 (at 1024, 47 against 64)."""
+products (with the AVX-512 tile and with AMX tiles alike): past it a group's Pᵀ and dSᵀ pairs
+(T × T·g/2 each) leave the cache."""
 
 
 def fuses(head_dim):
@@ -269,8 +268,8 @@ def _put_column_pairs(values, r0, pairs_t):
     """pairs_t[s, r0/2 + i] = the bfloat16 pair (values[2i, s], values[2i + 1, s]): values
     (rows, keys) float32 as rows r0 … of a transposed product's a (r0 even). The pairs are
     made row by row first (a loop LLVM vectorises), then copied in squares of TRANSPOSE_SIDE
-    keys × pairs, whose reads and writes each stay within a few cache lines: the backward
-    took 3.2–3.3 ms a SmolLM2 layer so, against 3.7–3.9 making each pair where it goes."""
+    keys × pairs, whose reads and writes each stay within a few cache lines: faster than making
+    each pair where it goes."""
     rows, keys = values.shape
     bits = values.view(np.uint32)
     pairs = np.empty((rows // 2, keys), np.uint32)

@@ -3,10 +3,10 @@ summed in float32, as bitsandbytes computes with ``compute_dtype=bfloat16``.
 
 Where the CPU has AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake and Sapphire Rapids) one
 ``vdpbf16ps`` adds two bfloat16 products into each of 16 float32 sums: twice the
-multiply-adds of a float32 FMA; on the training shapes 1.3–2× NumPy's float32 BLAS,
-rounding and packing included. Elsewhere the same roundings are multiplied by NumPy's
-float32 BLAS (the products of two bfloat16 values are exact in float32), which gives the
-same result up to float32 summation order.
+multiply-adds of a float32 FMA, enough to pay for the rounding and packing on the training
+shapes. Elsewhere the same roundings are multiplied by NumPy's float32 BLAS (the products
+of two bfloat16 values are exact in float32), which gives the same result up to float32
+summation order.
 
 Layout: a is rounded into (rows, k/2) uint32 *pairs* (element 2j in the low half, 2j + 1
 in the high half), which is a's row-major bfloat16 bytes; b is packed a panel of PANEL
@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from qlora_np.errors import ShapeError
 from qlora_np.kernels import features
 from qlora_np.kernels.x86 import amx
-from qlora_np.kernels.x86.simd import avx512_dequantize_blocks
+from qlora_np.kernels.x86.dequantize import avx512_dequantize_blocks
 """Whether this CPU has ``vdpbf16ps`` (detected once at import)."""
 
 PANEL = 32
@@ -294,8 +294,9 @@ def _amx_panel_products(pairs, b, c, c_stride, threads):
 @njit(parallel=True, cache=True)
 def _amx_thin_products(pairs, b, c, c_stride, threads):
     """:func:`_amx_panel_products` for a b of one panel (n ≤ PANEL: a LoRA adapter's x @ A.T):
-    the rows are shared out instead, each thread packing the panel for itself. Alone on
-    1024 × 1536 that took 0.26 ms on one thread, reading rows from beyond its L2."""
+    the rows are shared out instead, each thread packing the panel for itself (sharing out
+    panels would leave the one panel, and so all the rows, to one thread, which reads them
+    from beyond its L2)."""
     rows, depth = pairs.shape
     blocks = -(-rows // amx.BLOCK_ROWS)
     for t in prange(threads):

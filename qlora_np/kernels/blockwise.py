@@ -7,7 +7,7 @@ bit-identical to the reference, so float32 operations keep their written order.
 
 Workers take slices (``flat[start:stop]``) and loop over ``range(len)``: with indices
 LLVM can prove non-negative, Numba drops its negative-index wraparound and the loops
-vectorise (2–3× faster than indexing ``flat[start + k]``).
+vectorise (indexing ``flat[start + k]`` keeps the wraparound checks, which stop that).
 """
 
 from functools import lru_cache
@@ -17,10 +17,10 @@ from numba import njit, prange
 
 from qlora_np.quant.codebooks import NESTED_BLOCKSIZE, get_format, nested_code_lut
 from qlora_np.kernels import features
-from qlora_np.kernels.x86 import simd as simd_kernels
-from qlora_np.kernels.x86.simd import (DEQUANTIZE_STEP, RANK_STEP, avx2_quantize_blocks,
-                                       avx2_quantize_blocks_reordered, avx512_dequantize_blocks, rank_lut,
-                                       search_table)
+from qlora_np.kernels.x86.builder import decode_table
+from qlora_np.kernels.x86.dequantize import DEQUANTIZE_STEP, avx512_dequantize_blocks
+from qlora_np.kernels.x86.quantize_search import (RANK_STEP, avx2_quantize_blocks,
+                                                  avx2_quantize_blocks_reordered, rank_lut, search_table)
 
 TINY_SCALE = np.float32(1e-38)
 TINY_SCALE_BITS = TINY_SCALE.view(np.uint32)
@@ -145,7 +145,8 @@ def _quantize_full_blocks_even(flat, bits, blocksize, n_full, midpoints, sort_or
 
 @njit(parallel=True, cache=True)
 def _quantize_full_blocks_avx2(flat, blocksize, n_full, table, lut, reorder, packed, absmax_bits):
-    """:func:`_quantize_full_blocks_even` by :func:`qlora_np.kernels.x86.simd.avx2_quantize_blocks`, 64 blocks a call."""
+    """:func:`_quantize_full_blocks_even` by
+    :func:`qlora_np.kernels.x86.quantize_search.avx2_quantize_blocks`, 64 blocks a call."""
     group = 64
     values_at, packed_at, absmax_at = flat.ctypes.data, packed.ctypes.data, absmax_bits.ctypes.data
     for first in prange(-(-n_full // group)):
@@ -232,8 +233,8 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
 
     ``parallel=False`` decodes on the calling thread only. The tiled products use it:
     when a BLAS call follows, Numba's OpenMP workers would still be spin-waiting for
-    more work and take the cores from BLAS's threads (a measured 1.7× slower training
-    step on 2 cores); a one-thread decode of a tile costs far less than that.
+    more work and take the cores from BLAS's threads, slowing the whole training step;
+    a one-thread decode of a tile costs far less than that.
     With the AVX-512 permute decode (:data:`qlora_np.kernels.features.PERMUTE_DECODE`; ``simd=False``
     refuses it) whole blocks of a multiple of 16 values decode 16 at a time; the values
     are the same bytes either way.
@@ -246,11 +247,11 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
     if blocksize % 2 == 0 and start % blocksize == 0:
         blocks = -(-n // blocksize)
         if simd is not False and features.PERMUTE_DECODE and blocksize % (2 * DEQUANTIZE_STEP) == 0:
-            table = simd_kernels.decode_table(codebook)           # the float32 codebook
+            codebook32 = decode_table(codebook)           # PERMUTE_DECODE: the float32 codebook
             if parallel:
-                _dequantize_blocks_wide(packed, absmax, shift, blocksize, table, start, out)
+                _dequantize_blocks_wide(packed, absmax, shift, blocksize, codebook32, start, out)
             else:
-                _dequantize_range_wide(packed, absmax, shift, blocksize, table, start, out, 0, blocks)
+                _dequantize_range_wide(packed, absmax, shift, blocksize, codebook32, start, out, 0, blocks)
         elif parallel:
             _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, out)
         else:
@@ -263,7 +264,7 @@ def dequantize_4bit(packed, absmax, zero_point, n, blocksize, codebook, start=0,
 @lru_cache(maxsize=32)
 def zero_shifts(nblocks):
     """(nblocks,) float32 zeros, read-only: the shifts of a codebook format, made once a size
-    (zeroing a fresh array took a third of a 1-row product's time)."""
+    (zeroing a fresh array each call would be a large share of a 1-row product's time)."""
     zeros = np.zeros(nblocks, np.float32)
     zeros.setflags(write=False)
     return zeros
@@ -305,29 +306,31 @@ def _dequantize_blocks_even(packed, absmax, shift, blocksize, codebook, start, o
 
 
 @njit(cache=True)
-def _dequantize_range_wide(packed, absmax, shift, blocksize, table, start, out, first, stop):
+def _dequantize_range_wide(packed, absmax, shift, blocksize, codebook, start, out, first, stop):
     """:func:`_dequantize_block_range` with the whole blocks decoded by
-    :func:`qlora_np.kernels.x86.simd.avx512_dequantize_blocks` (the last block may be partial: scalar)."""
+    :func:`qlora_np.kernels.x86.dequantize.avx512_dequantize_blocks` (the last block may be partial:
+    scalar); ``codebook`` is float32."""
     whole = min(stop, out.size // blocksize)
     if whole > first:
         block = start // blocksize + first
         avx512_dequantize_blocks(packed.ctypes.data + block * (blocksize // 2),
                                  absmax.ctypes.data + 4 * block, shift.ctypes.data + 4 * block,
-                                 whole - first, blocksize // 2, table,
+                                 whole - first, blocksize // 2, codebook,
                                  out.ctypes.data + 4 * first * blocksize)
     if stop > whole:
-        _dequantize_block_range(packed, absmax, shift, blocksize, table, start, out, max(whole, first), stop)
+        _dequantize_block_range(packed, absmax, shift, blocksize, codebook, start, out, max(whole, first),
+                                stop)
 
 
 @njit(parallel=True, cache=True)
-def _dequantize_blocks_wide(packed, absmax, shift, blocksize, table, start, out):
+def _dequantize_blocks_wide(packed, absmax, shift, blocksize, codebook, start, out):
     """:func:`_dequantize_blocks_even` on :func:`_dequantize_range_wide`: a driver of its own
     rather than a flag, so that CPUs without AVX-512 never compile the intrinsic."""
     blocks = -(-out.size // blocksize)
     group = 16
     for g in prange(-(-blocks // group)):
         first = np.int64(g) * group
-        _dequantize_range_wide(packed, absmax, shift, blocksize, table, start, out, first,
+        _dequantize_range_wide(packed, absmax, shift, blocksize, codebook, start, out, first,
                                min(first + group, blocks))
 
 

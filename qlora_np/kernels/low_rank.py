@@ -3,11 +3,10 @@ float32 or as the bfloat16 pairs a product rounded (summed in float32 either way
 
 Backward, a LoRA layer needs B's gradient scale · hᵀ g (h = x Aᵀ, g the gradient to y)
 and A's gradient (scale · g B)ᵀ x: each sums over all rows of an (rows, r) h times a
-tall (rows, n) operand, r = 8 or so. BLAS's sgemm handles such a thin side poorly: on
-1024 × 1536 it took 0.45–0.53 ms, reading g at ~13 GB/s, where one pass over g runs at
-~37 GB/s here. :func:`thin_t_product` walks g once, a strip of 32 columns at a time, with
-8 × 32 sums in sixteen AVX-512 registers: per row, two loads of g, eight broadcasts of
-h's row and sixteen FMAs.
+tall (rows, n) operand, r = 8 or so. BLAS's sgemm handles such a thin side poorly: it
+reads g far slower than one pass over g can. :func:`thin_t_product` walks g once, a strip
+of 32 columns at a time, with 8 × 32 sums in sixteen AVX-512 registers: per row, two loads
+of g, eight broadcasts of h's row and sixteen FMAs.
 
 Each sum adds its rows in order with one rounding a fused multiply-add, whatever the
 thread count (threads share out the strips). The sums differ from BLAS's by float32

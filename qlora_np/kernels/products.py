@@ -5,9 +5,11 @@
 
 Neither materialises W. They need rows made of whole blocks (``in % blocksize == 0``)
 and an even block size; :func:`supports` says whether a weight qualifies, otherwise the
-caller uses the tiled path in :mod:`qlora_np.quant.codec`. Each has an AVX2 driver (permute
-lookup, :mod:`qlora_np.kernels.x86.simd`) and a portable Numba driver; both sum every block first and
-then scale it, so they agree to float32 summation-order rounding.
+caller uses the tiled path in :mod:`qlora_np.quant.codec`. Each has a SIMD driver (needs AVX2;
+it decodes with the AVX-512 permute or the AVX2 byte shuffles, whichever
+:func:`~qlora_np.kernels.x86.builder.decode_table` gives: :mod:`qlora_np.kernels.x86.dot`) and a
+portable Numba driver; both sum every block first and then scale it, so they agree to float32
+summation-order rounding.
 """
 
 import numba
@@ -17,14 +19,14 @@ from numba import njit, prange
 from qlora_np.errors import ShapeError
 from qlora_np.kernels import features
 from qlora_np.kernels.blockwise import zero_shifts
-from qlora_np.kernels.x86.simd import (AVX2_DOT_ROWS, AXPY_W_ROWS, BYTES_PER_STEP, INT8_ORDER,
-                                       INT8_ORDER_64, STRIP, avx2_axpy_rows1, avx2_axpy_rows4,
-                                       avx2_axpy_wrows, avx2_decode_panel, avx2_dot_rows1,
-                                       avx2_dot_rows1_int8, avx2_dot_rows4, avx2_dot_rows4_int8,
-                                       avx2_panel_axpy1, avx2_panel_axpy2, avx2_panel_axpy4,
-                                       avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
-                                       avx2_panel_dot3x1, avx2_panel_dot3x4, decode_table, int8_table,
-                                       lane_order)
+from qlora_np.kernels.x86.builder import BYTES_PER_STEP, decode_table, lane_order
+from qlora_np.kernels.x86.dot import (AXPY_W_ROWS, ROWS_PER_DECODE, axpy_rows1, axpy_rows4, axpy_wrows,
+                                      dot_rows1, dot_rows4)
+from qlora_np.kernels.x86.int8 import (INT8_ORDER, INT8_ORDER_64, avx2_dot_rows1_int8, avx2_dot_rows4_int8,
+                                       int8_table)
+from qlora_np.kernels.x86.panels import (STRIP, avx2_panel_axpy1, avx2_panel_axpy2, avx2_panel_axpy4,
+                                         avx2_panel_axpy6, avx2_panel_dot1x1, avx2_panel_dot1x4,
+                                         avx2_panel_dot3x1, avx2_panel_dot3x4, decode_panel)
 
 
 def supports(shape, blocksize):
@@ -33,7 +35,8 @@ def supports(shape, blocksize):
 
 
 def simd_applies(blocksize, simd=None):
-    """Whether the AVX2 driver runs: asked for (or not refused), present, and 16-byte blocks."""
+    """Whether the SIMD drivers run: asked for (or not refused), AVX2 present, and whole 16-byte
+    decode steps in a block."""
     wanted = features.HAS_AVX2 if simd is None else bool(simd) and features.HAS_AVX2
     return wanted and (blocksize // 2) % BYTES_PER_STEP == 0
 
@@ -55,7 +58,7 @@ def gemv(x, packed, scales, shifts, codebook, out_features, blocksize, simd=None
 
 
 MAX_PARTS = 3
-"""Most weights one call of the AVX2 drivers multiplies (q, k and v)."""
+"""Most weights one call of the SIMD drivers multiplies (q, k and v)."""
 
 
 def gemv_many(x, parts, codebook, blocksize, simd=None, int8_activations=False):
@@ -70,10 +73,10 @@ def gemv_many(x, parts, codebook, blocksize, simd=None, int8_activations=False):
 class FusedProduct:
     """x @ [W_1; …; W_k].T for fixed codebook weights sharing x and block size, prepared once.
 
-    Up to MAX_PARTS weights run in one parallel call: handing work to the threads costs
-    ~5 µs, and preparing a call's arguments as much again, while a 135 M model's products
-    take 10–60 µs each. So decoding keeps one of these per group of weights with the same
-    input (q, k and v; gate and up) and pays only the kernel call per token.
+    Up to MAX_PARTS weights run in one parallel call: handing work to the threads, and
+    preparing a call's arguments, each cost a sizeable share of a small model's product.
+    So decoding keeps one of these per group of weights with the same input (q, k and v;
+    gate and up) and pays only the kernel call per token.
 
     ``int8_activations`` (where :func:`int8_supports`) rounds x to int8 per group of 32
     and the codebook to int8 and multiplies in integers, as llama.cpp does: faster, not
@@ -88,16 +91,16 @@ class FusedProduct:
         self.out_features = tuple(int(part[2]) for part in parts)
         self._total = sum(self.out_features)
         shape = (in_features // blocksize, blocksize // 2)                # blocks a row, bytes a block
-        avx2 = simd_applies(blocksize, simd)
-        if avx2 and len(parts) <= MAX_PARTS and _same_array_types(parts):
-            self._calls = [_avx2_call(parts, codebook, blocksize, shape, int8_activations, None)]
+        use_simd = simd_applies(blocksize, simd)
+        if use_simd and len(parts) <= MAX_PARTS and _same_array_types(parts):
+            self._calls = [_simd_call(parts, codebook, blocksize, shape, int8_activations, None)]
             return
         self._calls, first = [], 0                                       # one call per weight
         for part in parts:
             columns = slice(first, first + part[2])
             first += part[2]
-            if avx2:
-                self._calls.append(_avx2_call([part], codebook, blocksize, shape, int8_activations, columns))
+            if use_simd:
+                self._calls.append(_simd_call([part], codebook, blocksize, shape, int8_activations, columns))
             elif int8_activations:
                 self._calls.append((_gemv_int8_portable, part[:2] + shape + (int8_table(codebook)[:16],),
                                     columns))
@@ -118,22 +121,22 @@ def _scratch(kernel, x):
     """The buffers a kernel fills from x before multiplying: the drivers hand raw addresses
     to the intrinsics, so these must be owned here (Numba frees its own arrays after their
     last use by name, which is before the loop that reads them through an address)."""
-    if kernel is _gemv_avx2:
+    if kernel is _gemv_simd:
         return (np.empty_like(x),)                                    # x in lane order
     if kernel is _gemv_portable:
         return ()
     return np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // INT8_GROUP), np.float32)
 
 
-def _avx2_call(parts, codebook, blocksize, shape, int8_activations, columns):
-    """(kernel, its arguments after x, y's columns) of one AVX2 call for up to MAX_PARTS weights."""
+def _simd_call(parts, codebook, blocksize, shape, int8_activations, columns):
+    """(kernel, its arguments after x, y's columns) of one SIMD call for up to MAX_PARTS weights."""
     unused = (parts[0][0], parts[0][1], 0)                 # pads the tuples: same types, no rows
     packed, scales, out_features = zip(*(list(parts) + [unused] * (MAX_PARTS - len(parts))))
     if int8_activations:
         return _gemv_int8_avx2, (packed, scales, out_features) + shape + (int8_table(codebook),), columns
-    table = decode_table(codebook)
-    order = lane_order(shape[0] * blocksize, table)
-    return _gemv_avx2, (packed, scales, out_features, order) + shape + (table,), columns
+    lookup = decode_table(codebook)
+    order = lane_order(shape[0] * blocksize, lookup)
+    return _gemv_simd, (packed, scales, out_features, order) + shape + (lookup,), columns
 
 
 def _same_array_types(parts):
@@ -142,7 +145,7 @@ def _same_array_types(parts):
 
 
 @njit(parallel=True, cache=True)
-def _gemv_avx2(x, x_ordered, packed, scales, out_features, order, blocks_per_row, block_bytes, planes, y):
+def _gemv_simd(x, x_ordered, packed, scales, out_features, order, blocks_per_row, block_bytes, lookup, y):
     rows = x.shape[0]
     for r in range(rows):                                               # x_ordered: (rows, in), lane order
         for i in range(order.size):
@@ -155,13 +158,13 @@ def _gemv_avx2(x, x_ordered, packed, scales, out_features, order, blocks_per_row
         row_packed = packed_at[part] + row * row_bytes
         row_scales = scales_at[part] + 4 * row * blocks_per_row
         r = 0
-        while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one decode
-            avx2_dot_rows4(row_packed, x_at + 4 * r * x_stride, x_stride, row_scales, blocks_per_row,
-                           block_bytes, planes, y_at + 4 * (r * y_stride + column), y_stride)
-            r += AVX2_DOT_ROWS
+        while r + ROWS_PER_DECODE <= rows:                 # 4 rows of x share one decode
+            dot_rows4(row_packed, x_at + 4 * r * x_stride, x_stride, row_scales, blocks_per_row,
+                      block_bytes, lookup, y_at + 4 * (r * y_stride + column), y_stride)
+            r += ROWS_PER_DECODE
         for last in range(r, rows):
-            avx2_dot_rows1(row_packed, x_at + 4 * last * x_stride, x_stride, row_scales, blocks_per_row,
-                           block_bytes, planes, y_at + 4 * (last * y_stride + column), y_stride)
+            dot_rows1(row_packed, x_at + 4 * last * x_stride, x_stride, row_scales, blocks_per_row,
+                      block_bytes, lookup, y_at + 4 * (last * y_stride + column), y_stride)
 
 
 @njit(cache=True)
@@ -195,7 +198,8 @@ def _gemv_portable(x, packed, scales, blocks_per_row, block_bytes, codebook, y):
 
 @njit(cache=True)
 def _dot_row(row_bytes, x, row_scales, block_bytes, codebook):
-    """Σ_block scale · Σ codebook[code]·x over one row (the portable twin of avx2_dot_row)."""
+    """Σ_block scale · Σ codebook[code]·x over one row (the portable twin of
+    :func:`~qlora_np.kernels.x86.dot.dot_rows1`)."""
     total = np.float32(0)
     for block in range(row_scales.size):
         codes = row_bytes[block * block_bytes:(block + 1) * block_bytes]
@@ -270,11 +274,11 @@ def _gemv_int8_avx2(x, xq, x_scales, packed, scales, out_features, blocks_per_ro
         row_packed = packed_at[part] + row * row_bytes
         row_scales = scales_at[part] + 4 * row * blocks_per_row
         r = 0
-        while r + AVX2_DOT_ROWS <= rows:                   # 4 rows of x share one lookup
+        while r + ROWS_PER_DECODE <= rows:                 # 4 rows of x share one lookup
             avx2_dot_rows4_int8(row_packed, xq_at + r * in_features, in_features, xs_at + 4 * r * groups,
                                 groups, row_scales, blocks_per_row, block_bytes, table.ctypes.data,
                                 y_at + 4 * (r * y_stride + column), y_stride)
-            r += AVX2_DOT_ROWS
+            r += ROWS_PER_DECODE
         for last in range(r, rows):
             avx2_dot_rows1_int8(row_packed, xq_at + last * in_features, in_features,
                                 xs_at + 4 * last * groups, groups, row_scales, blocks_per_row, block_bytes,
@@ -328,15 +332,15 @@ def gemv_t(g, packed, scales, shifts, codebook, in_features, blocksize, simd=Non
     if not simd_applies(blocksize, simd):
         _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, blocksize // 2, codebook, partial)
         return partial.sum(axis=0)
-    table = decode_table(codebook)
-    _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, blocksize // 2, table, partial)
+    lookup = decode_table(codebook)
+    _gemv_t_simd(packed, g, scales, shifts, blocks_per_row, blocksize // 2, lookup, partial)
     result = np.empty((rows, in_features), np.float32)                 # (rows, in)
-    result[:, lane_order(in_features, table)] = partial.sum(axis=0)     # undo the lane order
+    result[:, lane_order(in_features, lookup)] = partial.sum(axis=0)    # undo the lane order
     return result
 
 
 @njit(parallel=True, cache=True)
-def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes, partial):
+def _gemv_t_simd(packed, g, scales, shifts, blocks_per_row, block_bytes, lookup, partial):
     threads, rows, in_features = partial.shape
     out_features = g.shape[1]
     row_bytes = blocks_per_row * block_bytes
@@ -350,20 +354,20 @@ def _gemv_t_avx2(packed, g, scales, shifts, blocks_per_row, block_bytes, planes,
             scales_at = scales.ctypes.data + 4 * row * blocks_per_row
             shifts_at = shifts.ctypes.data + 4 * row * blocks_per_row
             if rows == 1 and o + AXPY_W_ROWS <= stop:       # 8 W rows share each load and store of the result
-                avx2_axpy_wrows(packed_at, row_bytes, out_at, in_features, g_at, out_features, scales_at,
-                                 shifts_at, blocks_per_row, block_bytes, planes)
+                axpy_wrows(packed_at, row_bytes, out_at, in_features, g_at, out_features, scales_at,
+                           shifts_at, blocks_per_row, block_bytes, lookup)
                 o += AXPY_W_ROWS
                 continue
             r = 0
-            while r + AVX2_DOT_ROWS <= rows:                 # 4 rows of g share one decode
-                avx2_axpy_rows4(packed_at, row_bytes, out_at + 4 * r * in_features, in_features,
-                                g_at + 4 * r * out_features, out_features, scales_at, shifts_at,
-                                blocks_per_row, block_bytes, planes)
-                r += AVX2_DOT_ROWS
+            while r + ROWS_PER_DECODE <= rows:               # 4 rows of g share one decode
+                axpy_rows4(packed_at, row_bytes, out_at + 4 * r * in_features, in_features,
+                           g_at + 4 * r * out_features, out_features, scales_at, shifts_at,
+                           blocks_per_row, block_bytes, lookup)
+                r += ROWS_PER_DECODE
             for last in range(r, rows):
-                avx2_axpy_rows1(packed_at, row_bytes, out_at + 4 * last * in_features, in_features,
-                                g_at + 4 * last * out_features, out_features, scales_at, shifts_at,
-                                blocks_per_row, block_bytes, planes)
+                axpy_rows1(packed_at, row_bytes, out_at + 4 * last * in_features, in_features,
+                           g_at + 4 * last * out_features, out_features, scales_at, shifts_at,
+                           blocks_per_row, block_bytes, lookup)
             o += 1
 
 
@@ -386,7 +390,8 @@ def _gemv_t_portable(packed, g, scales, shifts, blocks_per_row, block_bytes, cod
 
 @njit(cache=True)
 def _axpy_block(codes, coef, shift, codebook, out):
-    """out[i] += coef · (codebook[code_i] − shift) over one block (portable twin of avx2_axpy_row)."""
+    """out[i] += coef · (codebook[code_i] − shift) over one block (portable twin of
+    :func:`~qlora_np.kernels.x86.dot.axpy_rows1`)."""
     for j in range(codes.size):
         byte = codes[j]
         out[2 * j] += coef * (codebook[byte >> 4] - shift)
@@ -394,7 +399,7 @@ def _axpy_block(codes, coef, shift, codebook, out):
 
 
 # ---------------------------------------------------------------------------
-# Panels (AVX2): batches of rows decode each strip of W once into a cache-sized buffer
+# Panels (need AVX2): batches of rows decode each strip of W once into a cache-sized buffer
 # ---------------------------------------------------------------------------
 
 PANEL_ROWS = 8
@@ -405,8 +410,8 @@ PANEL_DEPTH = 512
 """Elements of each W row in one x @ W.T panel (a multiple of 32)."""
 
 PANEL_T_WIDTH = 64
-"""Columns of g @ W one thread owns at a time (a multiple of 32; 128 measured 1.3–1.7× slower
-at 32 rows, its decode writing 8 strips 16 KiB apart)."""
+"""Columns of g @ W one thread owns at a time (a multiple of 32; not 128: its decode would
+write 8 strips 16 KiB apart)."""
 
 PANEL_T_ROWS = 256
 """W rows in one g @ W panel: each of its strips of 16 columns (16 KiB) stays in L1 while every
@@ -418,29 +423,29 @@ all fall into the same L1 cache set."""
 
 
 def gemm(x, packed, scales, shifts, codebook, out_features, blocksize):
-    """(rows, in) float32 x → (rows, out) float32 x @ W.T, decoding W a panel at a time (AVX2).
+    """(rows, in) float32 x → (rows, out) float32 x @ W.T, decoding W a panel at a time (needs AVX2).
 
     For batches too large to share register decodes (:func:`gemv`) but small enough that
     decode + BLAS per tile does not pay: every panel of W (PANEL_ROWS rows × PANEL_DEPTH)
     is decoded once, scaled, and multiplied with all rows of x in 3 × 4 register tiles
-    (:func:`qlora_np.kernels.x86.simd.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
+    (:func:`qlora_np.kernels.x86.panels.avx2_panel_dot3x4`). Needs :func:`simd_applies`.
     """
     y = np.zeros((x.shape[0], out_features), np.float32)
     panel_arguments = _panel_arguments(packed, scales, shifts, codebook, x.shape[1], blocksize)
-    _gemm_avx2(np.ascontiguousarray(x), *panel_arguments, y)
+    _gemm_simd(np.ascontiguousarray(x), *panel_arguments, y)
     return y
 
 
 def _panel_arguments(packed, scales, shifts, codebook, in_features, blocksize):
     """The weight's arguments of both panel drivers, after their x or g."""
     shifts = zero_shifts(scales.size) if shifts is None else shifts
-    table = decode_table(codebook)
-    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, table,
-            lane_order(in_features, table), numba.get_num_threads())
+    lookup = decode_table(codebook)
+    return (packed, scales, shifts, in_features // blocksize, blocksize // 2, lookup,
+            lane_order(in_features, lookup), numba.get_num_threads())
 
 
 @njit(parallel=True, cache=True)
-def _gemm_avx2(x, packed, scales, shifts, blocks_per_row, block_bytes, planes, order, threads, y):
+def _gemm_simd(x, packed, scales, shifts, blocks_per_row, block_bytes, lookup, order, threads, y):
     rows, in_features = x.shape
     out_features = y.shape[1]
     x_stride = in_features + PANEL_PAD
@@ -456,22 +461,22 @@ def _gemm_avx2(x, packed, scales, shifts, blocks_per_row, block_bytes, planes, o
             panel_rows = min(PANEL_ROWS, out_features - first_row)
             for first in range(0, in_features, PANEL_DEPTH):
                 depth = min(PANEL_DEPTH, in_features - first)
-                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes,
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, lookup,
                               first_row, panel_rows, first, depth, panel, depth + PANEL_PAD, STRIP)
                 _panel_dots(x_ordered[first:], x_stride, panel, depth + PANEL_PAD, panel_rows, depth,
                             y[:, first_row:])
 
 
 @njit(cache=True)
-def _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes, first_row, panel_rows,
+def _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, lookup, first_row, panel_rows,
                   first, depth, panel, row_stride, strip_stride):
     """W[first_row:first_row + panel_rows, first:first + depth], scaled, into panel (lane order)."""
     row_bytes = blocks_per_row * block_bytes
     first_block = first_row * blocks_per_row
-    avx2_decode_panel(packed.ctypes.data + first_row * row_bytes, row_bytes,
-                      scales.ctypes.data + 4 * first_block, shifts.ctypes.data + 4 * first_block,
-                      blocks_per_row, panel_rows, first // 32, depth // 32, block_bytes // BYTES_PER_STEP,
-                      planes, panel.ctypes.data, row_stride, strip_stride)
+    decode_panel(packed.ctypes.data + first_row * row_bytes, row_bytes,
+                 scales.ctypes.data + 4 * first_block, shifts.ctypes.data + 4 * first_block,
+                 blocks_per_row, panel_rows, first // 32, depth // 32, block_bytes // BYTES_PER_STEP,
+                 lookup, panel.ctypes.data, row_stride, strip_stride)
 
 
 @njit(cache=True)
@@ -502,15 +507,15 @@ def _panel_dots(x, x_stride, panel, panel_stride, panel_rows, depth, y):
 
 
 def gemm_t(g, packed, scales, shifts, codebook, in_features, blocksize):
-    """(rows, out) float32 g → (rows, in) float32 g @ W, decoding W a panel at a time (AVX2).
+    """(rows, out) float32 g → (rows, in) float32 g @ W, decoding W a panel at a time (needs AVX2).
 
     Each thread owns PANEL_T_WIDTH columns of the result at a time; for every PANEL_T_ROWS
     rows of W it decodes that strip once and adds g's columns times it into all rows
-    (6 × 16 register tiles, :func:`qlora_np.kernels.x86.simd.avx2_panel_axpy6`), reading g from a copy packed in
+    (6 × 16 register tiles, :func:`qlora_np.kernels.x86.panels.avx2_panel_axpy6`), reading g from a copy packed in
     the order the tiles use. Needs :func:`simd_applies`.
     """
     result = np.empty((g.shape[0], in_features), np.float32)
-    _gemm_t_avx2(np.ascontiguousarray(g), *_panel_arguments(packed, scales, shifts, codebook, in_features,
+    _gemm_t_simd(np.ascontiguousarray(g), *_panel_arguments(packed, scales, shifts, codebook, in_features,
                                                              blocksize), result)
     return result
 
@@ -527,7 +532,7 @@ def _tile_rows(rows_left):
 
 
 @njit(parallel=True, cache=True)
-def _gemm_t_avx2(g, packed, scales, shifts, blocks_per_row, block_bytes, planes, order, threads, result):
+def _gemm_t_simd(g, packed, scales, shifts, blocks_per_row, block_bytes, lookup, order, threads, result):
     rows, out_features = g.shape
     in_features = result.shape[1]
     g_packed = np.empty(rows * out_features, np.float32)    # each tile's rows interleaved: (out, tile)
@@ -548,7 +553,7 @@ def _gemm_t_avx2(g, packed, scales, shifts, blocks_per_row, block_bytes, planes,
             sums[:] = 0
             for first_row in range(0, out_features, PANEL_T_ROWS):
                 panel_rows = min(PANEL_T_ROWS, out_features - first_row)
-                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, planes,
+                _decode_panel(packed, scales, shifts, blocks_per_row, block_bytes, lookup,
                               first_row, panel_rows, first_column, width, panel, STRIP, STRIP * panel_rows)
                 for strip in range(width // STRIP):
                     _strip_axpys(g_packed, out_features, first_row, panel[strip * STRIP * panel_rows:],

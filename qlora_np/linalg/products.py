@@ -16,7 +16,7 @@ from qlora_np.kernels import bf16, products
 from qlora_np.kernels.blockwise import zero_shifts
 from qlora_np.kernels.cuda.device import is_device_array
 from qlora_np.kernels.x86.amx import empty_aligned
-from qlora_np.kernels.x86.simd import decode_table
+from qlora_np.kernels.x86.builder import decode_table
 from qlora_np.linalg.plan import compute_dtype_name, int8_applies, plan_product
 from qlora_np.quant.backends import get_backend, scales
 from qlora_np.quant.tensor import QuantizedTensor
