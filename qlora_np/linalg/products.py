@@ -39,14 +39,15 @@ def matmul(x, qt, backend="numba", int8_activations=False, compute_dtype="float3
 
     ``int8_activations=True`` lets the fused CPU kernel round x to int8 per group of 32
     and the codebook to int8 and multiply in integers, as llama.cpp does when decoding:
-    ~2–2.4× faster than the exact fused kernel on large weights, with a relative error of
-    ~1e-2 (see
+    faster than the exact fused kernel (a register holds four times as many int8 values as
+    float32 ones), with a relative error of ~1e-2 (see
     :func:`qlora_np.linalg.reference.gemv_int8`). Other paths, and int4_asym, stay exact.
 
     ``compute_dtype="bfloat16"`` lets the products that use decoded tiles (more than
     PANEL_MAX_ROWS rows: training batches) round x and W to bfloat16 and sum in float32,
-    as bitsandbytes does with that compute dtype: ~1.7× faster where the CPU has AVX-512
-    BF16 (:mod:`qlora_np.kernels.bf16`), with the relative error of bfloat16 (~4e-3 a factor).
+    as bitsandbytes does with that compute dtype: faster where the CPU has AVX-512 BF16 or
+    AMX, which multiply bfloat16 pairs at twice the float32 rate (:mod:`qlora_np.kernels.bf16`),
+    with the relative error of bfloat16 (~4e-3 a factor).
     Fewer rows stay exact: their fused and panel kernels are faster still, and so do the
     GPU kernels.
     """
@@ -183,7 +184,8 @@ def matmul_t_low_rank(grad, qt, a, e, scale=1.0, compute_dtype="float32"):
 def add_low_rank_product(y, alpha, a, b):
     """y += alpha · (a @ b) in place for a thin a (m, r) and b (r, n), y (m, n) C-contiguous:
     one BLAS gemm with beta = 1 (on y.T, which is Fortran-ordered), where NumPy would make
-    an (m, n) temporary, add it in a second pass, and run its own thin product 3–7× slower."""
+    an (m, n) temporary, add it in a second pass, and run its own thin product, which is not
+    tuned for so small an r."""
     gemm = get_blas_funcs("gemm", (y,))
     result = gemm(alpha, b, a.T, beta=1.0, c=y.T, overwrite_c=True, trans_a=True)      # (n, m)
     if not np.shares_memory(result, y):                  # gemm had to copy (it does not for these)
