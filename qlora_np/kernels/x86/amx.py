@@ -136,8 +136,8 @@ def _block(typingctx, a_at, a_stride, panel_at, steps, c_at, c_stride, accumulat
 
 def empty_aligned(shape, dtype):
     """``np.empty(shape, dtype)`` starting on a cache line. NumPy and Numba start arrays on
-    16 or 32 bytes, so every 64-byte tile row would straddle two lines: on the training
-    shapes the tiles then ran 650–770 GFLOP/s a core, against 1,650–1,830 aligned.
+    16 or 32 bytes, so every 64-byte tile row would straddle two lines and each tile load
+    would touch twice the lines (benchmarks/README.md has the cost).
     (Callable from Python and, through its overload, from Numba kernels.)"""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     dtype = np.dtype(dtype)
