@@ -6,17 +6,25 @@ tests/data/architectures by make_architecture_vectors.py, and live where torch i
 
 import json
 import pathlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from qlora_np.errors import CheckpointError, UnsupportedModelError
-from qlora_np.models.llama.model import LlamaModel
+from qlora_np.models.llama.config import llama3_frequency_factors
+from qlora_np.models.llama.model import KVCache, LlamaModel
 
 from .test_llama import TINY, _write_hf, tiny_weights
 
 RECORDED = pathlib.Path(__file__).parent / "data" / "architectures" / "accepted_logits.npz"
-IDS = [5, 1, 33, 7, 20, 9, 2, 38, 11, 0, 17, 25]
+IDS = [5, 1, 33, 7, 20, 9, 2, 38, 11, 0, 17, 25, 3, 30, 14, 8]
+LONG_IDS = np.random.default_rng(7).integers(0, TINY.vocab_size, 1100).tolist()
+"""Long enough for rope scaling to show: Llama 3's rope scaling divides the low frequencies."""
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+"""Llama 3.x's RoPE scaling, its original context cut to 64 so that with the tiny model's head
+size of 8 the four frequencies fall in all three of its bands (kept, smoothed, divided)."""
 HEAD_DIM = TINY.hidden_size // TINY.num_heads
 
 ACCEPTED = {
@@ -29,8 +37,9 @@ ACCEPTED = {
     "granite_with_llama_multipliers": {"model_type": "granite", "architectures": ["GraniteForCausalLM"],
                                        "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
                                        "logits_scaling": 1.0, "attention_multiplier": HEAD_DIM ** -0.5},
+    "llama3_rope_scaling": {"model_type": "llama", "rope_scaling": LLAMA3, "max_position_embeddings": 2048},
 }
-"""Config edits of the tiny Llama that keep its computation: name → keys to set."""
+"""Config edits of the tiny Llama that this forward computes: name → keys to set."""
 
 REFUSED = [
     ("qwen2", {"model_type": "qwen2"}, "model_type 'qwen2'"),
@@ -42,10 +51,8 @@ REFUSED = [
     ("olmo2", {"model_type": "olmo2"}, "model_type 'olmo2'"),
     ("mixtral", {"model_type": "mixtral"}, "model_type 'mixtral'"),
     ("unknown class", {"architectures": ["QWenLMHeadModel"]}, "model_type 'QWenLMHeadModel'"),
-    ("llama3 rope scaling", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0,
-                                              "original_max_position_embeddings": 8192}},
-     "rope_scaling type 'llama3'"),
+    ("llama3 rope scaling on another model", {"model_type": "mistral", "sliding_window": None,
+                                              "rope_scaling": LLAMA3}, "rope_scaling type 'llama3'"),
     ("old-style linear scaling", {"rope_scaling": {"type": "linear", "factor": 2.0}},
      "rope_scaling type 'linear'"),
     ("yarn in rope_parameters", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
@@ -141,29 +148,68 @@ def test_old_checkpoints_rotary_buffers_are_not_weights(tmp_path):
                                   LlamaModel.from_hf(plain, quant_type=None).forward(ids))
 
 
-def _transformers_logits_or_skip(folder):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+def transformers_logits(folder, ids):
+    """transformers' float32 logits (T, vocab) for ``ids`` on the Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
-        return model(torch.tensor(IDS)[None]).logits[0].numpy()
+        return model(torch.tensor(ids)[None]).logits[0].numpy()
 
 
-@pytest.mark.parametrize("name", list(ACCEPTED))
-def test_accepted_configs_give_transformers_logits(tmp_path, name):
+def _cases():
+    """(case, ids) of every recorded comparison: each accepted config on 16 positions, and the
+    rope-scaled one on 1,100 as well."""
+    return [(name, IDS) for name in ACCEPTED] + [("llama3_rope_scaling_long", LONG_IDS)]
+
+
+def _our_logits(folder, ids):
+    """Our float32 logits for ``ids``: one forward for 16 positions; for the long input a prefill
+    of 1,000 positions and then a token at a time through the KV cache, as decoding runs."""
+    model = LlamaModel.from_hf(folder, quant_type=None)
+    if len(ids) <= len(IDS):
+        return model.forward(np.array(ids))
+    cache = KVCache(model.config, len(ids))
+    rows = [model.forward(np.array(ids[:1000]), cache=cache)]
+    rows += [model.forward(np.array(ids[t:t + 1]), cache=cache) for t in range(1000, len(ids))]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("case, ids", _cases(), ids=[case for case, _ in _cases()])
+def test_accepted_configs_give_transformers_logits(tmp_path, case, ids):
+    name = case.removesuffix("_long")
     write_case(tmp_path / name, name)
-    ours = LlamaModel.from_hf(tmp_path / name, quant_type=None).forward(np.array(IDS))
-    recorded = np.load(RECORDED)[name]
-    np.testing.assert_allclose(ours, recorded, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_our_logits(tmp_path / name, ids), np.load(RECORDED)[case], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", list(ACCEPTED))
-def test_accepted_configs_give_transformers_logits_live(tmp_path, name):
+@pytest.mark.parametrize("case, ids", _cases(), ids=[case for case, _ in _cases()])
+def test_accepted_configs_give_transformers_logits_live(tmp_path, case, ids):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    name = case.removesuffix("_long")
     write_case(tmp_path / name, name)
-    expected = _transformers_logits_or_skip(tmp_path / name)
-    ours = LlamaModel.from_hf(tmp_path / name, quant_type=None).forward(np.array(IDS))
-    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    expected = transformers_logits(tmp_path / name, ids)
+    np.testing.assert_allclose(_our_logits(tmp_path / name, ids), expected, atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_scaling_changes_the_long_logits(tmp_path):
+    """The recorded long logits tell scaled RoPE from plain RoPE (so the test above can fail)."""
+    write_case(tmp_path / "scaled", "llama3_rope_scaling")
+    plain = LlamaModel.from_hf(tmp_path / "scaled", quant_type=None)
+    plain.config = replace(plain.config, rope_freq_factors=(), rope_scaling=())
+    logits = plain.forward(np.array(LONG_IDS))
+    assert np.abs(logits - np.load(RECORDED)["llama3_rope_scaling_long"]).max() > 1e-2
+
+
+def test_llama3_rope_scaling_needs_its_parameters(tmp_path):
+    folder = _tiny_folder(tmp_path / "model", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(CheckpointError, match="needs numbers"):
+        LlamaModel.from_hf(folder, quant_type=None)
+    folder = _tiny_folder(tmp_path / "inverted", {"rope_scaling": {**LLAMA3, "low_freq_factor": 5.0}})
+    with pytest.raises(CheckpointError, match="low_freq_factor < high_freq_factor"):
+        LlamaModel.from_hf(folder, quant_type=None)
 
 
 def _gguf(path, architecture="llama", weights=None, **metadata):
@@ -220,7 +266,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path, architecture):
         LlamaModel.from_gguf(path, quant_type=None)
 
 
-@pytest.mark.parametrize("tensor, shape", [("rope_freqs.weight", (HEAD_DIM // 2,)),       # Llama 3.1's rope factors
+@pytest.mark.parametrize("tensor, shape", [("blk.0.ffn_gate_exps.weight", (4, 48, 32)),     # Mixtral's experts
                                            ("blk.0.attn_q.bias", (TINY.hidden_size,)),
                                            ("blk.1.attn_k_norm.weight", (HEAD_DIM,))])
 def test_gguf_tensors_the_model_would_not_read_are_refused(tmp_path, tensor, shape):
@@ -237,3 +283,68 @@ def test_gguf_tensors_that_disagree_with_the_metadata_are_a_checkpoint_error(tmp
     del weights["blk.1.ffn_up.weight"]
     with pytest.raises(CheckpointError, match=r"no tensor 'blk\.1\.ffn_up\.weight'"):
         LlamaModel.from_gguf(_gguf(tmp_path / "missing.gguf", weights=weights), quant_type=None)
+
+
+def _llama3_factors():
+    scaling = [LLAMA3[key] for key in ("factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings")]
+    return np.array(llama3_frequency_factors(HEAD_DIM, TINY.rope_theta, *scaling), np.float32)
+
+
+def test_a_gguf_with_rope_freqs_computes_llama3_rope_scaling(tmp_path):
+    """llama.cpp's Llama 3.x GGUFs carry the scaling as rope_freqs.weight, the divisor of each
+    frequency: loaded so, the model gives the logits of the Hugging Face config it came from."""
+    factors = _llama3_factors()
+    assert sorted(set(np.round(factors, 4).tolist())) != [1.0] and factors.max() == 8.0    # all three bands
+    weights = {**tiny_weights(tied=False), "rope_freqs.weight": factors}
+    path = _gguf(tmp_path / "llama3.gguf", weights=weights, **{"llama.context_length": 2048})
+    from_gguf = LlamaModel.from_gguf(path, quant_type=None)
+    write_case(tmp_path / "hf", "llama3_rope_scaling")
+    from_hf = LlamaModel.from_hf(tmp_path / "hf", quant_type=None)
+    ids = np.array(LONG_IDS[:300])
+    np.testing.assert_allclose(from_gguf.forward(ids), from_hf.forward(ids), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("factors, match", [(np.ones(HEAD_DIM, np.float32), "shape"),
+                                            (np.array([1, 2, -1, 8], np.float32), "positive"),
+                                            (np.array([1, 2, np.nan, 8], np.float32), "positive")])
+def test_malformed_rope_freqs_are_a_checkpoint_error(tmp_path, factors, match):
+    path = _gguf(tmp_path / "m.gguf", weights={**tiny_weights(), "rope_freqs.weight": factors})
+    with pytest.raises(CheckpointError, match=match):
+        LlamaModel.from_gguf(path, quant_type=None)
+
+
+def test_llama3_rope_scaling_survives_the_writers(tmp_path):
+    from qlora_np.io.bnb import save_bnb_model, save_merged_hf
+    from qlora_np.io.gguf_export import save_merged_gguf
+
+    write_case(tmp_path / "hf", "llama3_rope_scaling")
+    model = LlamaModel.from_hf(tmp_path / "hf", quant_type=None)
+    ids = np.array(LONG_IDS[:200])
+    expected = model.forward(ids)
+    config = save_merged_hf(model, tmp_path / "merged", "F32")
+    assert config["rope_scaling"] == LLAMA3
+    np.testing.assert_array_equal(LlamaModel.from_hf(tmp_path / "merged", quant_type=None).forward(ids), expected)
+    base = _gguf(tmp_path / "base.gguf", weights={**tiny_weights(tied=False), "rope_freqs.weight": _llama3_factors()})
+    save_merged_gguf(model, base, tmp_path / "merged.gguf", "F32")
+    np.testing.assert_allclose(LlamaModel.from_gguf(tmp_path / "merged.gguf", quant_type=None).forward(ids),
+                               expected, atol=2e-5, rtol=0)
+    from_gguf = LlamaModel.from_gguf(base, quant_type="nf4")      # factors without their parameters
+    with pytest.raises(UnsupportedModelError, match="frequency factors"):
+        save_bnb_model(from_gguf, tmp_path / "ckpt")
+
+
+def test_training_sees_the_same_rope_scaling_as_inference(tmp_path):
+    from qlora_np.models.llama.lora import inject_lora, loss_and_backward
+
+    write_case(tmp_path / "hf", "llama3_rope_scaling")
+    model = LlamaModel.from_hf(tmp_path / "hf", quant_type=None)
+    inject_lora(model, "all-linear", r=4, alpha=8)
+    ids = np.array(LONG_IDS[:600])
+    labels = np.roll(ids, -1)
+    logits = model.forward(ids).astype(np.float64)                                # (T, vocab)
+    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    expected = -log_probs[np.arange(ids.size), labels].mean()
+    model.train()
+    assert abs(loss_and_backward(model, ids[None], labels[None]) - expected) < 1e-4

@@ -23,7 +23,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from qlora_np.errors import UnknownFormatError
+from qlora_np.errors import UnknownFormatError, UnsupportedModelError
 from qlora_np.io.merge import merged_weights
 from qlora_np.io.safetensors import CHECKPOINT_FILE, atomic_write, save_safetensors
 from qlora_np.models.llama.hf import bnb_model_parts, reordered_rows
@@ -100,7 +100,9 @@ def _write_hf_folder(folder, tensors, hf_config, tokenizer):
 
 def hf_llama_config(config, tied_output, dtype="float32", quantization=None):
     """The config.json of a Hugging Face Llama checkpoint of this shape, ``quantization``
-    (:func:`bnb_quantization_config`) as its quantization_config when given."""
+    (:func:`bnb_quantization_config`) as its quantization_config when given. Llama 3.x's RoPE
+    scaling goes in as ``rope_scaling``; frequency factors without its parameters (from a
+    GGUF) raise UnsupportedModelError."""
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
                  "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
                  "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
@@ -110,6 +112,12 @@ def hf_llama_config(config, tied_output, dtype="float32", quantization=None):
                  "rope_theta": config.rope_theta,
                  "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
                  "tie_word_embeddings": tied_output, "attention_bias": False, "mlp_bias": False}
+    if config.rope_scaling:                               # Llama 3.x, as transformers 4 and 5 read it
+        hf_config["rope_scaling"] = {"rope_type": "llama3", **dict(config.rope_scaling)}
+        hf_config["rope_parameters"].update(hf_config["rope_scaling"])
+    elif config.rope_freq_factors:
+        raise UnsupportedModelError("a Hugging Face config.json cannot hold RoPE frequency factors without "
+                                    "the llama3 scaling parameters they came from (a GGUF's rope_freqs.weight)")
     if quantization is not None:
         hf_config["quantization_config"] = quantization
     return hf_config

@@ -179,6 +179,9 @@ def save_merged_gguf(model, source, path, tensor_type="F32"):
     for name, shape, make_exact in merged_weights(model):
         target = gguf.GGMLQuantizationType[_stored_type(name, shape, tensor_type)]
         tensors.append((name, shape, target, stored(name, make_exact, target)))
+    if model.config.rope_freq_factors:                        # Llama 3.x's RoPE scaling, as llama.cpp reads it
+        factors = np.asarray(model.config.rope_freq_factors, np.float32)                    # (hd/2,)
+        tensors.append(("rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, lambda: factors))
     write_gguf(path, "llama", metadata, tensors)
     return report
 

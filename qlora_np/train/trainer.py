@@ -282,7 +282,9 @@ class Trainer:
 
     def _model_fingerprint(self):
         model = self.model
-        return {"config": dataclasses.asdict(model.config),
+        config = {key: value for key, value in dataclasses.asdict(model.config).items()
+                  if value != ()}                    # as checkpoints from before the RoPE fields
+        return {"config": json.loads(json.dumps(config)),          # tuples as the JSON file holds them
                 "base": sorted({f"{type(layer.base).__name__}:{getattr(layer.base, 'quant_type', 'float')}"
                                 for layer in model.linear_layers()}),
                 "parameters": {name: list(p.value.shape) for name, p in self.params.items()}}

@@ -1,13 +1,19 @@
 """The shape of a Llama-architecture model (:class:`LlamaConfig`) and one block's weights."""
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+
+import numpy as np
 
 from qlora_np.errors import CheckpointError
 from qlora_np.io.gguf import field_value
 from qlora_np.io.safetensors import read_json
-from qlora_np.models.llama.support import check_gguf_metadata, check_hf_config
+from qlora_np.models.llama.support import check_gguf_metadata, check_hf_config, rope_type
+
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""The parameters of Llama 3.x's RoPE scaling (``rope_type`` "llama3")."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     context_length: int = 2048
+    rope_freq_factors: tuple = ()
+    """What each RoPE frequency theta^(-2i/head_dim) is divided by, (head_dim/2,) floats, as
+    llama.cpp's ``rope_freqs.weight`` holds them; () for plain RoPE."""
+    rope_scaling: tuple = ()
+    """Llama 3.x's RoPE scaling parameters as (name, value) pairs in :data:`LLAMA3_KEYS` order
+    (what a Hugging Face config.json gets written with); () when there are none."""
 
     @property
     def head_dim(self):
@@ -70,7 +82,49 @@ class LlamaConfig:
             raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
                                   f"do not split hidden size {config.hidden_size} into even head sizes")
         check_hf_config(hf, path)
+        for scaling in (hf.get("rope_scaling"), rope):                # transformers 4 / 5 name it so
+            if rope_type(scaling) == "llama3":
+                return config.with_llama3_scaling(scaling, path)
         return config
+
+    def with_llama3_scaling(self, rope, path=""):
+        """This config with Llama 3.x's RoPE scaling (``rope``: a dict with :data:`LLAMA3_KEYS`)."""
+        try:
+            scaling = tuple((key, float(rope[key])) for key in LLAMA3_KEYS)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: llama3 rope scaling needs numbers for {', '.join(LLAMA3_KEYS)}: "
+                                  f"{error!r}") from None
+        factor, low, high, original = (value for _, value in scaling)
+        if not (factor > 0 and 0 < low < high and original > 0 and original.is_integer()):
+            raise CheckpointError(f"{path}: llama3 rope scaling needs factor > 0, 0 < low_freq_factor < "
+                                  f"high_freq_factor and a whole original_max_position_embeddings, "
+                                  f"got {dict(scaling)}")
+        scaling = scaling[:3] + (("original_max_position_embeddings", int(original)),)
+        factors = llama3_frequency_factors(self.head_dim, self.rope_theta, factor, low, high, original)
+        return replace(self, rope_scaling=scaling, rope_freq_factors=factors)
+
+
+def llama3_frequency_factors(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_context):
+    """What Llama 3.x's RoPE scaling divides each frequency by, (head_dim/2,) as a tuple.
+
+    1. Frequencies whose wavelength 2π/f is shorter than original_context / high_freq_factor
+       stay as they are (factor 1).
+    2. Those longer than original_context / low_freq_factor are divided by ``factor``.
+    3. In between, 1/f moves smoothly from one to the other: f · ((1 − s)/factor + s) with
+       s = (original_context / wavelength − low_freq_factor) / (high_freq_factor − low_freq_factor).
+    """
+    frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
+    factors = []
+    for frequency in frequencies:
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original_context / high_freq_factor:
+            factors.append(1.0)
+        elif wavelength > original_context / low_freq_factor:
+            factors.append(float(factor))
+        else:
+            smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
 
 
 def _size(value):

@@ -188,7 +188,8 @@ def _forward(model, ids, rope, mask, dtype, checkpoint, attention):
 
 def _rope_rows(cfg, positions, dtype):
     """RoPE's cos and sin for every (batch, position) of the batch: (batch·seq, hd/2) each."""
-    cos, sin = rope_tables(np.asarray(positions).reshape(-1), cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_tables(np.asarray(positions).reshape(-1), cfg.head_dim, cfg.rope_theta,
+                           cfg.rope_freq_factors)
     return cos.astype(dtype), sin.astype(dtype)
 
 

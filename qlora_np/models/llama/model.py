@@ -17,6 +17,7 @@ names in :mod:`qlora_np.models.llama.reference` instead (see :meth:`LlamaModel.s
 """
 
 import os
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -100,8 +101,10 @@ class LlamaModel:
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: missing or malformed llama.* metadata: {error}") from None
         tensors = {t.name: t for t in reader.tensors}
+        config = _with_rope_factors(config, tensors, path)
         tied = "output.weight" not in tensors
-        check_tensors(tensors, gguf_tensor_names(config, tied), path)
+        check_tensors(tensors, gguf_tensor_names(config, tied) + ["rope_freqs.weight"] * bool(config.rope_freq_factors),
+                      path)
         check_shapes({name: tuple(reversed(t.shape.tolist())) for name, t in tensors.items()},
                      gguf_tensor_shapes(config, tied), path)
         tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
@@ -206,7 +209,8 @@ class LlamaModel:
         if cache is not None and start + ids.size > cache.max_len:
             raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
         positions = np.arange(start, start + ids.size)
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)    # 2 × (T, hd/2)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta,
+                           self.config.rope_freq_factors)    # 2 × (T, hd/2)
         eps = self.config.rms_norm_eps
         steps = self._steps()
         x = self.embedding[ids]                                          # (T, hidden)
@@ -292,6 +296,20 @@ class LlamaModel:
             logits = self.forward(np.array([token]), cache, last_only=True)[0]
 
 
+def _with_rope_factors(config, tensors, path):
+    """``config`` with the RoPE frequency factors of the GGUF's ``rope_freqs.weight`` (Llama 3.x
+    GGUFs carry their rope scaling so), when it has one."""
+    tensor = tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return config
+    check_shapes({"rope_freqs.weight": tuple(reversed(tensor.shape.tolist()))},
+                 {"rope_freqs.weight": (config.head_dim // 2,)}, path)
+    factors = decode_tensor(tensor)                                             # (hd/2,)
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise CheckpointError(f"{path}: rope_freqs.weight must hold positive numbers, got {factors}")
+    return replace(config, rope_freq_factors=tuple(float(factor) for factor in factors))
+
+
 class _LazyWeights:
     """name → float32 array, decoded from a GGUF file when first asked for."""
 
@@ -353,9 +371,12 @@ class FusedProjections:
         return product, list(zip([0] + ends[:-1], ends))
 
 
-def rope_tables(positions, head_dim, theta):
-    """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim)."""
+def rope_tables(positions, head_dim, theta, factors=()):
+    """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim) / factors[i] (``factors``: a
+    config's ``rope_freq_factors``, none for plain RoPE)."""
     frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
+    if len(factors):
+        frequencies = frequencies / np.asarray(factors, np.float64)
     angles = positions[:, None].astype(np.float64) * frequencies[None, :]            # (T, hd/2)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -47,8 +47,8 @@ def check_hf_config(hf, path):
         rope = hf.get(key)
         if rope is not None and not isinstance(rope, dict):
             refuse(f"{key} {rope!r}")
-        kind = (rope or {}).get("rope_type", (rope or {}).get("type"))
-        if kind not in _NO_SCALING:
+        kind = rope_type(rope)
+        if kind not in _NO_SCALING and not (kind == "llama3" and model_type == "llama"):
             refuse(f"{key} type {kind!r}")
     for key in ("attention_bias", "mlp_bias", "qkv_bias", "use_qk_norm"):
         if hf.get(key):
@@ -77,6 +77,13 @@ def check_hf_config(hf, path):
         if isinstance(heads, int) and isinstance(hidden, int) and heads \
                 and not math.isclose(scaling, (hidden // heads) ** -0.5, rel_tol=1e-6):
             refuse(f"attention_multiplier {scaling!r} other than 1/√head_dim")
+
+
+def rope_type(rope):
+    """The type of a ``rope_scaling`` / ``rope_parameters`` dict (None for none): transformers
+    names it ``rope_type``, older configs ``type``."""
+    rope = rope or {}
+    return rope.get("rope_type", rope.get("type"))
 
 
 def check_gguf_metadata(value, path):

@@ -1,5 +1,6 @@
-"""Record transformers' float32 logits for the tiny configs that qlora_np accepts besides a plain
-Llama (tests/test_architectures.py checks ours against them, live when torch is there).
+"""Record transformers' float32 logits for the tiny configs that qlora_np accepts (a plain Llama and
+the related ones it computes too; the rope-scaled one on 1,100 positions as well):
+tests/test_architectures.py checks ours against them, and live when torch is there.
 
 Each case is the tiny Llama of tests/test_llama.py (its weights, seed 0, untied head) saved as a
 Hugging Face folder whose config.json is edited as the case says; transformers loads the folder
@@ -17,17 +18,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_architectures import ACCEPTED, IDS, write_case  # noqa: E402
-
-
-def transformers_logits(folder):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        return model(torch.tensor(IDS)[None]).logits[0].numpy()
+from tests.test_architectures import _cases, transformers_logits, write_case  # noqa: E402
 
 
 def main():
@@ -36,10 +27,11 @@ def main():
 
     recorded = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name in ACCEPTED:
-            folder = pathlib.Path(scratch) / name
+        for case, ids in _cases():
+            name = case.removesuffix("_long")
+            folder = pathlib.Path(scratch) / case
             write_case(folder, name)
-            recorded[name] = transformers_logits(folder)
+            recorded[case] = transformers_logits(folder, ids)
     out = pathlib.Path(__file__).with_name("accepted_logits.npz")
     np.savez(out, torch_version=torch.__version__, transformers_version=transformers.__version__,
              **recorded)
