@@ -14,6 +14,7 @@ their references (float64 training runs those):
   (scale, mask, normalise) in place, keeping each row's log-sum-exp, and its gradient
   with the probabilities made again from the scores and that log-sum-exp;
 * :func:`swiglu` / :func:`swiglu_backward` — silu(gate)·up and its gradients;
+  :func:`geglu` / :func:`geglu_backward` the same for Gemma's gelu_tanh(gate)·up;
 * :func:`cross_entropy` — the loss over the vocabulary and its gradient, in place of
   the logits (the largest array of a step);
 * :func:`dropout_keep` — an adapter's dropout mask, hashed from one seed (its reference
@@ -30,10 +31,11 @@ import numpy as np
 from numba import njit, prange
 
 from qlora_np.kernels.portable.exp32 import exp32, float32_with_bits
-from qlora_np.kernels.portable.llama import rms_norm_row, rotate_pairs, swiglu
+from qlora_np.kernels.portable.llama import GELU_A, GELU_C, geglu, rms_norm_row, rotate_pairs, swiglu
 
 __all__ = ["rms_norm_forward", "add_rms_norm_backward", "rope_into_groups", "rope_back_from_groups",
-           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward", "cross_entropy",
+           "masked_softmax", "masked_softmax_backward", "swiglu", "swiglu_backward", "geglu", "geglu_backward",
+           "cross_entropy",
            "dropout_keep", "apply_dropout"]
 
 
@@ -245,7 +247,7 @@ def probs_and_grad_row(probs, grad, allowed, end, lse, scale):
 
 
 # ---------------------------------------------------------------------------
-# SwiGLU backward (the forward, swiglu, is the inference kernel's)
+# SwiGLU and GeGLU backward (the forwards are the inference kernels')
 # ---------------------------------------------------------------------------
 
 def swiglu_backward(grad_hidden, gate, up):
@@ -271,6 +273,33 @@ def _swiglu_backward_row(grad_hidden, gate, up, grad_gate, grad_up):
         sigmoid = one / (one + exp32(-gate[i]))
         grad_gate[i] = grad_hidden[i] * up[i] * sigmoid * (one + gate[i] * (one - sigmoid))
         grad_up[i] = grad_hidden[i] * gate[i] * sigmoid
+
+
+def geglu_backward(grad_hidden, gate, up):
+    """Gradients of hidden = gelu_tanh(gate)·up: (dL/dgate, dL/dup), each shaped like gate."""
+    width = gate.shape[-1]
+    grad_gate, grad_up = np.empty_like(gate), np.empty_like(up)
+    _geglu_backward_rows(grad_hidden.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width),
+                         grad_gate.reshape(-1, width), grad_up.reshape(-1, width))
+    return grad_gate, grad_up
+
+
+@njit(parallel=True, cache=True)
+def _geglu_backward_rows(grad_hidden, gate, up, grad_gate, grad_up):
+    for t in prange(gate.shape[0]):
+        _geglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
+
+
+@njit(cache=True)
+def _geglu_backward_row(grad_hidden, gate, up, grad_gate, grad_up):
+    """With τ = tanh(c·(g + a·g³)): d gelu/dg = (1 + τ)/2 + g/2 · (1 − τ²) · c · (1 + 3a·g²)."""
+    half, one, three = np.float32(0.5), np.float32(1), np.float32(3)
+    for i in range(gate.size):
+        g = gate[i]
+        tanh = np.tanh(GELU_C * (g + GELU_A * g * g * g))
+        slope = half * (one + tanh) + half * g * (one - tanh * tanh) * GELU_C * (one + three * GELU_A * g * g)
+        grad_gate[i] = grad_hidden[i] * up[i] * slope
+        grad_up[i] = grad_hidden[i] * half * g * (one + tanh)
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 from qlora_np.errors import CheckpointError
 from qlora_np.io.gguf import field_value
 from qlora_np.io.safetensors import read_json
+from qlora_np.models.llama.architectures import global_theta, hf_architecture, rope_parameter_sets
 from qlora_np.models.llama.support import check_gguf_metadata, check_hf_config, rope_type
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -35,10 +36,57 @@ class LlamaConfig:
     rope_scaling: tuple = ()
     """Llama 3.x's RoPE scaling parameters as (name, value) pairs in :data:`LLAMA3_KEYS` order
     (what a Hugging Face config.json gets written with); () when there are none."""
+    # What sets the related architectures apart (see qlora_np.models.llama.architectures);
+    # the defaults are a plain Llama's.
+    model_type: str = "llama"
+    """The Hugging Face model_type these switches came from (and are written back as)."""
+    head_size: int = 0
+    """The width of a head when config.json gives it apart; 0: hidden_size / num_heads."""
+    biases: tuple = ()
+    """The linear layers (LINEAR_NAMES) that add a bias."""
+    qk_norm: bool = False
+    """An RMSNorm over each head of q and of k before RoPE (``attn_q_norm`` / ``attn_k_norm``)."""
+    layer_windows: tuple = ()
+    """Each layer's sliding window: a query sees the keys less than that many positions back
+    (itself included); 0, or () for every layer, sees all earlier positions."""
+    layer_thetas: tuple = ()
+    """Each layer's RoPE base, 0.0 for a layer without RoPE; () for rope_theta in every layer."""
+    norm_plus_one: bool = False
+    """The checkpoint's norm weights w scale by (1 + w) (Gemma): the model holds 1 + w."""
+    embedding_scale: float = 1.0
+    """What the token embeddings are multiplied by on the way in."""
+    activation: str = "silu"
+    """The gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh-approximate GELU)."""
+    post_norms: bool = False
+    """A norm on the output of attention and of the MLP before each residual add
+    (``attn_post_norm`` / ``ffn_post_norm``)."""
+    attention_scale: float = 0.0
+    """What q·k is multiplied by; 0.0: 1/√head_dim."""
+    attention_softcap: float = 0.0
+    """Attention scores become cap · tanh(score / cap) (after scaling); 0.0: none."""
+    final_softcap: float = 0.0
+    """Logits become cap · tanh(logit / cap); 0.0: none."""
+    residual_scale: float = 1.0
+    """What each block's attention and MLP outputs are multiplied by before the residual add."""
+    logit_scale: float = 1.0
+    """What the logits are multiplied by."""
 
     @property
     def head_dim(self):
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def scale(self):
+        """What attention multiplies q·k by."""
+        return self.attention_scale or 1 / math.sqrt(self.head_dim)
+
+    def window(self, layer):
+        """Layer ``layer``'s sliding window (0: none)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def theta(self, layer):
+        """Layer ``layer``'s RoPE base (0.0: no RoPE in that layer)."""
+        return self.layer_thetas[layer] if self.layer_thetas else self.rope_theta
 
     @classmethod
     def from_gguf(cls, reader, path=""):
@@ -65,24 +113,26 @@ class LlamaConfig:
         hf = read_json(path)
         if not isinstance(hf, dict):
             raise CheckpointError(f"{path}: must hold a JSON object")
-        rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+        model_type = check_hf_config(hf, path)
         try:
             config = cls(vocab_size=_size(hf["vocab_size"]), hidden_size=_size(hf["hidden_size"]),
                          num_layers=_size(hf["num_hidden_layers"]),
                          num_heads=_size(hf["num_attention_heads"]),
                          num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
                          intermediate_size=_size(hf["intermediate_size"]),
-                         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                         rope_theta=global_theta(hf),
                          rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                          context_length=_size(hf.get("max_position_embeddings", 2048)))
+            config = replace(config, **hf_architecture(hf, model_type, config.num_layers, path))
+            if config.head_size:
+                _size(config.head_size)
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise CheckpointError(f"{path}: missing or malformed Llama sizes: {error!r}") from None
-        if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads \
-                or config.head_dim % 2:
+        if config.num_heads % config.num_kv_heads or config.head_dim % 2 or \
+                (not config.head_size and config.hidden_size % config.num_heads):
             raise CheckpointError(f"{path}: {config.num_heads} heads and {config.num_kv_heads} kv heads "
                                   f"do not split hidden size {config.hidden_size} into even head sizes")
-        check_hf_config(hf, path)
-        for scaling in (hf.get("rope_scaling"), rope):                # transformers 4 / 5 name it so
+        for _, scaling in rope_parameter_sets(hf):             # transformers 4 / 5 name it so
             if rope_type(scaling) == "llama3":
                 return config.with_llama3_scaling(scaling, path)
         return config
@@ -135,9 +185,24 @@ def _size(value):
 
 
 class LlamaBlock:
-    """One decoder block: attention and SwiGLU MLP, each behind an RMSNorm."""
+    """One decoder block: attention and a gated MLP, each behind an RMSNorm; the norms some
+    architectures add (after attention and the MLP, over each head of q and k) are None
+    when the config has none."""
 
-    def __init__(self, attn_norm, ffn_norm, linears):
+    def __init__(self, attn_norm, ffn_norm, linears, attn_post_norm=None, ffn_post_norm=None,
+                 attn_q_norm=None, attn_k_norm=None):
         self.attn_norm = attn_norm                  # (hidden,)
         self.ffn_norm = ffn_norm                    # (hidden,)
         self.linears = linears                      # name → LoRALinear, names from LINEAR_NAMES
+        self.attn_post_norm = attn_post_norm        # (hidden,) with post_norms
+        self.ffn_post_norm = ffn_post_norm          # (hidden,) with post_norms
+        self.attn_q_norm = attn_q_norm              # (head_dim,) with qk_norm
+        self.attn_k_norm = attn_k_norm              # (head_dim,) with qk_norm
+
+    def norms(self):
+        """GGUF name (``attn_norm`` …) → weight, of every norm the block has."""
+        return {name: weight for name in NORM_NAMES if (weight := getattr(self, name)) is not None}
+
+
+NORM_NAMES = ("attn_norm", "attn_q_norm", "attn_k_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")
+"""A block's norms by their GGUF names, in the order the forward uses them."""

@@ -14,8 +14,9 @@ import numpy as np
 from qlora_np.errors import CheckpointError, StateDictError
 from qlora_np.io.safetensors import read_checkpoint_tensors, read_json
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
-from qlora_np.models.llama.names import (HF_LINEAR_NAMES, LINEAR_NAMES, gguf_tensor_shapes, hf_buffers,
-                                         hf_tensor_names, permute_rope_rows, rope_heads)
+from qlora_np.models.llama.names import (HF_LINEAR_NAMES, LINEAR_NAMES, block_norm_names, from_hf_values,
+                                         gguf_tensor_shapes, gguf_to_hf_name, hf_buffers, hf_tensor_names,
+                                         permute_rope_rows, rope_heads)
 from qlora_np.models.llama.support import check_tensors
 from qlora_np.models.tokenizer import Tokenizer
 from qlora_np.nn.lora import LoRALinear
@@ -54,15 +55,17 @@ def bnb_model_parts(folder):
         for name in LINEAR_NAMES:
             weight = linear_from_bnb(tensors, hf + HF_LINEAR_NAMES[name] + ".weight",
                                      shapes[gguf + name + ".weight"], folder)
-            linears[name] = gguf_layer(weight, rope_heads(config, name))
-        norms = [_float(tensors, hf + key, (config.hidden_size,), folder)
-                 for key in ("input_layernorm.weight", "post_attention_layernorm.weight")]
-        blocks.append(LlamaBlock(*norms, linears))
+            bias = _hf_float(tensors, gguf + name + ".bias", config, shapes, folder) \
+                if name in config.biases else None
+            linears[name] = gguf_layer(weight, rope_heads(config, name), bias)
+        norms = {name: _hf_float(tensors, gguf + name + ".weight", config, shapes, folder)
+                 for name in block_norm_names(config)}
+        blocks.append(LlamaBlock(linears=linears, **norms))
     embedding = _float(tensors, "model.embed_tokens.weight", shapes["token_embd.weight"], folder)
     output = LoRALinear(embedding, mode="dense") if tied else gguf_layer(
         linear_from_bnb(tensors, "lm_head.weight", shapes["output.weight"], folder), None)
     return dict(config=config, embedding=embedding, blocks=blocks,
-                output_norm=_float(tensors, "model.norm.weight", shapes["output_norm.weight"], folder),
+                output_norm=_hf_float(tensors, "output_norm.weight", config, shapes, folder),
                 output=output, tokenizer=Tokenizer.from_hf_folder(folder), tied_output=tied)
 
 
@@ -83,12 +86,13 @@ def linear_from_bnb(tensors, key, shape, source=""):
     return weight
 
 
-def gguf_layer(weight, heads):
-    """A frozen layer of the model from an HF-ordered weight (QuantizedTensor or float32 array)."""
+def gguf_layer(weight, heads, bias=None):
+    """A frozen layer of the model from an HF-ordered weight (QuantizedTensor or float32 array)
+    and its bias (already in the model's order), if any."""
     if heads is not None:
         weight = reordered_rows(weight, lambda rows: permute_rope_rows(rows, heads))
     mode = "quant" if isinstance(weight, QuantizedTensor) else "dense"
-    return LoRALinear(weight, mode=mode)
+    return LoRALinear(weight, bias, mode=mode)
 
 
 def reordered_rows(weight, reorder):
@@ -113,6 +117,12 @@ def _weight_of(name):
     ``….weight.absmax``, ``….weight.quant_state.…`` and the like, else the name itself."""
     head, quant_state, _ = name.partition(".weight.")
     return head + ".weight" if quant_state else name
+
+
+def _hf_float(tensors, name, config, shapes, source):
+    """The float tensor that GGUF name ``name`` has in the HF state dict, checked and in the
+    model's order and norm convention."""
+    return from_hf_values(name, _float(tensors, gguf_to_hf_name(name, config)[0], shapes[name], source), config)
 
 
 def _float(tensors, key, shape, source):

@@ -21,7 +21,7 @@ from qlora_np.kernels import attention_bf16, bf16
 from qlora_np.kernels.portable import training as training_cpu
 from qlora_np.models.llama.names import LINEAR_NAMES
 from qlora_np.models.llama import reference
-from qlora_np.models.llama.model import rope_tables
+from qlora_np.models.llama.model import layer_rope_tables
 from qlora_np.nn.lora import LoRALinear, init_adapters
 from qlora_np.quant.tensor import QuantizedTensor
 
@@ -115,17 +115,18 @@ def loss_and_backward(model, ids, labels, dtype=np.float32, checkpoint=False, po
     ids, labels, positions, segments, count = _checked_batch(model, ids, labels, positions, segments)
     if count == 0:
         raise InvalidValueError("no label differs from ignore_index: nothing to learn from")
-    rope = _rope_rows(model.config, positions, dtype)
-    mask = _attention_mask(ids.shape[1], segments)
-    attention = _attention_passes(model, dtype, ids.shape[1])
-    saved, final = _forward(model, ids, rope, mask, dtype, checkpoint, attention)
+    context = _context(model, positions, segments, dtype, ids.shape[1])
+    saved, final = _forward(model, ids, context, dtype, checkpoint)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)      # only labelled rows need logits
     logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=True)   # (count, vocab)
+    logits, slope = _final_logits(model.config, logits)
     loss, grad_logits = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows],
                                                             count if normalizer is None else normalizer)
+    if slope is not None:
+        grad_logits *= slope
     grad_final = np.zeros((ids.size, final.shape[-1]), final.dtype)
     grad_final[rows] = model.output.backward(grad_logits)
-    _backward(model, saved, grad_final.reshape(final.shape), rope, mask, attention)
+    _backward(model, saved, grad_final.reshape(final.shape), context)
     return loss
 
 
@@ -138,11 +139,9 @@ def summed_loss(model, ids, labels, positions=None, segments=None, dtype=np.floa
     ids, labels, positions, segments, count = _checked_batch(model, ids, labels, positions, segments)
     if count == 0:
         return 0.0, 0
-    rope = _rope_rows(model.config, positions, dtype)
-    _, final = _forward(model, ids, rope, _attention_mask(ids.shape[1], segments), dtype, False,
-                        _attention_passes(model, dtype, ids.shape[1]))
+    _, final = _forward(model, ids, _context(model, positions, segments, dtype, ids.shape[1]), dtype, False)
     rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)
-    logits = model.output.forward(final.reshape(ids.size, -1)[rows], cache=False)
+    logits, _ = _final_logits(model.config, model.output.forward(final.reshape(ids.size, -1)[rows], cache=False))
     loss, _ = _passes(logits.dtype).cross_entropy(logits, labels.reshape(-1)[rows], 1)
     return loss, count
 
@@ -168,34 +167,64 @@ def _checked_batch(model, ids, labels, positions, segments):
     return ids, labels, np.asarray(positions), segments, int(np.count_nonzero(labels != IGNORE_INDEX))
 
 
-def _forward(model, ids, rope, mask, dtype, checkpoint, attention):
+class _Context(NamedTuple):
+    """What every block of a step reads besides its input: per layer the RoPE tables
+    (batch·seq, hd/2) ×2 and the attention mask (B or 1, T, T), and the attention passes."""
+    ropes: list
+    masks: list
+    attention: "_AttentionPasses"
+
+
+def _context(model, positions, segments, dtype, seq):
+    cfg = model.config
+    ropes = [(cos.astype(dtype), sin.astype(dtype))
+             for cos, sin in layer_rope_tables(cfg, np.asarray(positions).reshape(-1))]
+    masks = {window: _attention_mask(seq, segments, window) for window in set(map(cfg.window, range(cfg.num_layers)))}
+    return _Context(ropes, [masks[cfg.window(layer)] for layer in range(cfg.num_layers)],
+                    _attention_passes(model, dtype, seq))
+
+
+def _forward(model, ids, context, dtype, checkpoint):
     """Blocks and final norm in training mode: (what the backward needs, normed output (B, T, hidden))."""
     cfg = model.config
     x = model.embedding[ids].astype(dtype)                                 # (B, T, hidden)
+    if cfg.embedding_scale != 1.0:
+        x *= dtype(cfg.embedding_scale)
     saved = []
-    for block in model.blocks:
+    for layer, block in enumerate(model.blocks):
         if checkpoint:                   # remember the input and the dropout generators only
             states = {name: layer.dropout_rng.bit_generator.state for name, layer in block.linears.items()}
             step = {"x": x, "rng_states": states}
-            x, _ = _block_forward(cfg, block, x, rope, mask, attention)
+            x, _ = _block_forward(cfg, block, layer, x, context)
         else:
-            x, step = _block_forward(cfg, block, x, rope, mask, attention)
+            x, step = _block_forward(cfg, block, layer, x, context)
         saved.append(step)
     final, rms = _passes(dtype).rms_norm_forward(x, model.output_norm, cfg.rms_norm_eps)
     saved.append({"x": x, "rms": rms})
     return saved, final
 
 
-def _rope_rows(cfg, positions, dtype):
-    """RoPE's cos and sin for every (batch, position) of the batch: (batch·seq, hd/2) each."""
-    cos, sin = rope_tables(np.asarray(positions).reshape(-1), cfg.head_dim, cfg.rope_theta,
-                           cfg.rope_freq_factors)
-    return cos.astype(dtype), sin.astype(dtype)
+def _final_logits(cfg, logits):
+    """(the model's logits, what their gradient is multiplied by on the way back, or None):
+    :func:`~qlora_np.models.llama.model.final_logits` with its derivative, logit_scale ·
+    (1 − tanh²) under a soft-cap."""
+    if cfg.logit_scale == 1.0 and not cfg.final_softcap:
+        return logits, None
+    scale = logits.dtype.type(cfg.logit_scale)
+    logits = logits * scale
+    if not cfg.final_softcap:
+        return logits, scale
+    cap = logits.dtype.type(cfg.final_softcap)
+    tanh = np.tanh(logits / cap)
+    return cap * tanh, (1 - tanh * tanh) * scale
 
 
-def _attention_mask(seq, segments):
-    """Which keys each query may see: causal (1, T, T), or (B, T, T) causal within its segment."""
+def _attention_mask(seq, segments, window=0):
+    """Which keys each query may see: causal (1, T, T), or (B, T, T) causal within its segment;
+    with a ``window``, only the keys less than that many positions back."""
     causal = np.tril(np.ones((seq, seq), bool))
+    if window:
+        causal &= np.triu(np.ones((seq, seq), bool), 1 - window)
     if segments is None:
         return causal[None]
     segments = np.asarray(segments)
@@ -203,56 +232,96 @@ def _attention_mask(seq, segments):
     return same & causal
 
 
-def _block_forward(cfg, block, x, rope, mask, attention):
+def _block_forward(cfg, block, layer, x, context):
     """One block in training mode: (output, what its backward needs); the layers cache their inputs."""
     B, T, _ = x.shape
-    lin, passes = block.linears, _passes(x.dtype)
+    lin, passes, eps = block.linears, _passes(x.dtype), cfg.rms_norm_eps
+    rope = context.ropes[layer]
     step = {"x": x}
-    n, step["rms1"] = passes.rms_norm_forward(x, block.attn_norm, cfg.rms_norm_eps)
+    n, step["rms1"] = passes.rms_norm_forward(x, block.attn_norm, eps)
     q = _train(lin["attn_q"], n).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = _train(lin["attn_k"], n).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = _train(lin["attn_v"], n)
+    if cfg.qk_norm:                                                               # over each head
+        step.update(q_raw=q, k_raw=k)
+        q, step["rms_q"] = passes.rms_norm_forward(q, block.attn_q_norm, eps)
+        k, step["rms_k"] = passes.rms_norm_forward(k, block.attn_k_norm, eps)
     q = passes.rope_into_groups(q, *rope, cfg.num_kv_heads)                       # (B, KV, T·g, hd)
     k = passes.rope_into_groups(k, *rope, cfg.num_kv_heads)                       # (B, KV, T, hd)
     v = _heads_to_groups(v, cfg.num_kv_heads, cfg.head_dim)                       # (B, KV, T, hd)
-    out, step["lse"] = attention.forward(q, k, v, mask)                            # (B, KV, T·g, hd)
+    out, step["lse"] = context.attention.forward(q, k, v, context.masks[layer])  # (B, KV, T·g, hd)
     step.update(q=q, k=k, v=v)
-    x = x + _train(lin["attn_output"], _groups_to_heads(out, T))
+    x = x + _sublayer_out(cfg, step, "attn", _train(lin["attn_output"], _groups_to_heads(out, T)),
+                          block.attn_post_norm)
     step["x_mid"] = x
-    m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, cfg.rms_norm_eps)
+    m, step["rms2"] = passes.rms_norm_forward(x, block.ffn_norm, eps)
     gate, up = _train(lin["ffn_gate"], m), _train(lin["ffn_up"], m)
     step.update(gate=gate, up=up)
-    hidden = passes.swiglu(gate, up)        # not kept (its pairs may be): backward makes it again if needed
-    return x + _train(lin["ffn_down"], hidden, keep_input=False), step
+    hidden = _gated(cfg, passes)(gate, up)   # not kept (its pairs may be): backward makes it again if needed
+    down = _train(lin["ffn_down"], hidden, keep_input=False)
+    return x + _sublayer_out(cfg, step, "ffn", down, block.ffn_post_norm), step
 
 
-def _backward(model, saved, grad_final, rope, mask, attention):
+def _sublayer_out(cfg, step, name, out, post_norm):
+    """What attention's or the MLP's output ``out`` adds to the residual: normed first where
+    the block has a post-norm (its input and inverse RMS kept in ``step``), times residual_scale."""
+    if post_norm is not None:
+        step[name + "_out"] = out
+        out, step[name + "_rms"] = _passes(out.dtype).rms_norm_forward(out, post_norm, cfg.rms_norm_eps)
+    return out * out.dtype.type(cfg.residual_scale) if cfg.residual_scale != 1.0 else out
+
+
+def _sublayer_grad(cfg, step, name, grad, post_norm):
+    """The gradient of a sublayer's output from the residual's: the backward of :func:`_sublayer_out`."""
+    if cfg.residual_scale != 1.0:
+        grad = grad * grad.dtype.type(cfg.residual_scale)
+    if post_norm is None:
+        return grad
+    return _passes(grad.dtype).add_rms_norm_backward(np.zeros_like(grad), step[name + "_out"], step[name + "_rms"],
+                                                     post_norm, grad)
+
+
+def _gated(cfg, passes):
+    """The gated MLP's forward: silu(gate)·up (SwiGLU) or gelu_tanh(gate)·up (GeGLU)."""
+    return passes.swiglu if cfg.activation == "silu" else passes.geglu
+
+
+def _backward(model, saved, grad_final, context):
     cfg = model.config
     last = saved[-1]
     passes = _passes(grad_final.dtype)
     grad = passes.add_rms_norm_backward(np.zeros_like(grad_final), last["x"], last["rms"], model.output_norm,
                                         grad_final)
     B, T, _ = grad.shape
-    for block, step in zip(reversed(model.blocks), reversed(saved[:-1])):
-        lin = block.linears
+    eps = cfg.rms_norm_eps
+    for layer in reversed(range(len(model.blocks))):
+        block, step = model.blocks[layer], saved[layer]
+        lin, rope, mask = block.linears, context.ropes[layer], context.masks[layer]
         if "rng_states" in step:         # checkpointed: recompute the block, same dropout masks
-            for name, layer in lin.items():
-                layer.dropout_rng.bit_generator.state = step["rng_states"][name]
-            _, step = _block_forward(cfg, block, step["x"], rope, mask, attention)
-        # MLP: x_out = x_mid + Wdown(silu(gate) ⊙ up)
+            for name, linear in lin.items():
+                linear.dropout_rng.bit_generator.state = step["rng_states"][name]
+            _, step = _block_forward(cfg, block, layer, step["x"], context)
+        # MLP: x_out = x_mid + post(Wdown(act(gate) ⊙ up))
         down = lin["ffn_down"]
-        hidden = passes.swiglu(step["gate"], step["up"]) if down.needs_input_again() else None
-        grad_hidden = down.backward(grad, x=hidden)
-        grad_gate, grad_up = passes.swiglu_backward(grad_hidden, step["gate"], step["up"])
+        hidden = _gated(cfg, passes)(step["gate"], step["up"]) if down.needs_input_again() else None
+        grad_hidden = down.backward(_sublayer_grad(cfg, step, "ffn", grad, block.ffn_post_norm), x=hidden)
+        backward = passes.swiglu_backward if cfg.activation == "silu" else passes.geglu_backward
+        grad_gate, grad_up = backward(grad_hidden, step["gate"], step["up"])
         grad_m = lin["ffn_gate"].backward(grad_gate)
         grad_m += lin["ffn_up"].backward(grad_up)
         passes.add_rms_norm_backward(grad, step["x_mid"], step["rms2"], block.ffn_norm, grad_m)
-        # attention: x_mid = x + Wo o
-        grad_o = _heads_to_groups(lin["attn_output"].backward(grad), cfg.num_kv_heads, cfg.head_dim)
-        grad_q, grad_k, grad_v = attention.backward(step["q"], step["k"], step["v"], mask, step["lse"],
-                                                    grad_o)
+        # attention: x_mid = x + post(Wo o)
+        grad_o = lin["attn_output"].backward(_sublayer_grad(cfg, step, "attn", grad, block.attn_post_norm))
+        grad_o = _heads_to_groups(grad_o, cfg.num_kv_heads, cfg.head_dim)
+        grad_q, grad_k, grad_v = context.attention.backward(step["q"], step["k"], step["v"], mask, step["lse"],
+                                                            grad_o)
         grad_q = passes.rope_back_from_groups(grad_q, *rope)                          # (B, T, H, hd)
         grad_k = passes.rope_back_from_groups(grad_k, *rope)                          # (B, T, KV, hd)
+        if cfg.qk_norm:
+            grad_q = passes.add_rms_norm_backward(np.zeros_like(grad_q), step["q_raw"], step["rms_q"],
+                                                  block.attn_q_norm, grad_q)
+            grad_k = passes.add_rms_norm_backward(np.zeros_like(grad_k), step["k_raw"], step["rms_k"],
+                                                  block.attn_k_norm, grad_k)
         grad_n = lin["attn_q"].backward(grad_q.reshape(B, T, -1))
         grad_n += lin["attn_k"].backward(grad_k.reshape(B, T, -1))
         grad_n += lin["attn_v"].backward(_groups_to_heads(grad_v, T))
@@ -294,23 +363,25 @@ class _AttentionPasses(NamedTuple):
 
 def _attention_passes(model, dtype, seq):
     """The fused bfloat16 kernels (:mod:`qlora_np.kernels.attention_bf16`) for a float32 step of a
-    model set to compute in bfloat16, where they apply and ``seq`` is at most their
-    FASTER_UP_TO positions; else the chunked attention below,
+    model set to compute in bfloat16, where they apply (no soft-capped scores) and ``seq`` is at
+    most their FASTER_UP_TO positions; else the chunked attention below,
     with bfloat16 products (:func:`qlora_np.kernels.bf16.batched_matmul_bf16`) for such a model,
     NumPy's otherwise. Both keep only the log-sum-exp between the passes."""
+    cfg = model.config
     bfloat16 = dtype == np.float32 and model.compute_dtype == "bfloat16"
-    if bfloat16 and attention_bf16.fuses(model.config.head_dim) and seq <= attention_bf16.FASTER_UP_TO:
-        scale = 1 / np.sqrt(model.config.head_dim)
-        return _AttentionPasses(partial(attention_bf16.attention_bf16, scale=scale),
-                                partial(attention_bf16.attention_bf16_backward, scale=scale))
+    if bfloat16 and attention_bf16.fuses(cfg.head_dim) and seq <= attention_bf16.FASTER_UP_TO \
+            and not cfg.attention_softcap:
+        return _AttentionPasses(partial(attention_bf16.attention_bf16, scale=cfg.scale),
+                                partial(attention_bf16.attention_bf16_backward, scale=cfg.scale))
     product = bf16.batched_matmul_bf16 if bfloat16 else np.matmul
-    return _AttentionPasses(partial(_attention, product=product),
-                            partial(_attention_backward, product=product))
+    options = dict(product=product, scale=cfg.scale, softcap=cfg.attention_softcap)
+    return _AttentionPasses(partial(_attention, **options), partial(_attention_backward, **options))
 
 
-def _attention(q, k, v, mask, product=np.matmul):
+def _attention(q, k, v, mask, product=np.matmul, scale=None, softcap=0.0):
     """Masked grouped-query attention: q (B, KV, T·g, d), k/v (B, KV, T, d) → output like q,
-    and each query row's log-sum-exp (B, KV, T·g), all that the backward keeps.
+    and each query row's log-sum-exp (B, KV, T·g), all that the backward keeps. Scores are
+    q·k times ``scale`` (default 1/√d), then with a ``softcap`` softcap · tanh(score / softcap).
 
     q comes in :func:`_heads_to_groups` order: the g query heads that read kv head k
     are stacked in group k, position by position, so one product per kv head serves
@@ -323,18 +394,23 @@ def _attention(q, k, v, mask, product=np.matmul):
     rows, d = q.shape[2:]
     T = k.shape[2]
     group = rows // T
+    scale = 1 / np.sqrt(d) if scale is None else scale
     out = np.empty_like(q)
     lse = np.empty(q.shape[:3], q.dtype)
     for start in range(0, T, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, T)
         queries = slice(start * group, end * group)
         scores = product(q[:, :, queries], k[:, :, :end].transpose(0, 1, 3, 2))    # (B, KV, c·g, end)
-        lse[:, :, queries] = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], 1 / np.sqrt(d))
+        chunk_scale = scale
+        if softcap:
+            scores, _ = _softcapped(scores, scale, softcap)
+            chunk_scale = 1.0
+        lse[:, :, queries] = _passes(q.dtype).masked_softmax(scores, mask[:, start:end, :end], chunk_scale)
         product(scores, v[:, :, :end], out=out[:, :, queries])
     return out, lse
 
 
-def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul):
+def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul, scale=None, softcap=0.0):
     """Gradients of q, k, v for out = softmax(q kᵀ/√d + mask) v, grouped and chunked as
     :func:`_attention` does; grad_out (B, KV, T·g, d) like out, lse what it returned.
 
@@ -349,6 +425,7 @@ def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul):
     rows, d = q.shape[2:]
     T = k.shape[2]
     group = rows // T
+    scale = 1 / np.sqrt(d) if scale is None else scale
     grad_q, grad_k, grad_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
     for start in range(0, T, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, T)
@@ -356,12 +433,24 @@ def _attention_backward(q, k, v, mask, lse, grad_out, product=np.matmul):
         grad_chunk = grad_out[:, :, queries]                                          # (B, KV, c·g, d)
         scores = product(q[:, :, queries], k[:, :, :end].transpose(0, 1, 3, 2))      # (B, KV, c·g, end)
         grad_probs = product(grad_chunk, v[:, :, :end].transpose(0, 1, 3, 2))        # dP (B, KV, c·g, end)
+        slope, chunk_scale = None, scale
+        if softcap:
+            scores, slope = _softcapped(scores, scale, softcap)
+            chunk_scale = 1.0
         probs, grad_scores = _passes(q.dtype).masked_softmax_backward(
-            grad_probs, scores, mask[:, start:end, :end], lse[:, :, queries], 1 / np.sqrt(d))
+            grad_probs, scores, mask[:, start:end, :end], lse[:, :, queries], chunk_scale)
+        if slope is not None:
+            grad_scores *= slope
         grad_v[:, :, :end] += probs.transpose(0, 1, 3, 2) @ grad_chunk
         product(grad_scores, k[:, :, :end], out=grad_q[:, :, queries])
         grad_k[:, :, :end] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, queries]
     return grad_q, grad_k, grad_v
+
+
+def _softcapped(scores, scale, softcap):
+    """(softcap · tanh(scale · scores / softcap), its derivative by the raw scores)."""
+    tanh = np.tanh(scores * scores.dtype.type(scale / softcap))
+    return scores.dtype.type(softcap) * tanh, (1 - tanh * tanh) * scores.dtype.type(scale)
 
 
 def _passes(dtype):

@@ -31,7 +31,8 @@ from qlora_np.linalg.products import fused_product
 from qlora_np.models.llama import reference
 from qlora_np.models.llama.config import LlamaBlock, LlamaConfig
 from qlora_np.models.llama.hf import bnb_model_parts, is_bitsandbytes_folder
-from qlora_np.models.llama.names import LINEAR_NAMES, gguf_tensor_names, gguf_tensor_shapes, hf_to_gguf_weights
+from qlora_np.models.llama.names import (LINEAR_NAMES, block_norm_names, gguf_tensor_names, gguf_tensor_shapes,
+                                         hf_to_gguf_weights)
 from qlora_np.models.llama.support import check_shapes, check_tensors
 from qlora_np.models.tokenizer import Tokenizer
 from qlora_np.nn.lora import LoRALinear
@@ -135,17 +136,21 @@ class LlamaModel:
     def from_weights(cls, config, weights, quant_type="nf4", blocksize=64, double_quant=True,
                      tokenizer=None):
         """Build from float weights under GGUF names (``blk.N.attn_q.weight`` …, (out, in) arrays)."""
-        def linear(weight):
+        def linear(weight, bias=None):
+            bias = None if bias is None else np.asarray(bias, np.float32)
             if quant_type is None:
-                return LoRALinear(np.asarray(weight, np.float32), mode="dense")
-            return LoRALinear(quantize(weight, quant_type, blocksize, double_quant), mode="quant")
+                return LoRALinear(np.asarray(weight, np.float32), bias, mode="dense")
+            return LoRALinear(quantize(weight, quant_type, blocksize, double_quant), bias, mode="quant")
 
         blocks = []
         for layer in range(config.num_layers):
             prefix = f"blk.{layer}."
-            linears = {name: linear(weights[prefix + name + ".weight"]) for name in LINEAR_NAMES}
-            blocks.append(LlamaBlock(weights[prefix + "attn_norm.weight"],
-                                     weights[prefix + "ffn_norm.weight"], linears))
+            linears = {name: linear(weights[prefix + name + ".weight"],
+                                    weights[prefix + name + ".bias"] if name in config.biases else None)
+                       for name in LINEAR_NAMES}
+            norms = {name: np.asarray(weights[prefix + name + ".weight"], np.float32)
+                     for name in block_norm_names(config)}
+            blocks.append(LlamaBlock(linears=linears, **norms))
         embedding = np.asarray(weights["token_embd.weight"], np.float32)
         output_weight = weights["output.weight"] if "output.weight" in weights else embedding   # tied
         return cls(config, embedding, blocks, np.asarray(weights["output_norm.weight"], np.float32),
@@ -208,22 +213,24 @@ class LlamaModel:
         start = 0 if cache is None else cache.length
         if cache is not None and start + ids.size > cache.max_len:
             raise InvalidValueError(f"KV cache holds {cache.max_len} positions, needs {start + ids.size}")
-        positions = np.arange(start, start + ids.size)
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta,
-                           self.config.rope_freq_factors)    # 2 × (T, hd/2)
-        eps = self.config.rms_norm_eps
+        cfg = self.config
+        ropes = layer_rope_tables(cfg, np.arange(start, start + ids.size))   # per layer: 2 × (T, hd/2)
+        eps = cfg.rms_norm_eps
         steps = self._steps()
         x = self.embedding[ids]                                          # (T, hidden)
+        if cfg.embedding_scale != 1.0:
+            x = x * np.float32(cfg.embedding_scale)
         for layer, block in enumerate(self.blocks):
-            x = x + self._attention(block, steps.rms_norm(x, block.attn_norm, eps), rope, start,
-                                    cache, layer)
-            x = x + self._mlp(block, steps.rms_norm(x, block.ffn_norm, eps))
+            out = self._attention(block, steps.rms_norm(x, block.attn_norm, eps), ropes[layer], start,
+                                  cache, layer)
+            x = self._residual(x, out, block.attn_post_norm)
+            x = self._residual(x, self._mlp(block, steps.rms_norm(x, block.ffn_norm, eps)), block.ffn_post_norm)
         if cache is not None:
             cache.length = start + ids.size
         if last_only:
             x = x[-1:]
         logits, = self._project([self.output], steps.rms_norm(x, self.output_norm, eps))
-        return logits
+        return final_logits(cfg, logits)
 
     def _steps(self):
         """The module whose rms_norm, attend and swiglu :meth:`forward` calls: the kernels or
@@ -237,11 +244,22 @@ class LlamaModel:
             return [_reference_linear(layer, x) for layer in layers]
         return self.projections(layers, x, self.int8_activations)
 
+    def _residual(self, x, out, post_norm):
+        """x + residual_scale · out, out normed first where the block has a post-norm."""
+        if post_norm is not None:
+            out = self._steps().rms_norm(out, post_norm, self.config.rms_norm_eps)
+        if self.config.residual_scale != 1.0:
+            out = out * np.float32(self.config.residual_scale)
+        return x + out
+
     def _attention(self, block, n, rope, start, cache, layer):
         """The attention half of a block for inference."""
         cfg = self.config
         T, hd = n.shape[0], cfg.head_dim
         q, k, v = self._project([block.linears[name] for name in ("attn_q", "attn_k", "attn_v")], n)
+        if cfg.qk_norm:                                                 # over each head
+            q = self._steps().rms_norm(q.reshape(-1, hd), block.attn_q_norm, cfg.rms_norm_eps)
+            k = self._steps().rms_norm(k.reshape(-1, hd), block.attn_k_norm, cfg.rms_norm_eps)
         q = q.reshape(T, cfg.num_heads, hd)
         k, v = k.reshape(T, cfg.num_kv_heads, hd), v.reshape(T, cfg.num_kv_heads, hd)
         if cache is None:                                               # attend within these tokens only
@@ -249,12 +267,15 @@ class LlamaModel:
             values = np.empty_like(keys)
         else:
             keys, values = cache.keys[layer], cache.values[layer]       # (KV, max_len, hd)
-        out = self._steps().attend(q, k, v, *rope, keys, values, start)  # (T, H·hd)
+        out = self._steps().attend(q, k, v, *rope, keys, values, start, cfg.scale, cfg.window(layer),
+                                   cfg.attention_softcap)               # (T, H·hd)
         return self._project([block.linears["attn_output"]], out)[0]
 
     def _mlp(self, block, m):
         gate, up = self._project([block.linears["ffn_gate"], block.linears["ffn_up"]], m)
-        return self._project([block.linears["ffn_down"]], self._steps().swiglu(gate, up))[0]
+        steps = self._steps()
+        hidden = steps.swiglu(gate, up) if self.config.activation == "silu" else steps.geglu(gate, up)
+        return self._project([block.linears["ffn_down"]], hidden)[0]
 
     # -- generation -------------------------------------------------------------
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -369,6 +390,31 @@ class FusedProjections:
         product = fused_product(bases, int8_activations)
         ends = np.cumsum(product.out_features).tolist()
         return product, list(zip([0] + ends[:-1], ends))
+
+
+def layer_rope_tables(config, positions):
+    """RoPE's cos and sin (T, hd/2) for each layer at ``positions`` (T,): the tables of its base,
+    each base computed once; a layer without RoPE gets cos 1 and sin 0, which rotate by nothing
+    exactly."""
+    tables = {}
+    for layer in range(config.num_layers):
+        theta = config.theta(layer)
+        if theta not in tables:
+            tables[theta] = rope_tables(positions, config.head_dim, theta, config.rope_freq_factors) if theta \
+                else (np.ones((len(positions), config.head_dim // 2), np.float32),
+                      np.zeros((len(positions), config.head_dim // 2), np.float32))
+    return [tables[config.theta(layer)] for layer in range(config.num_layers)]
+
+
+def final_logits(config, logits):
+    """The LM head's output made the model's logits: times logit_scale (Granite), then
+    soft-capped (Gemma 2): cap · tanh(logits / cap)."""
+    if config.logit_scale != 1.0:
+        logits = logits * np.float32(config.logit_scale)
+    if config.final_softcap:
+        cap = np.float32(config.final_softcap)
+        logits = cap * np.tanh(logits / cap)
+    return logits
 
 
 def rope_tables(positions, head_dim, theta, factors=()):

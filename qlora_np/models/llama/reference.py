@@ -3,11 +3,11 @@
 Each function here has the name of the kernel it checks, and the tests hold that kernel to it:
 
 * inference (:mod:`qlora_np.kernels.portable.llama`): :func:`rms_norm`, :func:`attend`,
-  :func:`swiglu`, plus :func:`linear` for the layers' products;
+  :func:`swiglu`, :func:`geglu`, plus :func:`linear` for the layers' products;
 * training (:mod:`qlora_np.kernels.portable.training`): :func:`rms_norm_forward`,
   :func:`add_rms_norm_backward`, :func:`rope_into_groups`, :func:`rope_back_from_groups`,
   :func:`masked_softmax`, :func:`masked_softmax_backward`, :func:`swiglu` (shared with
-  inference), :func:`swiglu_backward`, :func:`cross_entropy`.
+  inference), :func:`swiglu_backward`, :func:`geglu` and :func:`geglu_backward`, :func:`cross_entropy`.
 
 The kernels fuse their steps and sum in any order. These functions take one step at a time,
 with NumPy's own sums. :class:`~qlora_np.models.llama.model.LlamaModel` runs the inference ones
@@ -31,12 +31,13 @@ def rms_norm(x, weight, eps):
     return (x / np.sqrt(mean_square + np.float32(eps)) * weight).astype(np.float32)
 
 
-def attend(q, k, v, cos, sin, keys, values, start):
+def attend(q, k, v, cos, sin, keys, values, start, scale=None, window=0, softcap=0.0):
     """Causal attention of T new positions ``start … start+T-1``, filling the KV cache.
 
     q (T, H, hd), k and v (T, KV, hd) straight from the projections (before RoPE);
     cos, sin (T, hd/2) the RoPE tables of the new positions; keys and values (KV, S, hd)
-    with S ≥ start + T, holding positions 0 … start-1 already. Returns (T, H·hd) float32.
+    with S ≥ start + T, holding positions 0 … start-1 already. ``scale``, ``window`` and
+    ``softcap`` as :func:`causal_attention` takes them. Returns (T, H·hd) float32.
     """
     T, heads, head_dim = q.shape
     end = start + T
@@ -46,7 +47,8 @@ def attend(q, k, v, cos, sin, keys, values, start):
     keys[:, start:end] = k.transpose(1, 0, 2)
     values[:, start:end] = v.transpose(1, 0, 2)
     # 3. every query against the keys 0 … its position: (H, T, hd)
-    out = causal_attention(q.transpose(1, 0, 2), keys[:, :end], values[:, :end], np.arange(start, end))
+    out = causal_attention(q.transpose(1, 0, 2), keys[:, :end], values[:, :end], np.arange(start, end),
+                           scale, window, softcap)
     # 4. back to one row per position: (T, H·hd)
     return out.transpose(1, 0, 2).reshape(T, heads * head_dim)
 
@@ -84,21 +86,28 @@ def apply_rope(x, cos, sin):
     return out
 
 
-def causal_attention(q, keys, values, positions):
-    """softmax(q kᵀ / √d + causal mask) v with grouped-query heads.
+def causal_attention(q, keys, values, positions, scale=None, window=0, softcap=0.0):
+    """softmax(scale · q kᵀ + causal mask) v with grouped-query heads.
 
     q (H, T, hd) at ``positions``; keys/values (KV, S, hd) for positions 0 … S-1.
-    Query head h reads kv head h // (H / KV).
+    Query head h reads kv head h // (H / KV). ``scale`` defaults to 1/√hd; with a
+    ``window`` (> 0) a query at p sees only keys s with p − s < window; a ``softcap``
+    turns each scaled score z into softcap · tanh(z / softcap) before the mask.
     """
     heads, T, hd = q.shape
     kv_heads, S, _ = keys.shape
     group = heads // kv_heads
+    scale = np.float32(1 / np.sqrt(hd) if scale is None else scale)
     # 1. scores of each kv head's g query heads against its keys: (KV, g, T, S)
     qg = q.reshape(kv_heads, group * T, hd)                                          # (KV, g·T, hd)
-    scores = (qg @ keys.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))               # (KV, g·T, S)
+    scores = (qg @ keys.transpose(0, 2, 1)) * scale                                 # (KV, g·T, S)
     scores = scores.reshape(kv_heads, group, T, S)
-    # 2. no query sees a key after its position
+    if softcap:
+        scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
+    # 2. no query sees a key after its position (nor, with a window, one too far back)
     allowed = np.arange(S)[None, :] <= positions[:, None]                           # (T, S)
+    if window:
+        allowed &= positions[:, None] - np.arange(S)[None, :] < window
     scores = np.where(allowed, scores, np.float32(-np.inf))
     # 3. softmax over the keys
     scores -= scores.max(axis=-1, keepdims=True)
@@ -112,6 +121,21 @@ def causal_attention(q, keys, values, positions):
 def silu(x):
     """x · sigmoid(x)."""
     return x / (np.float32(1) + np.exp(-x))
+
+
+def geglu(gate, up):
+    """gelu_tanh(gate) · up, element by element (Gemma's gated MLP), in gate's dtype."""
+    return gelu_tanh(gate) * up
+
+
+GELU_C, GELU_A = np.sqrt(2 / np.pi), 0.044715
+"""The constants of the tanh approximation gelu(x) ≈ x/2 · (1 + tanh(c · (x + a·x³)))."""
+
+
+def gelu_tanh(x):
+    """x/2 · (1 + tanh(c · (x + a·x³))), in x's dtype."""
+    c, a = x.dtype.type(GELU_C), x.dtype.type(GELU_A)
+    return x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + a * x * x * x)))
 
 
 # ---------------------------------------------------------------------------
@@ -200,6 +224,15 @@ def swiglu_backward(grad_hidden, gate, up):
     """Gradients of hidden = silu(gate)·up: (dL/dgate, dL/dup); d silu/dg = σ·(1 + g·(1 − σ))."""
     sigmoid = 1 / (1 + np.exp(-gate))
     return grad_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), grad_hidden * gate * sigmoid
+
+
+def geglu_backward(grad_hidden, gate, up):
+    """Gradients of hidden = gelu_tanh(gate)·up: (dL/dgate, dL/dup). With u = c·(g + a·g³) and
+    τ = tanh(u): d gelu/dg = (1 + τ)/2 + g/2 · (1 − τ²) · c · (1 + 3a·g²)."""
+    c, a = gate.dtype.type(GELU_C), gate.dtype.type(GELU_A)
+    tanh = np.tanh(c * (gate + a * gate ** 3))
+    slope = (1 + tanh) / 2 + gate / 2 * (1 - tanh * tanh) * c * (1 + 3 * a * gate * gate)
+    return grad_hidden * up * slope, grad_hidden * gelu_tanh(gate)
 
 
 def cross_entropy(logits, labels, normalizer):

@@ -9,74 +9,46 @@ implemented raises :class:`~qlora_np.errors.UnsupportedModelError` naming the ar
 and the key or tensor; nothing is half-loaded.
 """
 
-import math
-
 from qlora_np.errors import CheckpointError, UnsupportedModelError
+from qlora_np.models.llama.architectures import HF_CLASSES, rope_parameter_sets
 
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                    "SmolLM3ForCausalLM": "smollm3", "GraniteForCausalLM": "granite"}
-"""The Hugging Face classes whose forward is this model's (with the checks below), by model_type."""
-
-_MISTRAL_WINDOW = 4096
-"""transformers' sliding window for a Mistral config.json that does not name one."""
+HF_ARCHITECTURES = {cls: model_type for model_type, cls in HF_CLASSES.items()}
+"""The Hugging Face classes this model computes (see :mod:`~qlora_np.models.llama.architectures`),
+class → model_type."""
 
 _NO_SCALING = (None, "default")
 """``rope_scaling`` / ``rope_parameters`` types that leave RoPE as it is."""
 
 
 def check_hf_config(hf, path):
-    """Raise UnsupportedModelError unless ``hf`` (a parsed config.json) describes a model this
-    forward computes exactly: a Llama, a Mistral without a sliding window, a SmolLM3 with RoPE
-    in every layer, or a Granite whose multipliers are those of a Llama."""
+    """The model_type of ``hf`` (a parsed config.json); UnsupportedModelError unless it is one
+    of :data:`HF_ARCHITECTURES`' and uses no RoPE variant or key this forward does not compute
+    (the per-architecture switches themselves are read, and checked, by
+    :func:`~qlora_np.models.llama.architectures.hf_architecture`)."""
     model_type = hf.get("model_type")
     if model_type is None:                           # older configs name only the class
         classes = hf.get("architectures")
         first = classes[0] if isinstance(classes, list) and classes else None
         model_type = HF_ARCHITECTURES.get(first, first)
-    if model_type not in HF_ARCHITECTURES.values():
+    if model_type not in HF_CLASSES:
         raise UnsupportedModelError(f"{path}: model_type {model_type!r} is not supported "
-                                    f"(supported: {', '.join(sorted(HF_ARCHITECTURES.values()))})")
+                                    f"(supported: {', '.join(sorted(HF_CLASSES))})")
 
     def refuse(what):
         raise UnsupportedModelError(f"{path}: {model_type} with {what} is not supported")
 
-    activation = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-    if activation != "silu":
-        refuse(f"hidden_act {activation!r} (only SwiGLU with 'silu')")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(key)
-        if rope is not None and not isinstance(rope, dict):
+    for key, rope in rope_parameter_sets(hf):
+        if not isinstance(rope, dict):
             refuse(f"{key} {rope!r}")
         kind = rope_type(rope)
-        if kind not in _NO_SCALING and not (kind == "llama3" and model_type == "llama"):
+        if kind not in _NO_SCALING and not (kind == "llama3" and model_type == "llama" and "[" not in key):
             refuse(f"{key} type {kind!r}")
-    for key in ("attention_bias", "mlp_bias", "qkv_bias", "use_qk_norm"):
+    for key in ("qkv_bias", "use_qk_norm"):
         if hf.get(key):
             refuse(f"{key}=true")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(f"partial_rotary_factor {hf['partial_rotary_factor']!r}")
-    heads, hidden = hf.get("num_attention_heads"), hf.get("hidden_size")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and isinstance(heads, int) and isinstance(hidden, int) and heads \
-            and head_dim != hidden // heads:
-        refuse(f"head_dim {head_dim!r} other than hidden_size / num_attention_heads ({hidden // heads})")
-    window = hf.get("sliding_window", _MISTRAL_WINDOW if model_type == "mistral" else None)
-    if window is not None and (model_type == "mistral" or hf.get("use_sliding_window")):
-        refuse(f"sliding_window {window!r} (sliding-window attention)")
-    if model_type == "smollm3":
-        layers = hf.get("no_rope_layers")
-        if not isinstance(layers, list) or not all(flag == 1 for flag in layers):
-            refuse("layers without RoPE (no_rope_layers)")
-        if hf.get("use_sliding_window"):
-            refuse("use_sliding_window=true")
-    if model_type == "granite":
-        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-            if hf.get(key, 1.0) != 1.0:
-                refuse(f"{key} {hf[key]!r}")
-        scaling = hf.get("attention_multiplier", 1.0)
-        if isinstance(heads, int) and isinstance(hidden, int) and heads \
-                and not math.isclose(scaling, (hidden // heads) ** -0.5, rel_tol=1e-6):
-            refuse(f"attention_multiplier {scaling!r} other than 1/√head_dim")
+    return model_type
 
 
 def rope_type(rope):
