@@ -28,7 +28,8 @@ from qlora_np.io.merge import merged_weights
 from qlora_np.io.safetensors import CHECKPOINT_FILE, atomic_write, save_safetensors
 from qlora_np.models.llama.hf import bnb_model_parts, reordered_rows
 from qlora_np.models.llama.model import LlamaModel
-from qlora_np.models.llama.names import (HF_LINEAR_NAMES, LINEAR_NAMES, gguf_to_hf_name, rope_heads,
+from qlora_np.models.llama.architectures import hf_architecture_keys
+from qlora_np.models.llama.names import (HF_LINEAR_NAMES, LINEAR_NAMES, gguf_to_hf_name, rope_heads, to_hf_values,
                                          unpermute_rope_rows)
 from qlora_np.quant.codec import dequantize, quantize
 from qlora_np.quant.tensor import BNB_BLOCKSIZES, QuantizedTensor
@@ -49,13 +50,16 @@ def save_bnb_model(model, folder, quant_type="nf4", blocksize=64, double_quant=T
     Adapters are not part of it: save them with ``save_peft``. Returns the config written.
     """
     config = model.config
-    tensors = {"model.embed_tokens.weight": model.embedding, "model.norm.weight": model.output_norm}
+    tensors = {"model.embed_tokens.weight": model.embedding,
+               "model.norm.weight": to_hf_values("output_norm.weight", model.output_norm, config)}
     if not model.tied_output:
         tensors["lm_head.weight"] = _float_weight(model.output.base)
     for index, block in enumerate(model.blocks):
         hf = f"model.layers.{index}."
-        tensors[hf + "input_layernorm.weight"] = block.attn_norm
-        tensors[hf + "post_attention_layernorm.weight"] = block.ffn_norm
+        floats = {f"blk.{index}.{name}.weight": weight for name, weight in block.norms().items()}
+        floats.update({f"blk.{index}.{name}.bias": block.linears[name].bias for name in config.biases})
+        for name, values in floats.items():
+            tensors[gguf_to_hf_name(name, config)[0]] = to_hf_values(name, values, config)
         for name in LINEAR_NAMES:
             weight = _hf_quantized(block.linears[name].base, rope_heads(config, name),
                                    (quant_type, blocksize, double_quant))
@@ -79,9 +83,7 @@ def save_merged_hf(model, folder, tensor_type="BF16"):
                                  f"got {tensor_type!r}")
     tensors = {}
     for name, _, make in merged_weights(model):
-        hf_name, heads = gguf_to_hf_name(name, model.config)
-        values = make()
-        tensors[hf_name] = (values if heads is None else unpermute_rope_rows(values, heads)).astype(
+        tensors[gguf_to_hf_name(name, model.config)[0]] = to_hf_values(name, make(), model.config).astype(
             MERGED_DTYPES[tensor_type])
     hf_config = hf_llama_config(model.config, model.tied_output, np.dtype(MERGED_DTYPES[tensor_type]).name)
     _write_hf_folder(folder, tensors, hf_config, model.tokenizer)
@@ -99,19 +101,20 @@ def _write_hf_folder(folder, tensors, hf_config, tokenizer):
 
 
 def hf_llama_config(config, tied_output, dtype="float32", quantization=None):
-    """The config.json of a Hugging Face Llama checkpoint of this shape, ``quantization``
+    """The config.json of a Hugging Face checkpoint of this shape and architecture, ``quantization``
     (:func:`bnb_quantization_config`) as its quantization_config when given. Llama 3.x's RoPE
     scaling goes in as ``rope_scaling``; frequency factors without its parameters (from a
     GGUF) raise UnsupportedModelError."""
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
+    hf_config = {"dtype": dtype,
                  "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
                  "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                  "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-                 "intermediate_size": config.intermediate_size, "hidden_act": "silu",
+                 "intermediate_size": config.intermediate_size,
                  "rms_norm_eps": config.rms_norm_eps, "max_position_embeddings": config.context_length,
                  "rope_theta": config.rope_theta,
                  "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
-                 "tie_word_embeddings": tied_output, "attention_bias": False, "mlp_bias": False}
+                 "tie_word_embeddings": tied_output, "pad_token_id": None,    # the class defaults' may
+                 **hf_architecture_keys(config)}                              # lie past the vocabulary
     if config.rope_scaling:                               # Llama 3.x, as transformers 4 and 5 read it
         hf_config["rope_scaling"] = {"rope_type": "llama3", **dict(config.rope_scaling)}
         hf_config["rope_parameters"].update(hf_config["rope_scaling"])

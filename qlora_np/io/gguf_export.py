@@ -21,6 +21,7 @@ from qlora_np.io.gguf import decode_tensor, metadata_items, open_gguf, write_ggu
 from qlora_np.io.gguf_quants import TensorError, quantize_iq4_nl
 from qlora_np.io.merge import merged_weights
 from qlora_np.models.llama.adapters import attach_adapter, model_adapters
+from qlora_np.models.llama.architectures import check_llama_gguf
 from qlora_np.models.llama.names import LINEAR_NAMES
 
 ADAPTER_DTYPES = ("F32", "F16")
@@ -45,6 +46,7 @@ def save_gguf_adapter(model, path, dtype="F32"):
 
     if dtype not in ADAPTER_DTYPES:
         raise UnknownFormatError(f"adapter dtype must be one of {ADAPTER_DTYPES}, got {dtype!r}")
+    check_llama_gguf(model.config, path)
     adapted = list(model_adapters(model))
     if not adapted:
         raise InvalidValueError("the model has no adapters to export (inject_lora or load_peft first)")
@@ -71,6 +73,7 @@ def load_gguf_adapter(model, path):
     Anything but a well-formed llama LoRA adapter whose names and shapes fit the model
     raises CheckpointError.
     """
+    check_llama_gguf(model.config, path)
     reader = open_gguf(path)
     alpha = _adapter_alpha(reader, path)
     pairs = {}
@@ -155,6 +158,7 @@ def save_merged_gguf(model, source, path, tensor_type="F32"):
 
     if tensor_type not in MERGED_TYPES:
         raise UnknownFormatError(f"tensor_type must be one of {MERGED_TYPES}, got {tensor_type!r}")
+    check_llama_gguf(model.config, path)
     reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
     metadata = list(metadata_items(reader, skip=("general.file_type",)))
     metadata.append(("general.file_type", FILE_TYPES[tensor_type], gguf.GGUFValueType.UINT32, None))

@@ -28,11 +28,13 @@ def merged_weights(model):
     yield "token_embd.weight", model.embedding.shape, array(model.embedding)
     for index, block in enumerate(model.blocks):
         prefix = f"blk.{index}."
-        yield prefix + "attn_norm.weight", block.attn_norm.shape, array(block.attn_norm)
+        for name, weight in block.norms().items():
+            yield prefix + name + ".weight", weight.shape, array(weight)
         for name in LINEAR_NAMES:
             layer = block.linears[name]
             yield prefix + name + ".weight", (layer.out_features, layer.in_features), linear(layer)
-        yield prefix + "ffn_norm.weight", block.ffn_norm.shape, array(block.ffn_norm)
+            if layer.bias is not None:
+                yield prefix + name + ".bias", layer.bias.shape, array(layer.bias)
     yield "output_norm.weight", model.output_norm.shape, array(model.output_norm)
     if not model.tied_output:
         yield "output.weight", (model.output.out_features, model.output.in_features), linear(model.output)

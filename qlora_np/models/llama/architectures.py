@@ -232,7 +232,8 @@ def hf_architecture_keys(config):
     if model_type in GEMMAS:
         keys["hidden_activation" if model_type != "gemma" else "hidden_act"] = "gelu_pytorch_tanh"
         if model_type != "gemma":
-            keys["query_pre_attn_scalar"] = round(config.attention_scale ** -2, 6)
+            scalar = round(config.attention_scale ** -2, 6)
+            keys["query_pre_attn_scalar"] = int(scalar) if scalar.is_integer() else scalar
             keys["attn_logit_softcapping"] = config.attention_softcap or None
             keys["final_logit_softcapping"] = config.final_softcap or None
     else:
@@ -259,3 +260,24 @@ def hf_architecture_keys(config):
                     attention_multiplier=config.attention_scale or config.head_dim ** -0.5,
                     logits_scaling=1.0 / config.logit_scale)
     return keys
+
+
+def check_llama_gguf(config, what):
+    """Raise UnsupportedModelError unless a llama-architecture GGUF holds ``config`` exactly:
+    a Llama (or a Mistral without a window) with none of the switches above. ``what``
+    names the file being written or read, for the message."""
+    from dataclasses import fields
+
+    plain = type(config)(**{f.name: getattr(config, f.name) for f in fields(config)
+                            if f.name in _SIZES})
+    differs = [f.name for f in fields(config) if f.name not in _SIZES
+               and getattr(config, f.name) != getattr(plain, f.name) and f.name != "model_type"]
+    if config.model_type not in ("llama", "mistral") or differs:
+        raise UnsupportedModelError(f"{what}: llama.cpp's llama architecture, which these GGUF files "
+                                    f"use, cannot hold a {config.model_type} model"
+                                    + (f" with {', '.join(differs)}" if differs else ""))
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+          "rope_theta", "rms_norm_eps", "context_length", "rope_freq_factors", "rope_scaling")
+"""The LlamaConfig fields a llama GGUF's metadata (and rope_freqs.weight) carries."""
