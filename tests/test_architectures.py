@@ -339,3 +339,65 @@ def test_training_sees_the_same_rope_scaling_as_inference(tmp_path):
     expected = -log_probs[np.arange(ids.size), labels].mean()
     model.train()
     assert abs(loss_and_backward(model, ids[None], labels[None]) - expected) < 1e-4
+
+
+FINETUNED = {
+    "qwen2": dict(model_type="qwen2", biases=("attn_q", "attn_k", "attn_v"), layer_windows=(0, 8)),
+    "gemma2": dict(model_type="gemma2", norm_plus_one=True, embedding_scale=32 ** 0.5, activation="gelu_tanh",
+                   post_norms=True, attention_scale=12 ** -0.5, attention_softcap=50.0, final_softcap=30.0,
+                   layer_windows=(8, 0)),
+}
+"""Architectures the command line fine-tunes in the test below: LlamaConfig switches."""
+
+
+def _random_folder(folder, config, tokenizer):
+    """A random model of ``config`` (tied head) written as a Hugging Face folder with SmolLM2's tokenizer."""
+    from qlora_np.io.bnb import save_merged_hf
+    from qlora_np.models.llama.names import gguf_tensor_shapes
+
+    from .test_llama import write_hf_tokenizer
+
+    rng = np.random.default_rng(0)
+    weights = {}
+    for name, shape in gguf_tensor_shapes(config, tied=True).items():
+        values = rng.standard_normal(shape) / np.sqrt(shape[-1]) if len(shape) == 2 else 0.1 * rng.standard_normal(shape)
+        weights[name] = (values + ("norm" in name)).astype(np.float32)
+    save_merged_hf(LlamaModel.from_weights(config, weights, quant_type=None), folder, "F32")
+    write_hf_tokenizer(folder, tokenizer)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", FINETUNED)
+def test_the_command_line_fine_tunes_these_architectures_and_peft_loads_the_result(
+        tmp_path, architecture, smollm2_tokenizer):
+    from qlora_np import cli
+    from qlora_np.io.peft import load_peft
+    from qlora_np.train.checkpoint import latest_checkpoint
+
+    from .test_train import TINY_VOCAB
+
+    config = replace(TINY_VOCAB, **FINETUNED[architecture])
+    folder = _random_folder(tmp_path / "base", config, smollm2_tokenizer)
+    assert LlamaModel.from_hf(folder, quant_type=None).config == config           # read back as written
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The {word} is here and the {word} stays."}) + "\n"
+                            for word in ("apple", "river", "stone", "cloud", "ember", "maple")))
+    assert cli.main(["finetune", str(folder), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                     "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--target-modules", "all-linear"]) == 0
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    ours = LlamaModel.from_hf(folder, quant_type=None)
+    load_peft(ours, checkpoint)
+    ids = np.array(smollm2_tokenizer.encode("The river is here"))
+    logits = ours.forward(ids)
+    assert np.abs(logits - LlamaModel.from_hf(folder, quant_type=None).forward(ids)).max() > 1e-4   # it learned
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(base, checkpoint).eval()
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)

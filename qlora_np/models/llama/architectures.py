@@ -61,8 +61,9 @@ def hf_architecture(hf, model_type, num_layers, path):
         biases += MLP_BIASES
     fields["biases"] = biases
     # 2. the head size, when config.json gives it apart from hidden / heads
-    if isinstance(hf.get("head_dim"), int) and not isinstance(hf.get("head_dim"), bool):
-        fields["head_size"] = hf["head_dim"]
+    head_dim, hidden, heads = hf.get("head_dim"), hf.get("hidden_size"), hf.get("num_attention_heads")
+    if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim != hidden // heads:
+        fields["head_size"] = head_dim
     fields["qk_norm"] = model_type in ("qwen3", "gemma3_text")
     # 3. the activation of the gated MLP
     activation = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
