@@ -151,7 +151,7 @@ def model_training_bytes(model):
     """
     frozen_linear = sum(layer.base.nbytes for layer in model.linear_layers())
     other = model.embedding.nbytes + model.output_norm.nbytes
-    other += sum(block.attn_norm.nbytes + block.ffn_norm.nbytes for block in model.blocks)
+    other += sum(norm.nbytes for block in model.blocks for norm in block.norms().values())
     adapters = sum(param.value.nbytes for layer in model.linear_layers()
                    for param in layer.parameters().values())
     return {"frozen linear weights": frozen_linear, "embedding + norms": other,

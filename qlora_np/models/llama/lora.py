@@ -9,6 +9,11 @@ out below, in the reverse order of the forward:
                 o = softmax(q kᵀ/√d + causal) v;  x ← x + Wo o
                 m = RMSNorm(x)·g2;  x ← x + Wdown(silu(Wgate m) ⊙ Wup m)
     logits = Wout (RMSNorm(x)·g_out);   loss = mean cross-entropy over labels ≠ ignore_index
+
+The switches of the related architectures (:mod:`qlora_np.models.llama.architectures`) each
+add their step and its gradient: q/k norms before RoPE, a window in the mask, soft-capped
+scores (chunked attention) and logits, post-norms and residual scales around each sublayer,
+GeGLU for SwiGLU. Biases are frozen: they only shift the layers' outputs.
 """
 
 from functools import partial

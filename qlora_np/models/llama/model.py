@@ -11,6 +11,12 @@ Per block, with n = RMSNorm(x)·g:
     x += Wdown · (silu(Wgate m) * Wup m),  m = RMSNorm(x)·g'
 logits = RMSNorm(x)·g_out @ E_out.T (E_out is the token embedding when tied).
 
+That is a Llama. The related architectures switch on parts of the same pass through their
+:class:`~qlora_np.models.llama.config.LlamaConfig` (see :mod:`~qlora_np.models.llama.architectures`):
+biases on the products, an RMSNorm over each head of q and k, per-layer sliding windows and
+RoPE bases (none: cos 1, sin 0), GeGLU for SwiGLU, norms after attention and the MLP, scaled
+embeddings, residuals and logits, and soft-capped scores and logits.
+
 The steps run on the Numba kernels of :mod:`qlora_np.kernels.portable.llama` and the fused
 4-bit products. With ``backend="reference"`` they run on the plain NumPy functions of the same
 names in :mod:`qlora_np.models.llama.reference` instead (see :meth:`LlamaModel.set_backend`).
