@@ -150,6 +150,12 @@ CASES = {
                      "logits_scaling 1": {"logits_scaling": 1.0}}),
 }
 
+NOT_YET = ("phi3",)
+"""Recorded cases the model refuses for now (Phi-3's fused qkv_proj / gate_up_proj): the matrix
+checks that they are refused with UnsupportedModelError, never loaded and run wrongly."""
+
+SUPPORTED = [case for case in CASES if case not in NOT_YET]
+
 REFUSED_SIZES = {"num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 32}
 """A refused case's model is smaller still: refusing it reads no more than its config and tensor names."""
 

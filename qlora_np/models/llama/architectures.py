@@ -66,9 +66,13 @@ def hf_architecture(hf, model_type, num_layers, path):
         fields["head_size"] = head_dim
     fields["qk_norm"] = model_type in ("qwen3", "gemma3_text")
     # 3. the activation of the gated MLP
-    activation = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-    if model_type == "gemma" and activation == "gelu":          # transformers reads Gemma's "gelu" so
-        activation = "gelu_pytorch_tanh"
+    if model_type == "gemma":                                   # and transformers reads its "gelu" as tanh
+        activation = hf.get("hidden_act") or "gelu_pytorch_tanh"
+        activation = "gelu_pytorch_tanh" if activation == "gelu" else activation
+    elif model_type in GEMMAS:
+        activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        activation = hf.get("hidden_act", "silu")
     if activation in GELU_TANH and model_type in GEMMAS:
         fields["activation"] = "gelu_tanh"
     elif activation != "silu":
@@ -84,8 +88,10 @@ def hf_architecture(hf, model_type, num_layers, path):
         if model_type != "gemma":
             fields["attention_scale"] = _number(hf.get("query_pre_attn_scalar", 256), "query_pre_attn_scalar",
                                                 refuse) ** -0.5
-        for key, field in (("attn_logit_softcapping", "attention_softcap"),
-                           ("final_logit_softcapping", "final_softcap")):
+        caps = (("attn_logit_softcapping", "attention_softcap"), ("final_logit_softcapping", "final_softcap"))
+        if model_type == "gemma3_text":             # its attention never applies the first
+            caps = caps[1:]
+        for key, field in caps:
             cap = hf.get(key, {"gemma2": {"attn_logit_softcapping": 50.0,
                                           "final_logit_softcapping": 30.0}}.get(model_type, {}).get(key))
             if cap is not None:
@@ -175,23 +181,27 @@ def _layer_thetas(hf, model_type, windows, num_layers, refuse):
             refuse(f"no_rope_layers {flags!r}")
         if all(flags):
             return ()
-        return tuple(global_theta(hf) if flag else 0.0 for flag in flags)
+        return tuple(global_theta(hf, model_type) if flag else 0.0 for flag in flags)
     if model_type == "gemma3_text":
         local = local_theta(hf)
         if local is None or not windows:
             return ()
-        return tuple(local if window else global_theta(hf) for window in windows)
+        return tuple(local if window else global_theta(hf, model_type) for window in windows)
     return ()
 
 
-def global_theta(hf):
+DEFAULT_THETAS = {"gemma3_text": 1e6, "smollm3": 2e6}
+"""transformers' RoPE base for a config.json that names none (10,000 for the others)."""
+
+
+def global_theta(hf, model_type):
     """config.json's RoPE base: ``rope_theta`` at the top, or in ``rope_parameters`` (flat, or
     per layer type as Gemma 3's are)."""
     rope = hf.get("rope_parameters")
     if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
         rope = rope["full_attention"]
     rope = rope if isinstance(rope, dict) else {}
-    return float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    return float(hf.get("rope_theta", rope.get("rope_theta", DEFAULT_THETAS.get(model_type, 10000.0))))
 
 
 def local_theta(hf):

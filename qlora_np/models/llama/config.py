@@ -120,8 +120,8 @@ class LlamaConfig:
                          num_heads=_size(hf["num_attention_heads"]),
                          num_kv_heads=_size(hf.get("num_key_value_heads", hf["num_attention_heads"])),
                          intermediate_size=_size(hf["intermediate_size"]),
-                         rope_theta=global_theta(hf),
-                         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                         rope_theta=global_theta(hf, model_type),
+                         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),     # transformers' default
                          context_length=_size(hf.get("max_position_embeddings", 2048)))
             config = replace(config, **hf_architecture(hf, model_type, config.num_layers, path))
             if config.head_size:

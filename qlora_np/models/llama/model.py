@@ -425,12 +425,15 @@ def final_logits(config, logits):
 
 def rope_tables(positions, head_dim, theta, factors=()):
     """cos and sin (T, head_dim/2) of pos · theta^(-2i/head_dim) / factors[i] (``factors``: a
-    config's ``rope_freq_factors``, none for plain RoPE)."""
-    frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # (hd/2,)
+    config's ``rope_freq_factors``, none for plain RoPE). In float32 throughout, as transformers
+    and llama.cpp compute them: at a thousand positions float64 angles differ from theirs by
+    up to 1e-4 rad, enough to show in a model's logits."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    frequencies = np.float32(1) / np.float32(theta) ** exponents                       # (hd/2,)
     if len(factors):
-        frequencies = frequencies / np.asarray(factors, np.float64)
-    angles = positions[:, None].astype(np.float64) * frequencies[None, :]            # (T, hd/2)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        frequencies = frequencies / np.asarray(factors, np.float32)
+    angles = np.asarray(positions, np.float32)[:, None] * frequencies[None, :]          # (T, hd/2)
+    return np.cos(angles), np.sin(angles)
 
 
 def _reference_linear(layer, x):
