@@ -133,3 +133,18 @@ def test_the_recorded_adapter_covers_every_linear_layer_with_nonzero_gradients(c
 def test_recorded_cases_not_supported_yet_are_refused(case):
     with pytest.raises(UnsupportedModelError, match=f"model_type {CASES[case].config['model_type']!r}"):
         load_ours(case)
+
+
+def test_the_readme_table_is_the_matrix():
+    """README's supported-models table (printed by benchmarks/architectures.py --markdown) lists
+    every case with the status the tests above hold it to."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0]
+    statuses = {cells[2]: cells[4] for line in block.strip().splitlines()[2:]
+                if len(cells := [cell.strip() for cell in line.strip("|").split("|")]) == 7}
+    expected = {case: "right" for case in SUPPORTED} | {case: "refused" for case in (*NOT_YET, *REFUSED)}
+    assert statuses == expected
+    assert re.search(r"\| right \| \d", block)                  # with the errors measured
