@@ -61,3 +61,24 @@ def test_swiglu_matches_silu_times_up():
     gate = (rng.standard_normal((3, 50)) * 6).astype(np.float32)
     up = rng.standard_normal((3, 50)).astype(np.float32)
     np.testing.assert_allclose(llama_cpu.swiglu(gate, up), silu(gate) * up, **TOLERANCE)
+
+
+@pytest.mark.parametrize("new, before", [(1, 0), (1, 20), (9, 0), (12, 7)])
+@pytest.mark.parametrize("window, softcap, scale", [(0, 0.0, None), (4, 0.0, None), (5, 1.5, 0.3), (0, 2.0, None),
+                                                    (64, 0.0, 0.1)])
+def test_attend_with_a_window_a_softcap_and_a_scale_matches_its_reference(new, before, window, softcap, scale):
+    from qlora_np.models.llama import reference
+
+    heads, kv_heads, head_dim = 4, 2, 8
+    rng = np.random.default_rng(new * 10 + before + window)
+    q, k, v = (rng.standard_normal((new, n, head_dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    cache = rng.standard_normal((2, kv_heads, before + new, head_dim)).astype(np.float32)
+    tables = rope_tables(np.arange(before, before + new), head_dim, 10000.0)
+    caches = [cache.copy() for _ in range(2)]
+    got = llama_cpu.attend(q, k, v, *tables, *caches[0], before, scale, window, softcap)
+    want = reference.attend(q, k, v, *tables, *caches[1], before, scale, window, softcap)
+    np.testing.assert_allclose(got, want, **TOLERANCE)
+    np.testing.assert_allclose(caches[0], caches[1], **TOLERANCE)
+    if window and before + new > window:                            # the window changes the result
+        plain = reference.attend(q, k, v, *tables, *cache.copy(), before, scale, 0, softcap)
+        assert np.abs(plain - want).max() > 1e-3

@@ -157,6 +157,30 @@ def test_swiglu_and_its_backward_match_the_reference(rows, width, seed):
     assert np.all(np.abs(grad_gate - want_gate) <= 3e-5 * np.abs(want_gate) + 3e-7 * terms + 3e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), width=st.integers(1, 300), seed=st.integers(0, 99))
+def test_geglu_and_its_backward_match_the_reference_and_float64(rows, width, seed):
+    rng = np.random.default_rng(seed)
+    gate, up, grad_hidden = (rng.standard_normal((3, 2, rows, width)) * 4).astype(np.float32)
+    np.testing.assert_allclose(training_cpu.geglu(gate, up), reference.geglu(gate, up), **TOLERANCE)
+    exact = [g.astype(np.float64) for g in (grad_hidden, gate, up)]
+    want_gate, want_up = reference.geglu_backward(*exact)
+    got_gate, got_up = training_cpu.geglu_backward(grad_hidden, gate, up)
+    scale = np.abs(grad_hidden * up) * (1 + np.abs(gate)) + np.abs(grad_hidden * gate)
+    for got, want in ((got_gate, want_gate), (got_up, want_up)):
+        assert np.all(np.abs(got - want) <= 1e-5 * np.abs(want) + 1e-6 * scale + 1e-7)
+
+
+def test_geglu_backward_is_the_derivative_of_the_forward():
+    """The float64 reference's gradient against central differences of its forward."""
+    gate = np.linspace(-6, 6, 241)
+    step = 1e-6
+    slope = (reference.geglu(gate + step, np.ones_like(gate)) - reference.geglu(gate - step, np.ones_like(gate))) / (2 * step)
+    grad_gate, grad_up = reference.geglu_backward(np.ones_like(gate), gate, np.full_like(gate, 2.0))
+    np.testing.assert_allclose(grad_gate, 2 * slope, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(grad_up, reference.gelu_tanh(gate), rtol=1e-12)
+
+
 def test_swiglu_saturates_like_the_reference_far_out():
     gate = np.array([[-200, -90, -20, 0, 20, 90, 200]], np.float32)
     up = np.ones_like(gate)

@@ -148,50 +148,47 @@ def _attend_head(q, cos, sin, keys, values, start, h, scale, window, softcap, sc
 
 def swiglu(gate, up):
     """silu(gate) · up, elementwise over (..., intermediate) float32 arrays."""
+    return _gated(gate, up, False)
+
+
+def geglu(gate, up):
+    """gelu_tanh(gate) · up, elementwise over (..., intermediate) float32 arrays (Gemma's MLP)."""
+    return _gated(gate, up, True)
+
+
+def _gated(gate, up, gelu):
+    """act(gate) · up, act GELU (tanh) or silu; rows spread over threads from PARALLEL_MIN_QUERIES on."""
     width = gate.shape[-1]
     out = np.empty_like(gate)
-    driver = _swiglu_rows_parallel if out.size >= PARALLEL_MIN_QUERIES * width else _swiglu_rows
-    driver(gate.reshape(-1, width), up.reshape(-1, width), out.reshape(-1, width))
+    driver = _gated_rows_parallel if out.size >= PARALLEL_MIN_QUERIES * width else _gated_rows
+    driver(gate.reshape(-1, width), up.reshape(-1, width), out.reshape(-1, width), gelu)
     return out
 
 
 @njit(cache=True)
-def _swiglu_rows(gate, up, out):
+def _gated_rows(gate, up, out, gelu):
     for t in range(gate.shape[0]):
-        _swiglu_row(gate[t], up[t], out[t])
+        _gated_row(gate[t], up[t], out[t], gelu)
 
 
 @njit(parallel=True, cache=True)
-def _swiglu_rows_parallel(gate, up, out):
+def _gated_rows_parallel(gate, up, out, gelu):
     for t in prange(gate.shape[0]):
-        _swiglu_row(gate[t], up[t], out[t])
+        _gated_row(gate[t], up[t], out[t], gelu)
+
+
+@njit(cache=True, inline="always")
+def _gated_row(gate, up, out, gelu):
+    if gelu:
+        _geglu_row(gate, up, out)
+    else:
+        _swiglu_row(gate, up, out)
 
 
 @njit(cache=True, error_model="numpy")      # no division-by-zero branch: the loop vectorises
 def _swiglu_row(gate, up, out):
     for i in range(gate.size):
         out[i] = gate[i] / (np.float32(1) + exp32(-gate[i])) * up[i]
-
-
-def geglu(gate, up):
-    """gelu_tanh(gate) · up, elementwise over (..., intermediate) float32 arrays (Gemma's MLP)."""
-    width = gate.shape[-1]
-    out = np.empty_like(gate)
-    driver = _geglu_rows_parallel if out.size >= PARALLEL_MIN_QUERIES * width else _geglu_rows
-    driver(gate.reshape(-1, width), up.reshape(-1, width), out.reshape(-1, width))
-    return out
-
-
-@njit(cache=True)
-def _geglu_rows(gate, up, out):
-    for t in range(gate.shape[0]):
-        _geglu_row(gate[t], up[t], out[t])
-
-
-@njit(parallel=True, cache=True)
-def _geglu_rows_parallel(gate, up, out):
-    for t in prange(gate.shape[0]):
-        _geglu_row(gate[t], up[t], out[t])
 
 
 GELU_C = np.float32(math.sqrt(2 / math.pi))

@@ -252,17 +252,29 @@ def probs_and_grad_row(probs, grad, allowed, end, lse, scale):
 
 def swiglu_backward(grad_hidden, gate, up):
     """Gradients of hidden = silu(gate)·up: (dL/dgate, dL/dup), each shaped like gate."""
+    return _gated_backward(grad_hidden, gate, up, False)
+
+
+def geglu_backward(grad_hidden, gate, up):
+    """Gradients of hidden = gelu_tanh(gate)·up: (dL/dgate, dL/dup), each shaped like gate."""
+    return _gated_backward(grad_hidden, gate, up, True)
+
+
+def _gated_backward(grad_hidden, gate, up, gelu):
     width = gate.shape[-1]
     grad_gate, grad_up = np.empty_like(gate), np.empty_like(up)
-    _swiglu_backward_rows(grad_hidden.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width),
-                          grad_gate.reshape(-1, width), grad_up.reshape(-1, width))
+    _gated_backward_rows(grad_hidden.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width),
+                         grad_gate.reshape(-1, width), grad_up.reshape(-1, width), gelu)
     return grad_gate, grad_up
 
 
 @njit(parallel=True, cache=True)
-def _swiglu_backward_rows(grad_hidden, gate, up, grad_gate, grad_up):
+def _gated_backward_rows(grad_hidden, gate, up, grad_gate, grad_up, gelu):
     for t in prange(gate.shape[0]):
-        _swiglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
+        if gelu:
+            _geglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
+        else:
+            _swiglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
 
 
 @njit(cache=True, error_model="numpy")      # no division-by-zero branch: the loop vectorises
@@ -273,21 +285,6 @@ def _swiglu_backward_row(grad_hidden, gate, up, grad_gate, grad_up):
         sigmoid = one / (one + exp32(-gate[i]))
         grad_gate[i] = grad_hidden[i] * up[i] * sigmoid * (one + gate[i] * (one - sigmoid))
         grad_up[i] = grad_hidden[i] * gate[i] * sigmoid
-
-
-def geglu_backward(grad_hidden, gate, up):
-    """Gradients of hidden = gelu_tanh(gate)·up: (dL/dgate, dL/dup), each shaped like gate."""
-    width = gate.shape[-1]
-    grad_gate, grad_up = np.empty_like(gate), np.empty_like(up)
-    _geglu_backward_rows(grad_hidden.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width),
-                         grad_gate.reshape(-1, width), grad_up.reshape(-1, width))
-    return grad_gate, grad_up
-
-
-@njit(parallel=True, cache=True)
-def _geglu_backward_rows(grad_hidden, gate, up, grad_gate, grad_up):
-    for t in prange(gate.shape[0]):
-        _geglu_backward_row(grad_hidden[t], gate[t], up[t], grad_gate[t], grad_up[t])
 
 
 @njit(cache=True)

@@ -298,7 +298,6 @@ def _backward(model, saved, grad_final, context):
     grad = passes.add_rms_norm_backward(np.zeros_like(grad_final), last["x"], last["rms"], model.output_norm,
                                         grad_final)
     B, T, _ = grad.shape
-    eps = cfg.rms_norm_eps
     for layer in reversed(range(len(model.blocks))):
         block, step = model.blocks[layer], saved[layer]
         lin, rope, mask = block.linears, context.ropes[layer], context.masks[layer]
